@@ -1,0 +1,270 @@
+"""GGUF reader: memory-maps the file, parses metadata and tensor infos, hands out zero-copy views.
+
+Reads what bitnet.cpp writes (I2_S = 36, TL2 = 39, which the `gguf` package cannot parse) as well as
+upstream types. Every size and offset is checked against the file before anything is mapped, so a
+truncated or lying file fails here with a GGUFError, never later with a crash or a huge allocation.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .constants import (GGML_BLOCK_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_SCALAR_DTYPES,
+                        GGUF_SUPPORTED_VERSIONS, I2S_TAIL_BYTES, TL2_TAIL_BYTES, GGMLType,
+                        GGUFValueType, Keys)
+
+MAX_TENSORS = 1 << 20
+MAX_KV = 1 << 20
+MAX_DIMS = 4
+MAX_STRING = 1 << 28
+MAX_ELEMENTS = 1 << 40
+
+
+class GGUFError(ValueError):
+    """The file is not a GGUF file we can read; the message says why."""
+
+
+def type_name(type_id: int) -> str:
+    try:
+        return GGMLType(type_id).name
+    except ValueError:
+        return f"unknown type {type_id}"
+
+
+def tensor_nbytes(type_id: int, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor's data region as llama.cpp computes it; shape is ggml order (ne0 first)."""
+    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if type_id == GGMLType.I2_S:
+        if n % 4:
+            raise GGUFError(f"I2_S tensor with {n} elements (not a multiple of 4)")
+        return n // 4 + I2S_TAIL_BYTES
+    if type_id == GGMLType.TL2:
+        k = shape[0]
+        m = n // k
+        nb = (k - 256) * m // 3 * 5 // 8 + 256 * m // 2 * 4 // 8
+        nb = (nb + 31) // 32 * 32
+        return nb + TL2_TAIL_BYTES
+    if type_id not in GGML_BLOCK_SIZES:
+        raise GGUFError(f"unsupported tensor type {type_name(type_id)}")
+    block, size = GGML_BLOCK_SIZES[type_id]
+    if shape[0] % block:
+        raise GGUFError(f"{type_name(type_id)} row of {shape[0]} values is not a multiple of {block}")
+    return n // block * size
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # ggml order: shape[0] = ne0 = row length (K)
+    type_id: int
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def type_name(self) -> str:
+        return type_name(self.type_id)
+
+    @property
+    def np_shape(self) -> tuple[int, ...]:
+        """Row-major numpy shape (outermost first): [M, K] for a 2-D weight."""
+        return tuple(reversed(self.shape))
+
+
+class _Cursor:
+    """Bounds-checked little-endian reads over the mapped header."""
+
+    def __init__(self, buf: memoryview, size: int):
+        self.buf = buf
+        self.size = size
+        self.pos = 0
+
+    def take(self, n: int, what: str) -> int:
+        if n < 0 or self.pos + n > self.size:
+            raise GGUFError(f"file truncated while reading {what} at byte {self.pos}")
+        start = self.pos
+        self.pos += n
+        return start
+
+    def scalar(self, dtype: str, what: str):
+        n = np.dtype(dtype).itemsize
+        start = self.take(n, what)
+        return np.frombuffer(self.buf, dtype=dtype, count=1, offset=start)[0]
+
+    def u32(self, what: str) -> int:
+        return int(self.scalar("<u4", what))
+
+    def u64(self, what: str) -> int:
+        return int(self.scalar("<u8", what))
+
+    def string(self, what: str) -> str:
+        n = self.u64(what)
+        if n > MAX_STRING:
+            raise GGUFError(f"absurd string length {n} in {what}")
+        start = self.take(n, what)
+        return bytes(self.buf[start:start + n]).decode("utf-8", errors="replace")
+
+    def string_array(self, count: int, what: str) -> list[str]:
+        # Fast path for large vocabularies: lengths are u64 prefixes, walk them without struct calls.
+        out = []
+        buf, size = self.buf, self.size
+        raw = bytes(buf[self.pos:size]) if count > 1000 else None
+        if raw is None:
+            return [self.string(what) for _ in range(count)]
+        pos = 0
+        from_bytes = int.from_bytes
+        for _ in range(count):
+            if pos + 8 > len(raw):
+                raise GGUFError(f"file truncated while reading {what}")
+            n = from_bytes(raw[pos:pos + 8], "little")
+            if n > MAX_STRING or pos + 8 + n > len(raw):
+                raise GGUFError(f"file truncated while reading {what}")
+            out.append(raw[pos + 8:pos + 8 + n].decode("utf-8", errors="replace"))
+            pos += 8 + n
+        self.pos += pos
+        return out
+
+
+def _read_value(cur: _Cursor, vtype: int, key: str) -> Any:
+    if vtype == GGUFValueType.STRING:
+        return cur.string(key)
+    if vtype == GGUFValueType.ARRAY:
+        etype = cur.u32(key)
+        count = cur.u64(key)
+        if count > MAX_ELEMENTS:
+            raise GGUFError(f"absurd array length {count} for {key}")
+        if etype == GGUFValueType.STRING:
+            return cur.string_array(count, key)
+        if etype in GGUF_SCALAR_DTYPES:
+            dtype = GGUF_SCALAR_DTYPES[etype]
+            start = cur.take(count * np.dtype(dtype).itemsize, key)
+            arr = np.frombuffer(cur.buf, dtype=dtype, count=count, offset=start).copy()
+            return arr.astype(bool) if etype == GGUFValueType.BOOL else arr
+        if etype == GGUFValueType.ARRAY:
+            return [_read_value(cur, GGUFValueType.ARRAY, key) for _ in range(count)]
+        raise GGUFError(f"unknown array element type {etype} for {key}")
+    if vtype in GGUF_SCALAR_DTYPES:
+        v = cur.scalar(GGUF_SCALAR_DTYPES[vtype], key)
+        if vtype == GGUFValueType.BOOL:
+            return bool(v)
+        return float(v) if vtype in (GGUFValueType.FLOAT32, GGUFValueType.FLOAT64) else int(v)
+    raise GGUFError(f"unknown metadata value type {vtype} for {key}")
+
+
+class GGUFFile:
+    """A memory-mapped GGUF file: `metadata`, `tensors` (name -> TensorInfo) and zero-copy views."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise GGUFError(f"no such model file: {self.path}")
+        self.file_size = os.path.getsize(self.path)
+        if self.file_size < 24:
+            raise GGUFError(f"{self.path}: not a GGUF file (only {self.file_size} bytes)")
+        with open(self.path, "rb") as f:
+            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._data = np.frombuffer(self._mmap, dtype=np.uint8)
+        try:
+            self._parse()
+        except GGUFError as e:
+            raise GGUFError(f"{self.path}: {e}") from None
+
+    def _parse(self) -> None:
+        cur = _Cursor(memoryview(self._mmap), self.file_size)
+        magic = bytes(self._data[0:4])
+        if magic != GGUF_MAGIC:
+            raise GGUFError(f"not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
+        cur.pos = 4
+        self.version = cur.u32("version")
+        if self.version not in GGUF_SUPPORTED_VERSIONS:
+            raise GGUFError(f"unsupported GGUF version {self.version}")
+        n_tensors = cur.u64("tensor count")
+        n_kv = cur.u64("metadata count")
+        if n_tensors > MAX_TENSORS or n_kv > MAX_KV:
+            raise GGUFError(f"absurd header counts: {n_tensors} tensors, {n_kv} metadata entries")
+        self.metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = cur.string("metadata key")
+            vtype = cur.u32(key)
+            self.metadata[key] = _read_value(cur, vtype, key)
+        align = self.metadata.get(Keys.ALIGNMENT, GGUF_DEFAULT_ALIGNMENT)
+        if not isinstance(align, int) or align <= 0 or align & (align - 1):
+            raise GGUFError(f"invalid general.alignment {align!r}")
+        self.alignment = align
+        infos = []
+        for _ in range(n_tensors):
+            name = cur.string("tensor name")
+            n_dims = cur.u32(name)
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise GGUFError(f"tensor {name}: {n_dims} dimensions")
+            shape = tuple(cur.u64(name) for _ in range(n_dims))
+            if any(d <= 0 for d in shape) or np.prod(shape, dtype=np.float64) > MAX_ELEMENTS:
+                raise GGUFError(f"tensor {name}: absurd shape {shape}")
+            type_id = cur.u32(name)
+            rel = cur.u64(name)
+            infos.append((name, shape, type_id, rel))
+        self.data_offset = (cur.pos + align - 1) // align * align
+        self.tensors: dict[str, TensorInfo] = {}
+        for name, shape, type_id, rel in infos:
+            if rel % align:
+                raise GGUFError(f"tensor {name}: offset {rel} not aligned to {align}")
+            try:
+                nbytes = tensor_nbytes(type_id, shape)
+            except GGUFError as e:
+                raise GGUFError(f"tensor {name}: {e}") from None
+            start = self.data_offset + rel
+            if start + nbytes > self.file_size:
+                raise GGUFError(f"tensor {name} ({type_name(type_id)}, {nbytes} bytes at {start}) "
+                                f"runs past the end of the file ({self.file_size} bytes): truncated?")
+            if name in self.tensors:
+                raise GGUFError(f"duplicate tensor {name}")
+            self.tensors[name] = TensorInfo(name, shape, type_id, start, nbytes)
+
+    # ---- access -------------------------------------------------------------------------------
+    @property
+    def architecture(self) -> str:
+        arch = self.metadata.get(Keys.ARCHITECTURE)
+        if not isinstance(arch, str):
+            raise GGUFError(f"{self.path}: missing general.architecture")
+        return arch
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Metadata value; `{arch}` in key is replaced by the architecture name."""
+        if "{arch}" in key:
+            key = key.format(arch=self.architecture)
+        return self.metadata.get(key, default)
+
+    def info(self, name: str) -> TensorInfo:
+        if name not in self.tensors:
+            raise GGUFError(f"{self.path}: missing tensor {name}")
+        return self.tensors[name]
+
+    def raw(self, name: str) -> np.ndarray:
+        """uint8[nbytes]: the tensor's data region, zero-copy."""
+        t = self.info(name)
+        return self._data[t.offset:t.offset + t.nbytes]
+
+    def array(self, name: str) -> np.ndarray:
+        """Zero-copy typed view in numpy shape for F32/F16/BF16(as uint16)/integer tensors."""
+        t = self.info(name)
+        dtypes = {GGMLType.F32: "<f4", GGMLType.F16: "<f2", GGMLType.BF16: "<u2", GGMLType.F64: "<f8",
+                  GGMLType.I8: "<i1", GGMLType.I16: "<i2", GGMLType.I32: "<i4", GGMLType.I64: "<i8"}
+        if t.type_id not in dtypes:
+            raise GGUFError(f"{self.path}: tensor {name} is {t.type_name}, not a plain array type")
+        return self.raw(name).view(dtypes[t.type_id]).reshape(t.np_shape)
+
+    def close(self) -> None:
+        self._data = None  # type: ignore[assignment]
+        try:
+            self._mmap.close()
+        except BufferError:
+            pass  # views still alive; the mapping goes away with them
+
+    def __enter__(self) -> "GGUFFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

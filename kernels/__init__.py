@@ -1,0 +1,1 @@
+"""Numba kernels: pure functions over numpy arrays that write into caller-provided outputs."""
