@@ -1,0 +1,171 @@
+"""The transformer forward pass: a sequence of kernel calls over one ragged batch, nothing else.
+
+Graph per layer (bitnet / bitnet-b1.58 / llama), as llama.cpp computes it:
+  h = rms(x) * attn_norm; q, k, v = Wq h, Wk h, Wv h; rope(q, k); a = attention(q, k, v)
+  [a = rms(a) * attn_sub_norm]; x += Wo a
+  h = rms(x) * ffn_norm; f = act(Wgate h) * (Wup h); [f = rms(f) * ffn_sub_norm]; x += Wdown f
+logits = head(rms(x) * output_norm).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from kernels.activations import relu2_mul, silu_mul
+from kernels.attention import paged_attention
+from kernels.dense import f16_matmul
+from kernels.f16 import f16_lut
+from kernels.norms import rms_norm
+from kernels.quantize import quantize_rows_i8
+from kernels.rope import rope_apply, rope_tables
+from kernels.ternary_matmul import i2s_matmul, i2s_matmul_block_scaled
+
+from .config import ModelConfig
+from .gguf.constants import GGMLType
+from .gguf.reader import GGUFFile
+from .gguf.tl2_tiling import resolve_tiling
+from .kv_cache import KVCache
+from .weights import DenseWeight, ModelWeights, TernaryWeight, embedding_rows, load_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    tokens: np.ndarray  # i32[T]
+    positions: np.ndarray  # i32[T]
+    seq_index: np.ndarray  # i32[T]: row of block_tables
+    block_tables: np.ndarray  # i32[S, B]
+    logit_rows: np.ndarray  # i32[R]
+
+
+@dataclass
+class QuantizedActivation:
+    q: np.ndarray  # i8[T, K]
+    scales: np.ndarray  # f32[T]
+    sums: np.ndarray  # i32[T]
+
+
+def quantize_activation(x: np.ndarray, floor: float) -> QuantizedActivation:
+    T, K = x.shape
+    qa = QuantizedActivation(np.empty((T, K), np.int8), np.empty(T, np.float32), np.empty(T, np.int32))
+    quantize_rows_i8(x, floor, qa.q, qa.scales, qa.sums)
+    return qa
+
+
+def linear(w: TernaryWeight | DenseWeight, x: np.ndarray, qa: QuantizedActivation | None = None) -> np.ndarray:
+    """x: f32[T, K] -> f32[T, M]. `qa` reuses an int8 quantization of x made with the same floor."""
+    T = x.shape[0]
+    out = np.empty((T, w.m), dtype=np.float32)
+    if isinstance(w, TernaryWeight):
+        if qa is None:
+            qa = quantize_activation(x, w.act_floor)
+        if w.block_scales is None:
+            i2s_matmul(w.packed, qa.q, qa.scales, qa.sums, w.scale, out)
+        else:
+            i2s_matmul_block_scaled(w.packed, qa.q, qa.scales, qa.sums, w.block_scales, out)
+    elif w.f16_bits is not None:
+        x16 = x.astype(np.float16).astype(np.float32)
+        f16_matmul(w.f16_bits, x16, out)
+    else:
+        np.matmul(x, w.f32.T, out=out)
+    return out
+
+
+def shared_quantization(ws: list, x: np.ndarray) -> QuantizedActivation | None:
+    """One int8 quantization of x for several ternary weights that read the same input."""
+    floors = {w.act_floor for w in ws if isinstance(w, TernaryWeight)}
+    return quantize_activation(x, floors.pop()) if len(floors) == 1 else None
+
+
+class Model:
+    def __init__(self, gguf: GGUFFile, config: ModelConfig, weights: ModelWeights):
+        self.gguf = gguf
+        self.config = config
+        self.weights = weights
+        c = config
+        self._cos, self._sin = rope_tables(c.n_ctx_train if c.n_ctx_train < 1 << 17 else 1 << 17,
+                                           c.rope_dims, c.rope_base, c.rope_freq_scale)
+        self._lut = f16_lut()
+        self._act = relu2_mul if c.traits.ffn_act == "relu2" else silu_mul
+
+    @classmethod
+    def load(cls, path: str, tl2_config: str | None = None) -> "Model":
+        t0 = time.perf_counter()
+        f = GGUFFile(path)
+        cfg = ModelConfig.from_gguf(f)
+        tl2_shapes = {t.np_shape for t in f.tensors.values() if t.type_id == GGMLType.TL2}
+        tiling = resolve_tiling(tl2_shapes, f.metadata, path, tl2_config) if tl2_shapes else {}
+        model = cls(f, cfg, load_weights(f, cfg, tiling))
+        model.load_ms = (time.perf_counter() - t0) * 1000
+        log.info("loaded %s (%s, %d layers, %d vocab) in %.0f ms", path, cfg.arch, cfg.n_layer, cfg.n_vocab,
+                 model.load_ms)
+        return model
+
+    @cached_property
+    def tokenizer(self):
+        from .tokenizer import Tokenizer
+        return Tokenizer.from_gguf_metadata(self.gguf.metadata)
+
+    @cached_property
+    def chat_template(self):
+        from .chat_template import ChatTemplate
+        return ChatTemplate.from_gguf_metadata(self.gguf.metadata, self.tokenizer)
+
+    @property
+    def max_positions(self) -> int:
+        return self._cos.shape[0]
+
+    def new_kv_cache(self, n_blocks: int, block_size: int = 16) -> KVCache:
+        c = self.config
+        return KVCache.allocate(c.n_layer, n_blocks, block_size, c.n_kv_head, c.head_dim)
+
+    def forward(self, batch: Batch, kv: KVCache) -> np.ndarray:
+        """-> logits f32[len(batch.logit_rows), n_vocab]."""
+        c, W = self.config, self.weights
+        tokens = np.ascontiguousarray(batch.tokens, dtype=np.int32)
+        pos = np.ascontiguousarray(batch.positions, dtype=np.int32)
+        seq = np.ascontiguousarray(batch.seq_index, dtype=np.int32)
+        tables = np.ascontiguousarray(batch.block_tables, dtype=np.int32)
+        T = tokens.shape[0]
+        if pos.size and pos.max() >= self.max_positions:
+            raise ValueError(f"position {int(pos.max())} beyond the model's context ({self.max_positions})")
+        bs = kv.block_size
+        slots = tables[seq, pos // bs].astype(np.int64) * bs + pos % bs  # i64[T]
+        round_probs = np.bincount(seq, minlength=tables.shape[0]) == 1  # bool[S]: one-token sequences
+        scale = np.float32(1.0 / np.sqrt(c.head_dim))
+        x = embedding_rows(self.gguf, W.token_embd, tokens)  # f32[T, E]
+        x = np.array(x, dtype=np.float32, order="C")
+        h = np.empty_like(x)
+        for il, L in enumerate(W.layers):
+            rms_norm(x, L.attn_norm, c.rms_eps, h)
+            qa = shared_quantization([L.wq, L.wk, L.wv], h)
+            q = linear(L.wq, h, qa).reshape(T, c.n_head, c.head_dim)
+            k = linear(L.wk, h, qa).reshape(T, c.n_kv_head, c.head_dim)
+            v = linear(L.wv, h, qa).reshape(T, c.n_kv_head, c.head_dim)
+            rope_apply(q, pos, self._cos, self._sin, c.traits.rope_neox, c.rope_dims)
+            rope_apply(k, pos, self._cos, self._sin, c.traits.rope_neox, c.rope_dims)
+            kv.k[il, slots] = k.astype(np.float16).view(np.uint16)
+            kv.v[il, slots] = v.astype(np.float16).view(np.uint16)
+            q16 = q.astype(np.float16).astype(np.float32)
+            attn = np.empty_like(q16)
+            paged_attention(q16, kv.k[il], kv.v[il], pos, seq, tables, bs, round_probs, scale, self._lut, attn)
+            a = attn.reshape(T, c.q_dim)
+            if L.attn_sub_norm is not None:
+                rms_norm(a, L.attn_sub_norm, c.rms_eps, a)
+            x += linear(L.wo, a)
+            rms_norm(x, L.ffn_norm, c.rms_eps, h)
+            qa = shared_quantization([L.w_gate, L.w_up], h)
+            gate = linear(L.w_gate, h, qa)
+            up = linear(L.w_up, h, qa)
+            self._act(gate, up, gate)
+            if L.ffn_sub_norm is not None:
+                rms_norm(gate, L.ffn_sub_norm, c.rms_eps, gate)
+            x += linear(L.w_down, gate)
+        rows = np.ascontiguousarray(x[np.asarray(batch.logit_rows, dtype=np.int64)])
+        rms_norm(rows, W.output_norm, c.rms_eps, rows)
+        return linear(W.output, rows)

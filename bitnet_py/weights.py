@@ -1,0 +1,167 @@
+"""GGUF tensors -> per-layer weights in the layouts the kernels want, prepared once at load.
+
+Ternary weights (I2_S, TL2, TQ1_0, TQ2_0) all end up in I2_S's packed layout: I2_S tensors are used
+zero-copy from the memory map, the others are decoded and repacked once. Float weights stay memory-mapped.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import ModelConfig
+from .gguf.constants import DEQUANT_TYPES, I2S_BLOCK, GGMLType
+from .gguf.reader import GGUFError, GGUFFile, TensorInfo
+from .gguf.ternary_unpack import i2s_scale, unpack_tl2, unpack_tq1_0, unpack_tq2_0
+from .gguf.tl2_tiling import TL2Tile
+
+log = logging.getLogger(__name__)
+
+I2S_ACT_FLOOR = 1e-5  # bitnet.cpp floors the activation absmax at 1e-5 for I2_S ...
+TL2_ACT_FLOOR = 0.0  # ... and not for TL2
+
+
+@dataclass
+class TernaryWeight:
+    """y = W x with W ternary: packed u8[M*K/4] in I2_S layout, one scale or per-256-block scales."""
+    m: int
+    k: int
+    packed: np.ndarray  # u8[M*K/4]
+    scale: np.float32  # per-tensor scale (I2_S, TL2)
+    block_scales: np.ndarray | None  # f32[M, K/256] for TQ1_0 / TQ2_0, else None
+    act_floor: float
+    source_type: str
+
+
+@dataclass
+class DenseWeight:
+    """y = W x with float weights: f32[M, K] (no activation rounding) or f16 bits u16[M, K]
+    (the activation is rounded to f16 first, as ggml does)."""
+    m: int
+    k: int
+    f32: np.ndarray | None
+    f16_bits: np.ndarray | None
+    source_type: str
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: np.ndarray  # f32[E]
+    wq: TernaryWeight | DenseWeight
+    wk: TernaryWeight | DenseWeight
+    wv: TernaryWeight | DenseWeight
+    wo: TernaryWeight | DenseWeight
+    attn_sub_norm: np.ndarray | None  # f32[q_dim]
+    ffn_norm: np.ndarray  # f32[E]
+    w_gate: TernaryWeight | DenseWeight
+    w_up: TernaryWeight | DenseWeight
+    w_down: TernaryWeight | DenseWeight
+    ffn_sub_norm: np.ndarray | None  # f32[F]
+
+
+@dataclass
+class ModelWeights:
+    token_embd: TensorInfo
+    layers: list[LayerWeights]
+    output_norm: np.ndarray  # f32[E]
+    output: DenseWeight  # [n_vocab, E]; the tied embedding when the file has no output.weight
+
+
+def pack_i2s_codes(w: np.ndarray) -> np.ndarray:
+    """int8 ternary [M, K] (K % 128 == 0) -> u8[M*K/4] in I2_S layout."""
+    codes = (w.reshape(-1, 4, 32) + 1).astype(np.uint8)  # [blocks, group j//32, p]
+    return (codes[:, 0] << 6 | codes[:, 1] << 4 | codes[:, 2] << 2 | codes[:, 3]).reshape(-1)
+
+
+def _float_vector(f: GGUFFile, name: str, n: int) -> np.ndarray:
+    info = f.info(name)
+    if info.type_id != GGMLType.F32 or info.np_shape != (n,):
+        raise GGUFError(f"{f.path}: tensor {name} must be F32[{n}], found {info.type_name}{list(info.np_shape)}")
+    return f.array(name)
+
+
+def _dequantize(f: GGUFFile, info: TensorInfo) -> np.ndarray:
+    from gguf.quants import dequantize  # upstream block formats (Q8_0, Q6_K, ...), load time only
+    m, k = info.np_shape
+    return dequantize(f.raw(info.name), int(info.type_id)).reshape(m, k).astype(np.float32)
+
+
+def load_linear(f: GGUFFile, name: str, m: int, k: int, tiling: dict[tuple[int, int], TL2Tile]):
+    info = f.info(name)
+    if info.np_shape != (m, k):
+        raise GGUFError(f"{f.path}: tensor {name} has shape {list(info.np_shape)}, expected [{m}, {k}]")
+    t = info.type_id
+    if t in (GGMLType.I2_S, GGMLType.TL2, GGMLType.TQ1_0, GGMLType.TQ2_0) and k % I2S_BLOCK:
+        raise GGUFError(f"{f.path}: ternary tensor {name} needs K % {I2S_BLOCK} == 0, has K = {k}")
+    raw = f.raw(name)
+    if t == GGMLType.I2_S:
+        return TernaryWeight(m, k, raw[:m * k // 4], i2s_scale(raw, m, k), None, I2S_ACT_FLOOR, "I2_S")
+    if t == GGMLType.TL2:
+        w, scale = unpack_tl2(raw, m, k, tiling[(m, k)])
+        return TernaryWeight(m, k, pack_i2s_codes(w), scale, None, TL2_ACT_FLOOR, "TL2")
+    if t in (GGMLType.TQ1_0, GGMLType.TQ2_0):
+        unpack = unpack_tq2_0 if t == GGMLType.TQ2_0 else unpack_tq1_0
+        w, block_scales = unpack(raw, m, k)
+        return TernaryWeight(m, k, pack_i2s_codes(w), np.float32(1.0), block_scales, 0.0, info.type_name)
+    if t == GGMLType.F32:
+        return DenseWeight(m, k, f.array(name), None, "F32")
+    if t == GGMLType.F16:
+        return DenseWeight(m, k, None, f.raw(name).view(np.uint16).reshape(m, k), "F16")
+    if t == GGMLType.BF16:
+        bits = f.array(name).astype(np.uint32) << 16
+        return DenseWeight(m, k, bits.view(np.float32), None, "BF16")
+    if t in DEQUANT_TYPES:
+        return DenseWeight(m, k, _dequantize(f, info), None, info.type_name)
+    raise GGUFError(f"{f.path}: tensor {name} has unsupported type {info.type_name}")
+
+
+def load_weights(f: GGUFFile, cfg: ModelConfig, tiling: dict[tuple[int, int], TL2Tile]) -> ModelWeights:
+    E, F, Q, KV = cfg.n_embd, cfg.n_ff, cfg.q_dim, cfg.kv_dim
+    layers = []
+    for i in range(cfg.n_layer):
+        p = f"blk.{i}."
+        sub = cfg.traits.sub_norms
+        layers.append(LayerWeights(
+            attn_norm=_float_vector(f, p + "attn_norm.weight", E),
+            wq=load_linear(f, p + "attn_q.weight", Q, E, tiling),
+            wk=load_linear(f, p + "attn_k.weight", KV, E, tiling),
+            wv=load_linear(f, p + "attn_v.weight", KV, E, tiling),
+            wo=load_linear(f, p + "attn_output.weight", E, Q, tiling),
+            attn_sub_norm=_float_vector(f, p + "attn_sub_norm.weight", Q) if sub else None,
+            ffn_norm=_float_vector(f, p + "ffn_norm.weight", E),
+            w_gate=load_linear(f, p + "ffn_gate.weight", F, E, tiling),
+            w_up=load_linear(f, p + "ffn_up.weight", F, E, tiling),
+            w_down=load_linear(f, p + "ffn_down.weight", E, F, tiling),
+            ffn_sub_norm=_float_vector(f, p + "ffn_sub_norm.weight", F) if sub else None,
+        ))
+    embd = f.info("token_embd.weight")
+    if embd.np_shape != (cfg.n_vocab, E):
+        raise GGUFError(f"{f.path}: token_embd.weight has shape {list(embd.np_shape)}, expected "
+                        f"[{cfg.n_vocab}, {E}]")
+    head_name = "output.weight" if "output.weight" in f.tensors else "token_embd.weight"
+    output = load_linear(f, head_name, cfg.n_vocab, E, tiling)
+    if not isinstance(output, DenseWeight):
+        raise GGUFError(f"{f.path}: ternary output heads are not supported ({head_name} is "
+                        f"{f.info(head_name).type_name})")
+    return ModelWeights(embd, layers, _float_vector(f, "output_norm.weight", E), output)
+
+
+def embedding_rows(f: GGUFFile, info: TensorInfo, ids: np.ndarray) -> np.ndarray:
+    """ids: i32[T] -> f32[T, E] (f16 rows widened exactly)."""
+    n_vocab, e = info.np_shape
+    if ids.size and (ids.min() < 0 or ids.max() >= n_vocab):
+        raise ValueError(f"token id out of range [0, {n_vocab})")
+    if info.type_id == GGMLType.F32:
+        return f.array(info.name)[ids]
+    if info.type_id == GGMLType.F16:
+        return f.array(info.name)[ids].astype(np.float32)
+    if info.type_id == GGMLType.BF16:
+        return (f.array(info.name)[ids].astype(np.uint32) << 16).view(np.float32)
+    if info.type_id in DEQUANT_TYPES:
+        from gguf.quants import dequantize
+        raw = f.raw(info.name)
+        row_bytes = info.nbytes // n_vocab
+        rows = np.stack([raw[i * row_bytes:(i + 1) * row_bytes] for i in ids]) if len(ids) else raw[:0]
+        return dequantize(rows, int(info.type_id)).reshape(len(ids), e).astype(np.float32)
+    raise GGUFError(f"token_embd.weight has unsupported type {info.type_name}")

@@ -1,0 +1,37 @@
+"""Per-token int8 absmax activation quantization (bitnet.cpp's arithmetic).
+
+For each row x of length K: amax = max(floor, max|x|) in double, s = float32(127 / amax),
+q = clamp(round_half_even(x * s), -128, 127) computed in float32, sum_q = sum(q).
+I2_S uses floor = 1e-5; TL2 uses no floor (floor = 0; an all-zero row then gives q = 0, s = 1).
+"""
+import numpy as np
+from numba import njit, prange
+
+from .config import JIT_PARALLEL
+
+
+@njit(**JIT_PARALLEL)
+def quantize_rows_i8(x, floor, q, scales, sums):
+    """x: f32[T, K] -> q: i8[T, K], scales: f32[T] (s_a), sums: i32[T] (sum of q)."""
+    T, K = x.shape
+    for t in prange(T):
+        amax = 0.0
+        for k in range(K):
+            a = abs(np.float64(x[t, k]))
+            if a > amax:
+                amax = a
+        if amax < floor:
+            amax = floor
+        s = np.float32(127.0 / amax) if amax > 0.0 else np.float32(1.0)
+        total = 0
+        for k in range(K):
+            v = np.rint(x[t, k] * s)
+            if v > 127.0:
+                v = 127.0
+            elif v < -128.0:
+                v = -128.0
+            iv = np.int32(v)
+            q[t, k] = iv
+            total += iv
+        scales[t] = s
+        sums[t] = total
