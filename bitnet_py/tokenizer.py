@@ -1,0 +1,333 @@
+"""Tokenizer built from GGUF metadata, reproducing llama.cpp's (bitnet.cpp's) token ids and pieces.
+
+Two vocabulary kinds: "gpt2" (byte-level BPE, `tokenizer_bpe`) and "llama" (SentencePiece BPE with byte
+fallback, `tokenizer_spm`). Special tokens (CONTROL / UNKNOWN types) are matched in the text only with
+`parse_special=True`; USER_DEFINED tokens are always matched, as llama.cpp does. Longer special tokens are
+matched first.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .gguf.constants import Keys, TokenType
+from .tokenizer_bpe import LLAMA3_REGEX, BPEEncoder, bpe_token_bytes, split_merge
+from .tokenizer_spm import SPM_SPACE, SPMEncoder
+
+log = logging.getLogger(__name__)
+
+# Texts of control tokens that end a turn in the chat formats we know (llama.cpp treats these as
+# end-of-generation too).
+END_OF_TURN_TEXTS = frozenset({
+    "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|end|>", "<end_of_turn>",
+    "<|endoftext|>", "<EOT>",
+})
+# Searched (in this order) for the end-of-turn id when the metadata names none.
+_EOT_CANDIDATES = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+_SPECIAL_TYPES = (int(TokenType.CONTROL), int(TokenType.UNKNOWN))
+
+
+def _optional_id(meta: dict, key: str, n_vocab: int) -> int | None:
+    v = meta.get(key)
+    if v is None:
+        return None
+    v = int(v)
+    if v < 0 or v >= n_vocab:  # -1 / out of range = "no such token" in some converters
+        return None
+    return v
+
+
+class Tokenizer:
+    def __init__(self, *, model: str, tokens: list[str], token_types, scores=None, merges=None,
+                 pre: str = "default", bos_id: int | None = None, eos_id: int | None = None,
+                 eot_id: int | None = None, eom_id: int | None = None, unk_id: int | None = None,
+                 pad_id: int | None = None, add_bos: bool = False, add_eos: bool = False,
+                 add_space_prefix: bool = True):
+        if not tokens:
+            raise ValueError("the vocabulary (tokenizer.ggml.tokens) is empty")
+        self.model = model
+        self.pre = pre
+        self.tokens: list[str] = list(tokens)
+        self.vocab_size: int = len(self.tokens)
+        types = np.asarray(token_types if token_types is not None else [TokenType.NORMAL] * self.vocab_size)
+        if types.shape != (self.vocab_size,):
+            raise ValueError(f"tokenizer.ggml.token_type has shape {types.shape}, vocab has {self.vocab_size}")
+        self.token_types: list[int] = [int(t) for t in types]
+        self.bos_id, self.eos_id, self.eot_id, self.eom_id = bos_id, eos_id, eot_id, eom_id
+        self.unk_id, self.pad_id = unk_id, pad_id
+        self.add_bos = bool(add_bos)
+        self.add_eos = bool(add_eos)
+        self.add_space_prefix = bool(add_space_prefix)
+
+        if model == "gpt2":
+            if merges is None:
+                raise ValueError("a gpt2 (BPE) vocabulary needs tokenizer.ggml.merges")
+            self._encoder = BPEEncoder(self.tokens, list(merges), pre)
+        elif model == "llama":
+            self._encoder = SPMEncoder(self.tokens, scores, unk_id)
+        else:
+            raise ValueError(f"unsupported tokenizer.ggml.model {model!r} (supported: 'gpt2', 'llama')")
+
+        if self.eot_id is None:
+            by_text = {t: i for i, t in enumerate(self.tokens) if t in _EOT_CANDIDATES}
+            self.eot_id = next((by_text[t] for t in _EOT_CANDIDATES if t in by_text), None)
+        stops = {i for i in (self.eos_id, self.eot_id, self.eom_id) if i is not None}
+        stops.update(i for i, t in enumerate(self.tokens)
+                     if t in END_OF_TURN_TEXTS and self.token_types[i] in (TokenType.CONTROL, TokenType.USER_DEFINED))
+        self.stop_ids: frozenset[int] = frozenset(stops)
+
+        # special tokens that can be matched in text, longest first: (text, id, needs parse_special)
+        matchable = [(t, i, self.token_types[i] in _SPECIAL_TYPES) for i, t in enumerate(self.tokens)
+                     if t and self.token_types[i] in (*_SPECIAL_TYPES, int(TokenType.USER_DEFINED))]
+        matchable.sort(key=lambda e: -len(e[0].encode("utf-8")))
+        self._matchable = matchable
+        self._pieces: list[bytes | None] = [None] * self.vocab_size
+
+    # ---- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict) -> "Tokenizer":
+        model = meta.get(Keys.TOKENIZER_MODEL)
+        if model is None:
+            raise ValueError(f"no tokenizer in the metadata ({Keys.TOKENIZER_MODEL} missing)")
+        tokens = meta.get(Keys.TOKENS)
+        if tokens is None:
+            raise ValueError(f"no vocabulary in the metadata ({Keys.TOKENS} missing)")
+        n = len(tokens)
+        default_add_bos = model == "llama"
+        pre = meta.get(Keys.TOKENIZER_PRE) or "default"
+        if model == "gpt2" and pre in ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral"):
+            default_add_bos = True
+        return cls(
+            model=str(model), tokens=list(tokens), token_types=meta.get(Keys.TOKEN_TYPE),
+            scores=meta.get(Keys.SCORES), merges=meta.get(Keys.MERGES), pre=str(pre),
+            bos_id=_optional_id(meta, Keys.BOS_ID, n), eos_id=_optional_id(meta, Keys.EOS_ID, n),
+            eot_id=_optional_id(meta, Keys.EOT_ID, n), eom_id=_optional_id(meta, Keys.EOM_ID, n),
+            unk_id=_optional_id(meta, Keys.UNK_ID, n), pad_id=_optional_id(meta, Keys.PAD_ID, n),
+            add_bos=bool(meta.get(Keys.ADD_BOS, default_add_bos)), add_eos=bool(meta.get(Keys.ADD_EOS, False)),
+            add_space_prefix=bool(meta.get(Keys.ADD_SPACE_PREFIX, model == "llama")),
+        )
+
+    @classmethod
+    def from_gguf(cls, path) -> "Tokenizer":
+        from .gguf.reader import GGUFFile
+        return cls.from_gguf_metadata(GGUFFile(path).metadata)
+
+    # ---- encoding -----------------------------------------------------------------------------------
+    def _partition(self, text: str, parse_special: bool) -> list[str | int]:
+        """Split `text` into plain-text pieces (str) and matched special tokens (int ids)."""
+        parts: list[str | int] = [text]
+        for tok_text, tid, needs_parse in self._matchable:
+            if needs_parse and not parse_special:
+                continue
+            if tok_text not in text:
+                continue
+            new_parts: list[str | int] = []
+            for part in parts:
+                if isinstance(part, int) or tok_text not in part:
+                    new_parts.append(part)
+                    continue
+                pieces = part.split(tok_text)
+                for k, piece in enumerate(pieces):
+                    if k:
+                        new_parts.append(tid)
+                    if piece:
+                        new_parts.append(piece)
+            parts = new_parts
+        return parts
+
+    def encode(self, text: str, add_bos: bool | None = None, parse_special: bool = False) -> list[int]:
+        """Token ids of `text`. add_bos None = the model's setting; the model's add_eos applies unless
+        add_bos is False."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        want_bos = self.add_bos if add_bos is None else bool(add_bos)
+        ids: list[int] = []
+        if want_bos:
+            if self.bos_id is None:
+                raise ValueError("this model has no BOS token (tokenizer.ggml.bos_token_id) to add")
+            ids.append(self.bos_id)
+        parts = self._partition(text, parse_special) if text else []
+        if self.model == "llama":
+            prev_special = True  # a space prefix goes before the first text and after each special token
+            for part in parts:
+                if isinstance(part, int):
+                    ids.append(part)
+                    prev_special = True
+                    continue
+                if self.add_space_prefix and prev_special:
+                    part = " " + part
+                ids.extend(self._encoder.encode(part.replace(" ", SPM_SPACE)))
+                prev_special = False
+        else:
+            for part in parts:
+                if isinstance(part, int):
+                    ids.append(part)
+                else:
+                    ids.extend(self._encoder.encode(part))
+        if self.add_eos and add_bos is not False and self.eos_id is not None:
+            ids.append(self.eos_id)
+        return ids
+
+    # ---- decoding -----------------------------------------------------------------------------------
+    def _check_id(self, token_id) -> int:
+        tid = int(token_id)
+        if tid < 0 or tid >= self.vocab_size:
+            raise ValueError(f"token id {tid} is outside the vocabulary (0..{self.vocab_size - 1})")
+        return tid
+
+    def is_special(self, token_id: int) -> bool:
+        """CONTROL and UNKNOWN tokens: the ones llama.cpp renders only with special=true."""
+        return self.token_types[self._check_id(token_id)] in _SPECIAL_TYPES
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes of one token, like llama.cpp's llama_token_to_piece(special=True)."""
+        tid = self._check_id(token_id)
+        piece = self._pieces[tid]
+        if piece is None:
+            piece = self._make_piece(tid)
+            self._pieces[tid] = piece
+        return piece
+
+    def _make_piece(self, tid: int) -> bytes:
+        text = self.tokens[tid]
+        ttype = self.token_types[tid]
+        if ttype in (*_SPECIAL_TYPES, TokenType.USER_DEFINED):
+            return text.encode("utf-8")
+        if ttype == TokenType.NORMAL:
+            if self.model == "gpt2":
+                return bpe_token_bytes(text)
+            return text.replace(SPM_SPACE, " ").encode("utf-8")
+        if ttype == TokenType.BYTE and self.model == "llama":
+            return bytes([int(text[3:5], 16)])
+        return b""  # UNUSED and anything else renders as nothing
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        """Concatenated token bytes as text (invalid UTF-8 replaced); skip_special drops CONTROL/UNKNOWN."""
+        out = []
+        for t in ids:
+            if skip_special and self.is_special(t):
+                continue
+            out.append(self.token_bytes(t))
+        return b"".join(out).decode("utf-8", errors="replace")
+
+    def token_id(self, text: str) -> int | None:
+        """Id of the vocabulary entry with exactly this text (last one if repeated), or None."""
+        found = None
+        for i, t in enumerate(self.tokens):
+            if t == text:
+                found = i
+        return found
+
+
+# ---- HF tokenizer.json -> GGUF tokenizer metadata ------------------------------------------------------
+def _token_text(value) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return value.get("content")
+    return str(value)
+
+
+def _find_split_regex(pre_tok: dict | None) -> str | None:
+    if not pre_tok:
+        return None
+    if pre_tok.get("type") == "Sequence":
+        for p in pre_tok.get("pretokenizers", []):
+            r = _find_split_regex(p)
+            if r is not None:
+                return r
+        return None
+    if pre_tok.get("type") == "Split":
+        return pre_tok.get("pattern", {}).get("Regex")
+    return None
+
+
+def _has_gpt2_bytelevel(pre_tok: dict | None) -> bool:
+    if not pre_tok:
+        return False
+    if pre_tok.get("type") == "Sequence":
+        return any(_has_gpt2_bytelevel(p) for p in pre_tok.get("pretokenizers", []))
+    return pre_tok.get("type") == "ByteLevel" and pre_tok.get("use_regex", True)
+
+
+def metadata_from_hf_tokenizer(hf_dir) -> dict:
+    """GGUF tokenizer metadata (Keys.* -> value) from a HF byte-level BPE tokenizer.json +
+    tokenizer_config.json. Added tokens marked special become CONTROL, others USER_DEFINED."""
+    hf_dir = Path(hf_dir)
+    tj_path = hf_dir / "tokenizer.json"
+    if not tj_path.exists():
+        raise ValueError(f"{tj_path} not found (only byte-level BPE tokenizer.json files are supported)")
+    tj = json.loads(tj_path.read_text(encoding="utf-8"))
+    cfg_path = hf_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
+    model = tj.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise ValueError(f"{tj_path}: only byte-level BPE models are supported (got {model.get('type')!r})")
+
+    regex = _find_split_regex(tj.get("pre_tokenizer"))
+    if regex == LLAMA3_REGEX:
+        pre = "llama-bpe"
+    elif regex is None and _has_gpt2_bytelevel(tj.get("pre_tokenizer")):
+        pre = "gpt2"
+    else:
+        raise ValueError(f"{tj_path}: unrecognized pre-tokenizer (regex {regex!r})")
+
+    id_to_text: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
+    types: dict[int, int] = {i: int(TokenType.NORMAL) for i in id_to_text}
+    for added in tj.get("added_tokens", []):
+        i = int(added["id"])
+        id_to_text[i] = added["content"]
+        types[i] = int(TokenType.CONTROL if added.get("special") else TokenType.USER_DEFINED)
+    n = max(id_to_text) + 1
+    tokens = [id_to_text.get(i, f"[PAD{i}]") for i in range(n)]
+    token_type = np.array([types.get(i, int(TokenType.UNUSED)) for i in range(n)], dtype=np.int32)
+    merges = []
+    for m in model.get("merges", []):
+        if isinstance(m, str):
+            split_merge(m)
+            merges.append(m)
+        else:
+            merges.append(f"{m[0]} {m[1]}")
+
+    text_to_id = {t: i for i, t in enumerate(tokens)}
+
+    def lookup(text: str | None) -> int | None:
+        return text_to_id.get(text) if text is not None else None
+
+    bos = lookup(_token_text(cfg.get("bos_token")))
+    eos = lookup(_token_text(cfg.get("eos_token")))
+    eot = None
+    end_of_text = lookup("<|end_of_text|>")
+    if eos is not None and tokens[eos] == "<|eot_id|>" and end_of_text is not None:
+        eos, eot = end_of_text, eos  # Llama-3 convention: EOS = end of text, EOT = end of turn
+    elif lookup("<|eot_id|>") is not None:
+        eot = lookup("<|eot_id|>")
+
+    meta: dict = {
+        Keys.TOKENIZER_MODEL: "gpt2",
+        Keys.TOKENIZER_PRE: pre,
+        Keys.TOKENS: tokens,
+        Keys.TOKEN_TYPE: token_type,
+        Keys.MERGES: merges,
+        Keys.ADD_BOS: bool(cfg.get("add_bos_token", bos is not None)),
+        Keys.ADD_EOS: bool(cfg.get("add_eos_token", False)),
+    }
+    for key, value in ((Keys.BOS_ID, bos), (Keys.EOS_ID, eos), (Keys.EOT_ID, eot),
+                       (Keys.UNK_ID, lookup(_token_text(cfg.get("unk_token")))),
+                       (Keys.PAD_ID, lookup(_token_text(cfg.get("pad_token"))))):
+        if value is not None:
+            meta[key] = int(value)
+    template = cfg.get("chat_template")
+    if isinstance(template, list):  # [{"name": ..., "template": ...}]
+        named = {t.get("name"): t.get("template") for t in template}
+        template = named.get("default") or next(iter(named.values()), None)
+    jinja_file = hf_dir / "chat_template.jinja"
+    if template is None and jinja_file.exists():
+        template = jinja_file.read_text(encoding="utf-8")
+    if template:
+        meta[Keys.CHAT_TEMPLATE] = template
+    return meta
