@@ -214,14 +214,6 @@ class Tokenizer:
             out.append(self.token_bytes(t))
         return b"".join(out).decode("utf-8", errors="replace")
 
-    def token_id(self, text: str) -> int | None:
-        """Id of the vocabulary entry with exactly this text (last one if repeated), or None."""
-        found = None
-        for i, t in enumerate(self.tokens):
-            if t == text:
-                found = i
-        return found
-
 
 # ---- HF tokenizer.json -> GGUF tokenizer metadata ------------------------------------------------------
 def _token_text(value) -> str | None:
