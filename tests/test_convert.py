@@ -175,3 +175,50 @@ def test_cli_errors(tmp_path, capsys):
     assert "config.json" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--outtype", "q4_0"])
+
+
+def _write_packed_checkpoint(src_model: str, dst, converted_ref: GGUFFile) -> None:
+    """A transformers-style offline-quantized copy of a fixture model: ternary linears as uint8 [M/4, K]
+    (4 values per byte, value+1 in bits 2i of packed row p for row i*M/4 + p) plus weight_scale = 1/alpha."""
+    import shutil
+    from safetensors.numpy import save_file
+    src = fixture_path(src_model, "hf")
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, dst / f.name)
+    kinds = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    tensors = {}
+    with Checkpoint(str(src)) as ck:
+        for hf in ck.names():
+            w = ck.load_f32(hf)
+            short = hf.split(".")[-2]
+            if short in kinds:
+                name = f"blk.{hf.split('.')[2]}.{kinds[short]}.weight"
+                codes, alpha = unpack_i2s(converted_ref.raw(name), *w.shape)  # HF row order for bitnet archs
+                if short in ("q_proj", "k_proj") and src_model == "tiny-llama":
+                    codes = np.sign(w).astype(np.int8)
+                    alpha = np.abs(w).max()
+                u = (codes + 1).astype(np.uint8).reshape(4, w.shape[0] // 4, w.shape[1])
+                tensors[hf] = u[0] | (u[1] << 2) | (u[2] << 4) | (u[3] << 6)
+                tensors[hf[:-len("weight")] + "weight_scale"] = np.array([1.0 / alpha], dtype=np.float32)
+            else:
+                tensors[hf] = w
+    save_file(tensors, str(dst / "model.safetensors"))
+
+
+@pytest.mark.parametrize("model", ["tiny-bitnet-b158", "tiny-llama"])
+def test_packed_uint8_checkpoint(converted, tmp_path, model):
+    ref = converted(model, "i2_s")
+    _write_packed_checkpoint(model, tmp_path, ref)
+    out = tmp_path / "packed.gguf"
+    convert(str(tmp_path), "i2_s", str(out), progress=False)
+    g = GGUFFile(out)
+    assert list(g.tensors) == list(ref.tensors)
+    for name, t in ref.tensors.items():
+        if t.type_id == GGMLType.I2_S:
+            m, k = t.np_shape
+            c1, s1 = unpack_i2s(g.raw(name), m, k)
+            c2, s2 = unpack_i2s(ref.raw(name), m, k)
+            assert np.array_equal(c1, c2), name  # includes the llama q/k permutation
+            assert abs(float(s1) / float(s2) - 1) < 1e-6, name
