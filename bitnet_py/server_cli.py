@@ -1,0 +1,123 @@
+"""`python serve.py` / `python -m bitnet_py serve`: parse flags, configure logging, start uvicorn.
+
+The model loads on the engine thread after the socket is open (/health answers 503 "Loading model" meanwhile).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+logger = logging.getLogger(__name__)
+
+API_KEY_ENV = "BITNET_PY_API_KEY"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="serve.py", description="OpenAI-compatible server for BitNet b1.58 GGUF models")
+    p.add_argument("--model", "-m", default=None,
+                   help="GGUF path, local HF folder or hub repo id (default: the bundled model)")
+    p.add_argument("--threads", "-t", type=int, default=None, help="compute threads (default: all cores)")
+    p.add_argument("--ctx-size", "-c", type=int, default=None,
+                   help="max tokens per sequence (default: the model's, capped at 8192)")
+    p.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="KV cache pool size in tokens, shared by all sequences (default: automatic)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--parallel", "-np", type=int, default=8, help="max sequences decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="max sequences waiting beyond --parallel")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per engine step")
+    p.add_argument("--no-prefix-cache", action="store_true", help="disable prompt-prefix KV reuse")
+    p.add_argument("--api-key", default=None, help=f"require this key (default: env {API_KEY_ENV})")
+    p.add_argument("--model-alias", "-a", default=None, help="model name reported by the API")
+    p.add_argument("--log-format", choices=("text", "json"), default="text")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--tl2-config", default=None, help="kernel_config.ini for TL2 models")
+    p.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024, help="largest accepted request body")
+    return p
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+               "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def setup_logging(fmt: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    for name in ("parallel", "prefill_chunk", "port"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_queue < 0:
+        parser.error("--max-queue must be >= 0")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
+    if args.ctx_size is not None and not 2 <= args.ctx_size <= 1 << 20:
+        parser.error("--ctx-size must be in [2, 1048576]")
+
+
+def make_loader(model_spec: str | None, tl2_config: str | None):
+    def load():
+        from bitnet_py.hub import resolve_model
+        from bitnet_py.model import Model
+        path = resolve_model(model_spec)
+        logger.info("loading %s", path)
+        return Model.load(path, tl2_config=tl2_config)
+    return load
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _validate(args, parser)
+    setup_logging(args.log_format, args.log_level)
+
+    threads = args.threads or os.cpu_count() or 1
+    try:
+        import numba
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    except Exception as exc:        # noqa: BLE001 - numba optional at import time of the CLI
+        logger.warning("could not set numba threads: %s", exc)
+
+    import uvicorn
+
+    from bitnet_py.engine import Engine, EngineConfig
+    from bitnet_py.server import ServerSettings, create_app
+
+    if args.model is not None and not os.path.exists(args.model) and "/" not in args.model:
+        logger.error("model %r: no such file", args.model)
+        return 2
+    alias = args.model_alias or (os.path.basename(args.model) if args.model else "bitnet-b1.58-2B-4T")
+    config = EngineConfig(max_num_seqs=args.parallel, max_queue=args.max_queue, ctx_size=args.ctx_size,
+                          kv_cache_tokens=args.kv_cache_tokens, prefill_chunk=args.prefill_chunk,
+                          enable_prefix_cache=not args.no_prefix_cache)
+    engine = Engine(make_loader(args.model, args.tl2_config), config, model_name=alias)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    settings = ServerSettings(model_alias=alias, model_path=args.model or "", api_key=api_key,
+                              max_body_bytes=args.max_body_bytes)
+    app = create_app(engine, settings)
+    logger.info("serving on http://%s:%d (threads %d, parallel %d, api key %s)", args.host, args.port, threads,
+                args.parallel, "on" if api_key else "off")
+    uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False,
+                timeout_graceful_shutdown=10)
+    return 1 if engine.state == "failed" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
