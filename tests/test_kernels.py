@@ -1,0 +1,151 @@
+"""Every kernel against its slow numpy reference (tests/naive.py); integer paths must match exactly."""
+import numpy as np
+import pytest
+
+import naive
+from bitnet_py.weights import pack_i2s_codes
+from kernels.activations import relu2_mul, silu_mul
+from kernels.attention import paged_attention
+from kernels.dense import f16_matmul
+from kernels.f16 import f16_lut, round_to_f16
+from kernels.norms import rms_norm
+from kernels.quantize import quantize_rows_i8
+from kernels.rope import rope_apply, rope_tables
+from kernels.ternary_matmul import i2s_matmul, i2s_matmul_block_scaled
+
+RNG = np.random.default_rng(1234)
+
+
+def _act(T, K, scale=1.0):
+    x = (RNG.standard_normal((T, K)) * scale).astype(np.float32)
+    x[0, 0] = 7.5 * scale  # an outlier like real activations
+    return x
+
+
+@pytest.mark.parametrize("T,K,floor", [(1, 128, 1e-5), (3, 256, 1e-5), (5, 2560, 0.0), (2, 6912, 1e-5)])
+def test_quantize_rows_exact(T, K, floor):
+    x = _act(T, K)
+    q, s, sums = np.empty((T, K), np.int8), np.empty(T, np.float32), np.empty(T, np.int32)
+    quantize_rows_i8(x, floor, q, s, sums)
+    rq, rs, rsum = naive.quantize_rows_i8(x, floor)
+    assert np.array_equal(q, rq) and np.array_equal(s, rs) and np.array_equal(sums, rsum)
+    assert q.min() >= -128 and q.max() <= 127 and (np.abs(q) == 127).any()
+
+
+def test_quantize_zero_row_and_floor():
+    x = np.zeros((2, 128), np.float32)
+    x[1, 5] = 1e-7  # below the I2_S floor: scale is 127 / 1e-5
+    q, s, sums = np.empty((2, 128), np.int8), np.empty(2, np.float32), np.empty(2, np.int32)
+    quantize_rows_i8(x, 1e-5, q, s, sums)
+    assert not q[0].any() and s[1] == np.float32(127.0 / 1e-5) and q[1, 5] == 1
+    quantize_rows_i8(x, 0.0, q, s, sums)
+    assert s[0] == 1.0 and not q[0].any() and q[1, 5] == 127
+
+
+@pytest.mark.parametrize("T,M,K", [(1, 1, 128), (1, 7, 256), (4, 33, 384), (9, 64, 1280), (2, 5, 6912)])
+def test_i2s_matmul_exact(T, M, K):
+    w = RNG.integers(-1, 2, size=(M, K)).astype(np.int8)
+    q = RNG.integers(-128, 128, size=(T, K)).astype(np.int8)
+    q[0, :] = 127 if K <= 256 else q[0, :]  # extreme values
+    s = (RNG.random(T) * 100 + 1).astype(np.float32)
+    scale = np.float32(0.0731)
+    sums = q.astype(np.int32).sum(axis=1).astype(np.int32)
+    out = np.empty((T, M), np.float32)
+    i2s_matmul(pack_i2s_codes(w), q, s, sums, scale, out)
+    assert np.array_equal(out, naive.ternary_matmul(w, q, s, scale))
+
+
+@pytest.mark.parametrize("T,M,K", [(1, 3, 256), (3, 17, 768)])
+def test_i2s_matmul_block_scaled(T, M, K):
+    w = RNG.integers(-1, 2, size=(M, K)).astype(np.int8)
+    q = RNG.integers(-128, 128, size=(T, K)).astype(np.int8)
+    s = (RNG.random(T) * 100 + 1).astype(np.float32)
+    bsc = (RNG.random((M, K // 256)) + 0.5).astype(np.float32)
+    out = np.empty((T, M), np.float32)
+    i2s_matmul_block_scaled(pack_i2s_codes(w), q, s, np.zeros(T, np.int32), bsc, out)
+    np.testing.assert_allclose(out, naive.ternary_matmul_block_scaled(w, q, s, bsc), rtol=1e-6, atol=1e-4)
+
+
+@pytest.mark.parametrize("T,N", [(1, 256), (3, 2560), (2, 6912)])
+def test_rms_norm(T, N):
+    x = _act(T, N, 3.0)
+    w = (1 + 0.25 * RNG.standard_normal(N)).astype(np.float32)
+    out = np.empty_like(x)
+    rms_norm(x, w, 1e-5, out)
+    np.testing.assert_allclose(out, naive.rms_norm(x, w, 1e-5), rtol=2e-6, atol=1e-6)
+    rms_norm(x, w, 1e-5, x)  # in place
+    assert np.array_equal(x, out)
+
+
+@pytest.mark.parametrize("neox,D,base", [(True, 64, 10000.0), (False, 128, 10000.0), (True, 128, 500000.0)])
+def test_rope(neox, D, base):
+    T, H = 5, 3
+    x = _act(T, H * D).reshape(T, H, D)
+    pos = np.array([0, 1, 7, 100, 2047], np.int32)
+    cos, sin = rope_tables(2048, D, base)
+    y = x.copy()
+    rope_apply(y, pos, cos, sin, neox, D)
+    # float32 theta recurrence vs exact powers: relative angle error ~1e-7 * pos
+    np.testing.assert_allclose(y, naive.rope(x, pos, base, neox, D), rtol=0, atol=5e-3)
+    np.testing.assert_array_equal(y[0], x[0])  # position 0 is the identity
+    assert not np.allclose(y[3], x[3])
+
+
+def _f16(a):
+    return a.astype(np.float16).astype(np.float32)
+
+
+@pytest.mark.parametrize("round_probs", [False, True])
+def test_paged_attention(round_probs):
+    H, KVH, D, bs = 4, 2, 64, 4
+    n_blocks = 8
+    k_cache = _f16(RNG.standard_normal((n_blocks * bs, KVH, D)).astype(np.float32))
+    v_cache = _f16(RNG.standard_normal((n_blocks * bs, KVH, D)).astype(np.float32))
+    # two sequences with scattered blocks
+    tables = np.array([[5, 2, 7, -1], [0, 3, -1, -1]], np.int32)
+    pos = np.array([9, 10, 6], np.int32)
+    seq = np.array([0, 0, 1], np.int32)
+    q = _f16(RNG.standard_normal((3, H, D)).astype(np.float32))
+    out = np.empty_like(q)
+    rp = np.array([round_probs, round_probs])
+    scale = np.float32(1 / 8)
+    paged_attention(q, _bits(k_cache), _bits(v_cache), pos, seq,
+                    tables, bs, rp, scale, f16_lut(), out)
+    for t in range(3):
+        slots = np.array([tables[seq[t], j // bs] * bs + j % bs for j in range(pos[t] + 1)])
+        ref = naive.attention(q[t], k_cache[slots], v_cache[slots], pos[t] + 1, scale, round_probs)
+        np.testing.assert_allclose(out[t], ref, rtol=1e-4, atol=2e-5 if not round_probs else 2e-3)
+
+
+def _bits(a):
+    return a.astype(np.float16).view(np.uint16)
+
+
+def test_f16_matmul():
+    M, K, T = 131, 256, 3
+    w = (RNG.standard_normal((M, K)) * 0.05).astype(np.float16)
+    w[0, :4] = [6e-8, -6e-8, 1e-5, 65504]  # subnormal and extreme halves
+    x = _f16(RNG.standard_normal((T, K)).astype(np.float32))
+    out = np.empty((T, M), np.float32)
+    f16_matmul(w.view(np.uint16), x, out)
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_f16_lut_and_rounding():
+    assert np.array_equal(f16_lut()[_bits(np.array([1.5, -2.0, 6e-8], np.float32))],
+                          np.array([1.5, -2.0, np.float16(6e-8)], np.float32))
+    vals = np.concatenate([RNG.random(20000).astype(np.float32),
+                           (RNG.random(2000) * 1e-5).astype(np.float32),  # subnormal halves
+                           np.float32([1 + 2 ** -11, 1 + 3 * 2 ** -11, 2 ** -24 * 0.5, 2 ** -24 * 1.5, -0.3])])
+    got = np.array([round_to_f16(np.float32(v)) for v in vals], np.float32)
+    assert np.array_equal(got, vals.astype(np.float16).astype(np.float32))  # ties to even included
+
+
+def test_activations():
+    g, u = _act(3, 768, 2.0), _act(3, 768)
+    out = np.empty_like(g)
+    silu_mul(g, u, out)
+    np.testing.assert_allclose(out, naive.silu_mul(g, u), rtol=1e-5, atol=1e-6)
+    relu2_mul(g, u, out)
+    np.testing.assert_allclose(out, naive.relu2_mul(g, u), rtol=1e-6, atol=1e-7)
