@@ -126,3 +126,24 @@ def test_copy_of_fixture_is_byte_identical(tmp_path, name):
         w.write_tensor(t.name, src.raw(t.name))
     w.close()
     assert filecmp.cmp(out, src.path, shallow=False)
+
+
+def test_write_tensor_parts(tmp_path):
+    data = np.arange(1000, dtype=np.float32)
+    path = tmp_path / "parts.gguf"
+    with GGUFWriter(path) as w:
+        w.add_tensor_info("big", data.shape, GGMLType.F32)
+        w.add_tensor_info("after", (3,), GGMLType.F32)
+        w.write_header()
+        w.write_tensor_parts("big", (data[i:i + 300] for i in range(0, 1000, 300)))
+        w.write_tensor("after", np.ones(3, np.float32))
+    g = GGUFFile(path)
+    assert np.array_equal(g.array("big"), data) and g.array("after").tolist() == [1, 1, 1]
+    w = GGUFWriter(tmp_path / "short.gguf")
+    w.add_tensor_info("big", data.shape, GGMLType.F32)
+    w.write_header()
+    with pytest.raises(GGUFWriteError):
+        w.write_tensor_parts("big", [data[:10]])
+    with pytest.raises(GGUFWriteError):
+        w.close()
+    assert not (tmp_path / "short.gguf").exists()

@@ -181,6 +181,17 @@ class GGUFWriter:
 
     def write_tensor(self, name: str, data: np.ndarray | bytes | bytearray | memoryview) -> None:
         """Write the next declared tensor's data region (exactly its size in bytes)."""
+        buf = memoryview(np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data).cast("B")
+        if self._state == "data" and self._written < len(self._tensors):
+            exp_name, _, type_id, _, nbytes = self._tensors[self._written]
+            if name == exp_name and buf.nbytes != nbytes:  # refuse before writing anything
+                raise GGUFWriteError(f"tensor {name!r} ({type_name(type_id)}): {buf.nbytes} bytes given, "
+                                     f"{nbytes} declared")
+        self.write_tensor_parts(name, [buf])
+
+    def write_tensor_parts(self, name: str, parts) -> None:
+        """Write the next declared tensor's data region from an iterable of consecutive pieces (arrays or
+        bytes), so that a large tensor never has to be in memory at once."""
         if self._state == "meta":
             self.write_header()
         if self._state != "data":
@@ -190,11 +201,17 @@ class GGUFWriter:
         exp_name, _, type_id, _, nbytes = self._tensors[self._written]
         if name != exp_name:
             raise GGUFWriteError(f"tensors must be written in declared order: expected {exp_name!r}, got {name!r}")
-        buf = memoryview(np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data).cast("B")
-        if buf.nbytes != nbytes:
-            raise GGUFWriteError(f"tensor {name!r} ({type_name(type_id)}): {buf.nbytes} bytes given, "
-                                 f"{nbytes} declared")
-        self._file.write(buf)
+        given = 0
+        for data in parts:
+            buf = memoryview(np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data).cast("B")
+            given += buf.nbytes
+            if given > nbytes:
+                break
+            self._file.write(buf)
+        if given != nbytes:
+            self._state = "failed"
+            raise GGUFWriteError(f"tensor {name!r} ({type_name(type_id)}): {given}{'+' if given > nbytes else ''} "
+                                 f"bytes given, {nbytes} declared")
         self._written += 1
         self._pad(nbytes)
 
@@ -204,6 +221,9 @@ class GGUFWriter:
             self.write_header()
         if self._state == "closed":
             return
+        if self._state == "failed":
+            self.abort()
+            raise GGUFWriteError(f"{self.path}: a tensor was written with the wrong size; file removed")
         self._file.close()
         self._state = "closed"
         if self._written != len(self._tensors):
