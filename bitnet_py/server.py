@@ -25,7 +25,7 @@ from starlette.routing import Route
 from bitnet_py import protocol as P
 from bitnet_py.engine import Engine, EngineError, GenerationRequest
 from bitnet_py.metrics import CONTENT_TYPE
-from bitnet_py.server_stream import Generation, event_stream
+from bitnet_py.server_stream import Generation, event_stream, token_piece
 from bitnet_py.protocol import APIError
 
 logger = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ class Api:
         if P.get_bool(body, "with_pieces", False):
             pieces = []
             for t in ids:
-                text, raw = P.token_piece(tok, t)
+                text, raw = token_piece(tok, t)
                 pieces.append({"id": t, "piece": text if not text.startswith("bytes:") else list(raw)})
             return JSONResponse({"tokens": pieces})
         del limits

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("serving on http://%s:%d (threads %d, parallel %d, api key %s)", args.host, args.port, threads,
                 args.parallel, "on" if api_key else "off")
     uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False,
-                timeout_graceful_shutdown=10)
+                timeout_graceful_shutdown=10, ws="none")
     return 1 if engine.state == "failed" else 0
 
 
