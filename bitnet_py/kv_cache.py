@@ -1,4 +1,5 @@
-"""Paged float16 KV storage: k, v as float16 bits (uint16) [n_layer, n_blocks * block_size, n_kv_head, head_dim].
+"""Paged KV storage: k, v [n_layer, n_blocks * block_size, n_kv_head, head_dim], as float16 bits (uint16,
+cache type "f16", what llama.cpp/bitnet.cpp use) or float32 (cache type "f32", what float32 frameworks use).
 
 Physical slot of position p of a sequence = block_tables[seq, p // block_size] * block_size + p % block_size.
 Allocation (which blocks a sequence owns) is the engine's block manager's job; this only holds the arrays.
@@ -9,19 +10,29 @@ from dataclasses import dataclass
 
 import numpy as np
 
+CACHE_DTYPES = {"f16": np.uint16, "f32": np.float32}
+
 
 @dataclass
 class KVCache:
-    k: np.ndarray  # u16[L, n_slots, KVH, D] (float16 bits)
-    v: np.ndarray  # u16[L, n_slots, KVH, D]
+    k: np.ndarray  # u16[L, n_slots, KVH, D] (float16 bits) or f32[L, n_slots, KVH, D]
+    v: np.ndarray  # same as k
     block_size: int
 
     @classmethod
-    def allocate(cls, n_layer: int, n_blocks: int, block_size: int, n_kv_head: int, head_dim: int) -> "KVCache":
+    def allocate(cls, n_layer: int, n_blocks: int, block_size: int, n_kv_head: int, head_dim: int,
+                 cache_type: str = "f16") -> "KVCache":
         if n_blocks <= 0 or block_size <= 0:
             raise ValueError(f"KV cache needs n_blocks > 0 and block_size > 0, got {n_blocks}, {block_size}")
+        if cache_type not in CACHE_DTYPES:
+            raise ValueError(f"cache type must be one of {sorted(CACHE_DTYPES)}, got {cache_type!r}")
         shape = (n_layer, n_blocks * block_size, n_kv_head, head_dim)
-        return cls(np.zeros(shape, dtype=np.uint16), np.zeros(shape, dtype=np.uint16), block_size)
+        dtype = CACHE_DTYPES[cache_type]
+        return cls(np.zeros(shape, dtype=dtype), np.zeros(shape, dtype=dtype), block_size)
+
+    @property
+    def is_f32(self) -> bool:
+        return self.k.dtype == np.float32
 
     @property
     def n_blocks(self) -> int:
@@ -32,5 +43,5 @@ class KVCache:
         return self.k.nbytes + self.v.nbytes
 
     @staticmethod
-    def bytes_per_token(n_layer: int, n_kv_head: int, head_dim: int) -> int:
-        return 2 * 2 * n_layer * n_kv_head * head_dim
+    def bytes_per_token(n_layer: int, n_kv_head: int, head_dim: int, cache_type: str = "f16") -> int:
+        return 2 * np.dtype(CACHE_DTYPES[cache_type]).itemsize * n_layer * n_kv_head * head_dim

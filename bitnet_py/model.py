@@ -28,7 +28,7 @@ from .config import ModelConfig
 from .gguf.constants import GGMLType
 from .gguf.reader import GGUFFile
 from .gguf.tl2_tiling import resolve_tiling
-from .kv_cache import KVCache
+from .kv_cache import CACHE_DTYPES, KVCache
 from .weights import DenseWeight, ModelWeights, TernaryWeight, embedding_rows, load_weights
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,10 @@ def quantize_activation(x: np.ndarray, floor: float) -> QuantizedActivation:
     return qa
 
 
-def linear(w: TernaryWeight | DenseWeight, x: np.ndarray, qa: QuantizedActivation | None = None) -> np.ndarray:
-    """x: f32[T, K] -> f32[T, M]. `qa` reuses an int8 quantization of x made with the same floor."""
+def linear(w: TernaryWeight | DenseWeight, x: np.ndarray, qa: QuantizedActivation | None = None,
+           round_f16: bool = True) -> np.ndarray:
+    """x: f32[T, K] -> f32[T, M]. `qa` reuses an int8 quantization of x made with the same floor.
+    With f16 weights, x is rounded to f16 first (ggml) unless round_f16 is False (float32 frameworks)."""
     T = x.shape[0]
     out = np.empty((T, w.m), dtype=np.float32)
     if isinstance(w, TernaryWeight):
@@ -69,7 +71,7 @@ def linear(w: TernaryWeight | DenseWeight, x: np.ndarray, qa: QuantizedActivatio
         else:
             i2s_matmul_block_scaled(w.packed, qa.q, qa.scales, qa.sums, w.block_scales, out)
     elif w.f16_bits is not None:
-        x16 = x.astype(np.float16).astype(np.float32)
+        x16 = x.astype(np.float16).astype(np.float32) if round_f16 else np.ascontiguousarray(x)
         f16_matmul(w.f16_bits, x16, out)
     else:
         np.matmul(x, w.f32.T, out=out)
@@ -83,7 +85,10 @@ def shared_quantization(ws: list, x: np.ndarray) -> QuantizedActivation | None:
 
 
 class Model:
-    def __init__(self, gguf: GGUFFile, config: ModelConfig, weights: ModelWeights):
+    def __init__(self, gguf: GGUFFile, config: ModelConfig, weights: ModelWeights, cache_type: str = "f16"):
+        if cache_type not in CACHE_DTYPES:
+            raise ValueError(f"cache type must be one of {sorted(CACHE_DTYPES)}, got {cache_type!r}")
+        self.cache_type = cache_type  # "f16": ggml's f16 roundings (bitnet.cpp parity); "f32": none
         self.gguf = gguf
         self.config = config
         self.weights = weights
@@ -91,16 +96,18 @@ class Model:
         self._cos, self._sin = rope_tables(c.n_ctx_train if c.n_ctx_train < 1 << 17 else 1 << 17,
                                            c.rope_dims, c.rope_base, c.rope_freq_scale)
         self._lut = f16_lut()
+        self._empty16 = np.zeros((0, c.n_kv_head, c.head_dim), np.uint16)
+        self._empty32 = np.zeros((0, c.n_kv_head, c.head_dim), np.float32)
         self._act = relu2_mul if c.traits.ffn_act == "relu2" else silu_mul
 
     @classmethod
-    def load(cls, path: str, tl2_config: str | None = None) -> "Model":
+    def load(cls, path: str, tl2_config: str | None = None, cache_type: str = "f16") -> "Model":
         t0 = time.perf_counter()
         f = GGUFFile(path)
         cfg = ModelConfig.from_gguf(f)
         tl2_shapes = {t.np_shape for t in f.tensors.values() if t.type_id == GGMLType.TL2}
         tiling = resolve_tiling(tl2_shapes, f.metadata, path, tl2_config) if tl2_shapes else {}
-        model = cls(f, cfg, load_weights(f, cfg, tiling))
+        model = cls(f, cfg, load_weights(f, cfg, tiling), cache_type)
         model.load_ms = (time.perf_counter() - t0) * 1000
         log.info("loaded %s (%s, %d layers, %d vocab) in %.0f ms", path, cfg.arch, cfg.n_layer, cfg.n_vocab,
                  model.load_ms)
@@ -122,7 +129,7 @@ class Model:
 
     def new_kv_cache(self, n_blocks: int, block_size: int = 16) -> KVCache:
         c = self.config
-        return KVCache.allocate(c.n_layer, n_blocks, block_size, c.n_kv_head, c.head_dim)
+        return KVCache.allocate(c.n_layer, n_blocks, block_size, c.n_kv_head, c.head_dim, self.cache_type)
 
     def forward(self, batch: Batch, kv: KVCache) -> np.ndarray:
         """-> logits f32[len(batch.logit_rows), n_vocab]."""
@@ -136,7 +143,10 @@ class Model:
             raise ValueError(f"position {int(pos.max())} beyond the model's context ({self.max_positions})")
         bs = kv.block_size
         slots = tables[seq, pos // bs].astype(np.int64) * bs + pos % bs  # i64[T]
-        round_probs = np.bincount(seq, minlength=tables.shape[0]) == 1  # bool[S]: one-token sequences
+        f32 = kv.is_f32  # float32 cache: no f16 roundings anywhere (float32-framework arithmetic)
+        # bitnet.cpp rounds attention probabilities to f16 in one-token calls: per sequence here, so that a
+        # sequence's results do not depend on what else is in the batch
+        round_probs = (np.bincount(seq, minlength=tables.shape[0]) == 1) & (not f32)  # bool[S]
         scale = np.float32(1.0 / np.sqrt(c.head_dim))
         x = embedding_rows(self.gguf, W.token_embd, tokens)  # f32[T, E]
         x = np.array(x, dtype=np.float32, order="C")
@@ -149,11 +159,19 @@ class Model:
             v = linear(L.wv, h, qa).reshape(T, c.n_kv_head, c.head_dim)
             rope_apply(q, pos, self._cos, self._sin, c.traits.rope_neox, c.rope_dims)
             rope_apply(k, pos, self._cos, self._sin, c.traits.rope_neox, c.rope_dims)
-            kv.k[il, slots] = k.astype(np.float16).view(np.uint16)
-            kv.v[il, slots] = v.astype(np.float16).view(np.uint16)
-            q16 = q.astype(np.float16).astype(np.float32)
-            attn = np.empty_like(q16)
-            paged_attention(q16, kv.k[il], kv.v[il], pos, seq, tables, bs, round_probs, scale, self._lut, attn)
+            if f32:
+                kv.k[il, slots] = k
+                kv.v[il, slots] = v
+                k16 = v16 = self._empty16
+                k32, v32 = kv.k[il], kv.v[il]
+            else:
+                kv.k[il, slots] = k.astype(np.float16).view(np.uint16)
+                kv.v[il, slots] = v.astype(np.float16).view(np.uint16)
+                q = q.astype(np.float16).astype(np.float32)  # ggml converts Q to f16 for Q.K
+                k16, v16 = kv.k[il], kv.v[il]
+                k32 = v32 = self._empty32
+            attn = np.empty_like(q)
+            paged_attention(q, k16, v16, k32, v32, f32, pos, seq, tables, bs, round_probs, scale, self._lut, attn)
             a = attn.reshape(T, c.q_dim)
             if L.attn_sub_norm is not None:
                 rms_norm(a, L.attn_sub_norm, c.rms_eps, a)
@@ -168,4 +186,4 @@ class Model:
             x += linear(L.w_down, gate)
         rows = np.ascontiguousarray(x[np.asarray(batch.logit_rows, dtype=np.int64)])
         rms_norm(rows, W.output_norm, c.rms_eps, rows)
-        return linear(W.output, rows)
+        return linear(W.output, rows, round_f16=not f32)

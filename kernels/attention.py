@@ -2,6 +2,7 @@
 
 Arithmetic as llama.cpp: scores = (f16(q) . k) * scale in float32, softmax with expf and a double sum,
 probabilities optionally rounded to float16 (bitnet.cpp does that for one-token decode calls), then p . v.
+A float32 cache (no roundings anywhere) reproduces float32 frameworks such as Hugging Face transformers.
 """
 import math
 
@@ -13,13 +14,13 @@ from .f16 import round_to_f16
 
 
 @njit(**JIT_PARALLEL)
-def paged_attention(q, k_cache, v_cache, positions, seq_index, block_tables, block_size, round_probs,
-                    scale, lut, out):
-    """q: f32[T, H, D] (already rounded to f16 values); k_cache, v_cache: u16[S_slots, KVH, D] (f16 bits);
-    positions, seq_index: i32[T]; block_tables: i32[S, B]; round_probs: bool[S]; lut: f32[65536]
-    -> out: f32[T, H, D]."""
+def paged_attention(q, k16, v16, k32, v32, use_f32, positions, seq_index, block_tables, block_size,
+                    round_probs, scale, lut, out):
+    """q: f32[T, H, D]; the cache is either k16, v16: u16[S_slots, KVH, D] (f16 bits, decoded through
+    lut: f32[65536]) or, when use_f32, k32, v32: f32[S_slots, KVH, D] (the unused pair may be empty);
+    positions, seq_index: i32[T]; block_tables: i32[S, B]; round_probs: bool[S] -> out: f32[T, H, D]."""
     T, H, D = q.shape
-    KVH = k_cache.shape[1]
+    KVH = k32.shape[1] if use_f32 else k16.shape[1]
     group = H // KVH
     for th in prange(T * H):
         t = th // H
@@ -34,8 +35,12 @@ def paged_attention(q, k_cache, v_cache, positions, seq_index, block_tables, blo
             slot = np.int64(block_tables[s, j // block_size]) * block_size + j % block_size
             slots[j] = slot
             acc = np.float32(0.0)
-            for d in range(D):
-                acc += q[t, h, d] * lut[k_cache[slot, kvh, d]]
+            if use_f32:
+                for d in range(D):
+                    acc += q[t, h, d] * k32[slot, kvh, d]
+            else:
+                for d in range(D):
+                    acc += q[t, h, d] * lut[k16[slot, kvh, d]]
             v = acc * scale
             scores[j] = v
             if v > best:
@@ -57,5 +62,9 @@ def paged_attention(q, k_cache, v_cache, positions, seq_index, block_tables, blo
         for j in range(n):
             p = scores[j]
             slot = slots[j]
-            for d in range(D):
-                out[t, h, d] += p * lut[v_cache[slot, kvh, d]]
+            if use_f32:
+                for d in range(D):
+                    out[t, h, d] += p * v32[slot, kvh, d]
+            else:
+                for d in range(D):
+                    out[t, h, d] += p * lut[v16[slot, kvh, d]]

@@ -109,8 +109,12 @@ def test_paged_attention(round_probs):
     out = np.empty_like(q)
     rp = np.array([round_probs, round_probs])
     scale = np.float32(1 / 8)
-    paged_attention(q, _bits(k_cache), _bits(v_cache), pos, seq,
-                    tables, bs, rp, scale, f16_lut(), out)
+    paged_attention(q, _bits(k_cache), _bits(v_cache), np.zeros((0, KVH, D), np.float32),
+                    np.zeros((0, KVH, D), np.float32), False, pos, seq, tables, bs, rp, scale, f16_lut(), out)
+    out32 = np.empty_like(q)
+    paged_attention(q, np.zeros((0, KVH, D), np.uint16), np.zeros((0, KVH, D), np.uint16), k_cache, v_cache, True,
+                    pos, seq, tables, bs, rp, scale, f16_lut(), out32)
+    np.testing.assert_allclose(out32, out, rtol=1e-6, atol=1e-6)  # same values through either cache type
     for t in range(3):
         slots = np.array([tables[seq[t], j // bs] * bs + j % bs for j in range(pos[t] + 1)])
         ref = naive.attention(q[t], k_cache[slots], v_cache[slots], pos[t] + 1, scale, round_probs)
