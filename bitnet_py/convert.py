@@ -145,20 +145,30 @@ def _ternary_f32(ckpt: Checkpoint, hf: str, g: str, spec: ArchSpec, hp: HParams,
     return w
 
 
-def _tensor_data(ckpt, item, spec, hp, threads) -> np.ndarray:
+_ROWS_PER_CHUNK = 8192
+
+
+def _tensor_parts(ckpt, item, spec, hp, threads):
+    """The tensor's data region as consecutive pieces (float matrices in row chunks, so a 128K-row embedding
+    never exists as a whole float32 copy)."""
     hf, g, shape, typ, tile = item
     if kind_of(g) not in TERNARY_KINDS:
-        a = ckpt.load_f32(hf)
-        return a.astype(np.float16) if typ == GGMLType.F16 else a
+        for r in range(0, shape[0], _ROWS_PER_CHUNK):
+            a = ckpt.load_f32(hf, r, r + _ROWS_PER_CHUNK)
+            yield a.astype(np.float16) if typ == GGMLType.F16 else a
+        return
     w = _ternary_f32(ckpt, hf, g, spec, hp, shape[0], typ != GGMLType.F32, threads)
     if typ == GGMLType.F32:
-        return w
+        yield w
+        return
     codes, scale = quantize_i2s_rule(w)
+    del w
     if typ == GGMLType.I2_S:
-        return pack_i2s(codes, scale)
-    if typ == GGMLType.TL2:
-        return pack_tl2(codes, scale, tile)
-    return pack_tq2_0(codes, scale)
+        yield pack_i2s(codes, scale)
+    elif typ == GGMLType.TL2:
+        yield pack_tl2(codes, scale, tile)
+    else:
+        yield pack_tq2_0(codes, scale)
 
 
 def convert(hf_dir: str, outtype: str, out_path: str | None = None, tl2_config: str | None = None,
@@ -189,14 +199,19 @@ def convert(hf_dir: str, outtype: str, out_path: str | None = None, tl2_config: 
             w.write_header()
             bar = _progress(total, progress)
             for item in plan.items:
-                data = _tensor_data(ckpt, item, spec, hp, torch_threads)
-                w.write_tensor(item[1], data)
                 if bar is not None:
-                    bar.update(data.nbytes)
                     bar.set_postfix_str(item[1], refresh=False)
+                w.write_tensor_parts(item[1], _counted(_tensor_parts(ckpt, item, spec, hp, torch_threads), bar))
             if bar is not None:
                 bar.close()
     return out_path
+
+
+def _counted(parts, bar):
+    for p in parts:
+        if bar is not None:
+            bar.update(p.nbytes)
+        yield p
 
 
 def _progress(total: int, enabled: bool):

@@ -120,10 +120,12 @@ class Checkpoint:
         sf, t = self.tensors[name]
         return sf.raw(t)
 
-    def load_f32(self, name: str) -> np.ndarray:
-        """The tensor as a new float32 array (bf16/f16 widened exactly)."""
+    def load_f32(self, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        """The tensor (or its rows start:stop) as a new float32 array (bf16/f16 widened exactly)."""
         sf, t = self.tensors[name]
         a = sf.raw(t)
+        if start is not None or stop is not None:
+            a = a[start:stop]
         if t.dtype == "BF16":
             return bf16_to_f32(a)
         return a.astype(np.float32)

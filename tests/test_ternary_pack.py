@@ -91,6 +91,10 @@ def test_quantize_i2s_rule():
     codes, scale = quantize_i2s_rule(w)
     assert scale == np.float32(0.5)
     assert codes[0, :6].tolist() == [1, -1, 0, 0, -1, 1]
+    # C compares (double)|w| < 1e-6: float32(1e-6) is just below 1e-6 (-> 0), the next float above it (-> 1)
+    edge = np.float32(1e-6)
+    w2 = np.array([[edge, np.nextafter(edge, np.float32(1)), -edge] + [0.0] * 125], dtype=np.float32)
+    assert quantize_i2s_rule(w2)[0][0, :3].tolist() == [0, 1, 0]
 
 
 def test_torch_sum_small_cases_exact():

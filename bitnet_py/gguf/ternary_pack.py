@@ -111,7 +111,8 @@ def quantize_i2s_rule(w: np.ndarray) -> tuple[np.ndarray, np.float32]:
     """llama-quantize's I2_S rule on a float tensor: scale = max|W|; code 0 where |W| < 1e-6, else sign(W)."""
     w = np.asarray(w, dtype=np.float32)
     scale = np.float32(np.abs(w).max()) if w.size else np.float32(0)
-    codes = np.where(np.abs(w) < 1e-6, 0, np.where(w > 0, 1, -1)).astype(np.int8)
+    codes = np.sign(w).astype(np.int8)  # NaN-free input assumed; sign(+-0) = 0
+    codes[np.abs(w) <= np.float32(1e-6)] = 0  # f32(1e-6) < 1e-6 < next float: same as C's double compare
     return codes, scale
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .constants import GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_SCALAR_DTYPES, GGMLType, GGUFValueType, Keys
+from .constants import GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_SCALAR_DTYPES, GGUFValueType, Keys
 from .reader import tensor_nbytes, type_name
 
 log = logging.getLogger(__name__)
