@@ -80,21 +80,26 @@ class BlockManager:
             matches.append((parent, block))
         return matches
 
+    @staticmethod
+    def _matchable(seq: Sequence) -> list[int]:
+        return seq.token_ids[: max(0, seq.num_tokens - 2)]
+
     def can_allocate(self, seq: Sequence, reserve: int = 0) -> bool:
         """Blocks for all of seq's tokens are available, keeping `reserve` free blocks for running sequences."""
         need = self.blocks_for(seq.num_tokens)
-        matches = self._match_prefix(seq.token_ids[: seq.num_tokens - 1])
+        matches = self._match_prefix(self._matchable(seq))
         reusable_free = sum(1 for _, b in matches if self.ref_count[b] == 0)
         return need - len(matches) <= self.num_free - reusable_free - reserve
 
     def allocate(self, seq: Sequence) -> None:
         """Give a waiting sequence blocks for all its tokens, reusing cached prefix blocks.
 
-        At least the last token is always recomputed (its logits are needed), so only blocks fully inside
-        token_ids[:-1] are matched.
+        At least the last two tokens are always recomputed: the last one for its logits, and never as a lone
+        token, because a one-token step uses decode-style rounding in attention, which would make a cached
+        prompt's output differ from an uncached one.
         """
         assert not seq.block_table, "sequence already has blocks"
-        matches = self._match_prefix(seq.token_ids[: seq.num_tokens - 1])
+        matches = self._match_prefix(self._matchable(seq))
         if seq.num_preemptions == 0:
             self.prefix_queries += seq.num_tokens
             self.prefix_hits += len(matches) * self.block_size
