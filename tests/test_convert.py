@@ -222,3 +222,23 @@ def test_packed_uint8_checkpoint(converted, tmp_path, model):
             c2, s2 = unpack_i2s(ref.raw(name), m, k)
             assert np.array_equal(c1, c2), name  # includes the llama q/k permutation
             assert abs(float(s1) / float(s2) - 1) < 1e-6, name
+
+
+def test_sentencepiece_parser_matches_sentencepiece_package():
+    spm = pytest.importorskip("sentencepiece")
+    from bitnet_py.convert_vocab import read_sentencepiece
+    path = str(fixture_path("tiny-bitnet", "hf", "tokenizer.model"))
+    pieces, scores, types = read_sentencepiece(path)
+    sp = spm.SentencePieceProcessor(model_file=path)
+    assert pieces == [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    assert np.array_equal(scores, np.array([sp.get_score(i) for i in range(len(pieces))], np.float32))
+    for i, t in enumerate(types):
+        kind = (TokenType.UNKNOWN if sp.is_unknown(i) else TokenType.CONTROL if sp.is_control(i)
+                else TokenType.BYTE if sp.is_byte(i) else TokenType.UNUSED if sp.is_unused(i) else TokenType.NORMAL)
+        assert t == kind, i
+
+
+def test_progress_bar_path(tmp_path, capsys):
+    out = convert(str(fixture_path("tiny-bitnet-b158", "hf")), "i2_s", str(tmp_path / "p.gguf"), progress=True)
+    assert "convert" in capsys.readouterr().err
+    assert GGUFFile(out).metadata[Keys.FILE_TYPE] == 40
