@@ -58,9 +58,10 @@ def resolve_model(spec: str | None, *, quant_type: str = DEFAULT_QUANT_TYPE, cac
         return _bundled_default(quant)
     local = Path(spec).expanduser()
     if local.exists():
-        if local.is_file():
-            return str(local.resolve())
-        return _from_local_dir(local.resolve(), quant, cache_dir, version, force, progress)
+        absolute = Path(os.path.abspath(local))  # not resolve(): HF cache files are symlinks to nameless blobs
+        if absolute.is_file():
+            return str(absolute)
+        return _from_local_dir(absolute, quant, cache_dir, version, force, progress)
     match = _REPO_SPEC.match(spec)
     if match is None or spec.startswith((".", "/", "~")) or spec.endswith(".gguf") and ":" not in spec:
         raise ModelResolveError(f"model {spec!r}: no such file or folder, and not a hub repo id "

@@ -165,9 +165,12 @@ def standin(monkeypatch):
         yield server
 
 
-def test_local_file_is_returned_as_is():
+def test_local_file_is_returned_as_is(tmp_path):
     path = FIXTURES / "tiny-bitnet" / "ggml-model-tl2.gguf"
-    assert hub.resolve_model(str(path)) == str(path.resolve())
+    assert hub.resolve_model(str(path)) == os.path.abspath(path)
+    link = tmp_path / "model.gguf"  # like a file in the HF cache: a symlink to a nameless blob
+    link.symlink_to(path)
+    assert hub.resolve_model(str(link)) == str(link)
 
 
 def test_missing_local_path_is_a_clear_error(tmp_path):
