@@ -118,7 +118,8 @@ class Engine:
         try:
             self._load()
         except Exception as exc:      # noqa: BLE001 - reported through /health and the log
-            logger.exception("model load failed")
+            logger.error("model load failed: %s: %s", type(exc).__name__, exc)
+            logger.debug("model load traceback", exc_info=True)
             self.load_error = f"{type(exc).__name__}: {exc}"
             self.state = "failed"
             self.ready_event.set()

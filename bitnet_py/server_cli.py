@@ -5,10 +5,13 @@ The model loads on the engine thread after the socket is open (/health answers 5
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 
 logger = logging.getLogger(__name__)
@@ -72,6 +75,26 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         parser.error("--ctx-size must be in [2, 1048576]")
 
 
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn.Server that exits 0 after a graceful SIGTERM/SIGINT shutdown (uvicorn re-raises the signal)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+    return Server
+
+
 def make_loader(model_spec: str | None, tl2_config: str | None):
     def load():
         from bitnet_py.hub import resolve_model
@@ -99,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bitnet_py.engine import Engine, EngineConfig
     from bitnet_py.server import ServerSettings, create_app
+    _Server = _server_class()
 
     if args.model is not None and not os.path.exists(args.model) and "/" not in args.model:
         logger.error("model %r: no such file", args.model)
@@ -114,8 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(engine, settings)
     logger.info("serving on http://%s:%d (threads %d, parallel %d, api key %s)", args.host, args.port, threads,
                 args.parallel, "on" if api_key else "off")
-    uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False,
-                timeout_graceful_shutdown=10, ws="none")
+    server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
+                                           timeout_graceful_shutdown=10, ws="none"))
+
+    def exit_if_load_fails() -> None:
+        engine.ready_event.wait()
+        if engine.state == "failed":
+            logger.error("cannot serve: %s", engine.load_error)
+            server.should_exit = True
+    threading.Thread(target=exit_if_load_fails, name="load-watch", daemon=True).start()
+    server.run()
     return 1 if engine.state == "failed" else 0
 
 

@@ -1,0 +1,66 @@
+"""serve.py as users run it: a subprocess with flags, JSON logs, a per-request log line, SIGTERM exit."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from conftest import REPO, fixture_path
+from live_server import free_port
+
+
+def spawn(*args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(REPO / "serve.py"), *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+
+
+def test_bad_flags_and_missing_model_exit_nonzero():
+    bad = subprocess.run([sys.executable, str(REPO / "serve.py"), "--parallel", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--parallel" in bad.stderr
+    proc = spawn("--model", str(REPO / "no-such-model.gguf"), "--port", str(free_port()))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "no-such-model.gguf" in err
+
+
+def test_cli_serves_logs_json_and_exits_on_sigterm():
+    port = free_port()
+    model = str(fixture_path("tiny-bitnet", "ggml-model-i2_s.gguf"))
+    proc = spawn("--model", model, "--port", str(port), "--threads", "1", "--parallel", "2", "--ctx-size", "256",
+                 "--log-format", "json", "--model-alias", "tiny", env={"BITNET_PY_API_KEY": "k3y"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline and proc.poll() is None, "server did not become healthy"
+            time.sleep(0.2)
+        assert httpx.get(url + "/v1/models", timeout=5).status_code == 401          # key from the environment
+        r = httpx.post(url + "/v1/completions", headers={"Authorization": "Bearer k3y"}, timeout=30,
+                       json={"prompt": "Once upon a time", "max_tokens": 5, "temperature": 0})
+        assert r.status_code == 200 and r.json()["model"] == "tiny"
+        props = httpx.get(url + "/props", headers={"Authorization": "Bearer k3y"}, timeout=5).json()
+        assert props["total_slots"] == 2 and props["default_generation_settings"]["n_ctx"] == 256
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    records = [json.loads(line) for line in err.splitlines() if line.strip()]     # every line is JSON
+    done = [r for r in records if r["logger"] == "bitnet_py.server_stream" and " done: " in r["message"]]
+    assert len(done) == 1 and "generated 5 tokens" in done[0]["message"] and "tok/s" in done[0]["message"]
+    assert not any("k3y" in line for line in err.splitlines())
+
+
+@pytest.mark.parametrize("flag", ["--threads", "--ctx-size", "--max-queue"])
+def test_numeric_flags_validated(flag):
+    r = subprocess.run([sys.executable, str(REPO / "serve.py"), flag, "-5"], capture_output=True, text=True)
+    assert r.returncode == 2 and flag in r.stderr
