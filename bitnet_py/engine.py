@@ -54,7 +54,7 @@ class InvalidRequest(EngineError):
     status = 400
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineConfig:
     max_num_seqs: int = 8            # --parallel: sequences decoded together
     max_queue: int = 64              # sequences allowed to wait beyond the running ones
@@ -64,6 +64,17 @@ class EngineConfig:
     prefill_chunk: int = 256         # prompt tokens per step across sequences
     enable_prefix_cache: bool = True
     warmup: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "block_size", "prefill_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be >= 1")
+        if self.max_queue < 0:
+            raise ValueError("EngineConfig.max_queue must be >= 0")
+        for name in ("ctx_size", "kv_cache_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 2:
+                raise ValueError(f"EngineConfig.{name} must be >= 2")
 
 
 @dataclass

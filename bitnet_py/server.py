@@ -130,14 +130,9 @@ class Api:
         if template is None:
             raise APIError(400, "This model has no chat template; use /v1/completions", param="messages")
         try:
-            text = await run_in_threadpool(template.render, messages, True)
+            return await run_in_threadpool(template.encode, messages, True)
         except ValueError as exc:
             raise P.bad("messages", f"Chat template rejected the messages: {exc}") from None
-        ids = await self.tokenize_prompt(text, True)
-        bos = getattr(self.engine.tokenizer, "bos_id", None)
-        if len(ids) >= 2 and bos is not None and ids[0] == ids[1] == bos:
-            ids = ids[1:]          # the template wrote BOS itself and the tokenizer added another
-        return ids
 
     def start(self, request: Request, prompt_ids: list[int], gen: P.GenParams, kind: str) -> Generation:
         if len(prompt_ids) >= self.engine.max_model_len:

@@ -98,6 +98,9 @@ class FakeChatTemplate:
             parts.append("assistant:")
         return "".join(parts)
 
+    def encode(self, messages, add_generation_prompt: bool = True) -> list[int]:
+        return FakeTokenizer().encode(self.render(messages, add_generation_prompt), parse_special=True)
+
 
 class FakeModel:
     """delay_s: sleep per forward plus per_token_s per token (to make timing-dependent tests reliable)."""
