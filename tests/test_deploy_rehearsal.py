@@ -78,7 +78,7 @@ def test_setup_and_run_scripts_serve_completions(tmp_path):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "BITNET_PY_"))}
         env.update({k: str(v) for k, v in task["envs"].items()})
         env.update(HOME=str(home), PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHONPATH=str(REPO_ROOT),
-                   HF_ENDPOINT=hub.url, BITNET_PY_SKIP_INSTALL="1", MODEL_REPO=REPO_ID, QUANT_TYPE="i2_s",
+                   HF_ENDPOINT=hub.url, HF_HUB_DISABLE_TELEMETRY="1", BITNET_PY_SKIP_INSTALL="1", MODEL_REPO=REPO_ID, QUANT_TYPE="i2_s",
                    NUM_THREADS="1", PORT=str(port))
         setup = subprocess.run(["bash", "-c", task["setup"]], cwd=REPO_ROOT, env=env, capture_output=True,
                                text=True, timeout=600)

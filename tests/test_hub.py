@@ -162,6 +162,7 @@ def standin(monkeypatch):
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         monkeypatch.delenv("HF_TOKEN", raising=False)
         monkeypatch.delenv("BITNET_PY_CACHE", raising=False)
+        monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
         yield server
 
 
