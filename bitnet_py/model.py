@@ -19,8 +19,8 @@ from kernels.activations import relu2_mul, silu_mul
 from kernels.attention import paged_attention
 from kernels.dense import f16_matmul
 from kernels.f16 import f16_lut
-from kernels.norms import rms_norm
-from kernels.quantize import quantize_rows_i8
+from kernels.norms import rms_norm, rms_norm_parallel
+from kernels.quantize import quantize_rows_i8, quantize_rows_i8_parallel
 from kernels.rope import rope_apply, rope_tables
 from kernels.ternary_matmul import i2s_matmul, i2s_matmul_block_scaled
 
@@ -32,6 +32,12 @@ from .kv_cache import CACHE_DTYPES, KVCache
 from .weights import DenseWeight, ModelWeights, TernaryWeight, embedding_rows, load_weights
 
 log = logging.getLogger(__name__)
+
+PARALLEL_ROWS = 16  # row-wise kernels (norms, quantization) go multi-threaded from this many tokens
+
+
+def norm(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray) -> None:
+    (rms_norm_parallel if x.shape[0] >= PARALLEL_ROWS else rms_norm)(x, weight, eps, out)
 
 
 @dataclass
@@ -53,7 +59,7 @@ class QuantizedActivation:
 def quantize_activation(x: np.ndarray, floor: float) -> QuantizedActivation:
     T, K = x.shape
     qa = QuantizedActivation(np.empty((T, K), np.int8), np.empty(T, np.float32), np.empty(T, np.int32))
-    quantize_rows_i8(x, floor, qa.q, qa.scales, qa.sums)
+    (quantize_rows_i8_parallel if T >= PARALLEL_ROWS else quantize_rows_i8)(x, floor, qa.q, qa.scales, qa.sums)
     return qa
 
 
@@ -152,7 +158,7 @@ class Model:
         x = np.array(x, dtype=np.float32, order="C")
         h = np.empty_like(x)
         for il, L in enumerate(W.layers):
-            rms_norm(x, L.attn_norm, c.rms_eps, h)
+            norm(x, L.attn_norm, c.rms_eps, h)
             qa = shared_quantization([L.wq, L.wk, L.wv], h)
             q = linear(L.wq, h, qa).reshape(T, c.n_head, c.head_dim)
             k = linear(L.wk, h, qa).reshape(T, c.n_kv_head, c.head_dim)
@@ -174,16 +180,16 @@ class Model:
             paged_attention(q, k16, v16, k32, v32, f32, pos, seq, tables, bs, round_probs, scale, self._lut, attn)
             a = attn.reshape(T, c.q_dim)
             if L.attn_sub_norm is not None:
-                rms_norm(a, L.attn_sub_norm, c.rms_eps, a)
+                norm(a, L.attn_sub_norm, c.rms_eps, a)
             x += linear(L.wo, a)
-            rms_norm(x, L.ffn_norm, c.rms_eps, h)
+            norm(x, L.ffn_norm, c.rms_eps, h)
             qa = shared_quantization([L.w_gate, L.w_up], h)
             gate = linear(L.w_gate, h, qa)
             up = linear(L.w_up, h, qa)
             self._act(gate, up, gate)
             if L.ffn_sub_norm is not None:
-                rms_norm(gate, L.ffn_sub_norm, c.rms_eps, gate)
+                norm(gate, L.ffn_sub_norm, c.rms_eps, gate)
             x += linear(L.w_down, gate)
         rows = np.ascontiguousarray(x[np.asarray(batch.logit_rows, dtype=np.int64)])
-        rms_norm(rows, W.output_norm, c.rms_eps, rows)
+        norm(rows, W.output_norm, c.rms_eps, rows)
         return linear(W.output, rows, round_f16=not f32)

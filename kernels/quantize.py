@@ -7,14 +7,13 @@ I2_S uses floor = 1e-5; TL2 uses no floor (floor = 0; an all-zero row then gives
 import numpy as np
 from numba import njit, prange
 
-from .config import JIT_PARALLEL
+from .config import JIT, JIT_PARALLEL
 
 
-@njit(**JIT_PARALLEL)
-def quantize_rows_i8(x, floor, q, scales, sums):
-    """x: f32[T, K] -> q: i8[T, K], scales: f32[T] (s_a), sums: i32[T] (sum of q)."""
-    T, K = x.shape
-    for t in prange(T):
+@njit(**JIT)
+def _quantize_row(x, floor, q, scales, sums, t):
+    K = x.shape[1]
+    if True:
         amax = 0.0
         for k in range(K):
             a = abs(np.float64(x[t, k]))
@@ -35,3 +34,17 @@ def quantize_rows_i8(x, floor, q, scales, sums):
             total += iv
         scales[t] = s
         sums[t] = total
+
+
+@njit(**JIT)
+def quantize_rows_i8(x, floor, q, scales, sums):
+    """x: f32[T, K] -> q: i8[T, K], scales: f32[T] (s_a), sums: i32[T] (sum of q). One thread."""
+    for t in range(x.shape[0]):
+        _quantize_row(x, floor, q, scales, sums, t)
+
+
+@njit(**JIT_PARALLEL)
+def quantize_rows_i8_parallel(x, floor, q, scales, sums):
+    """Same as quantize_rows_i8, rows split over threads."""
+    for t in prange(x.shape[0]):
+        _quantize_row(x, floor, q, scales, sums, t)

@@ -4,9 +4,9 @@ Tables follow ggml: theta_0 = pos, theta_{i+1} = theta_i * base^(-2/d) in float3
 NORM style rotates adjacent pairs (2i, 2i+1); NEOX style rotates (i, i + d/2).
 """
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
-from .config import JIT_PARALLEL
+from .config import JIT
 
 
 def rope_tables(n_pos: int, n_dims: int, base: float, freq_scale: float = 1.0):
@@ -23,12 +23,12 @@ def rope_tables(n_pos: int, n_dims: int, base: float, freq_scale: float = 1.0):
     return cos, sin
 
 
-@njit(**JIT_PARALLEL)
+@njit(**JIT)
 def rope_apply(x, positions, cos, sin, neox, n_dims):
-    """In place. x: f32[T, H, D]; positions: i32[T]; cos, sin: f32[P, n_dims/2]; neox: bool."""
+    """In place, single-threaded (cheap). x: f32[T, H, D]; positions: i32[T]; cos, sin: f32[P, n_dims/2]; neox: bool."""
     T, H, D = x.shape
     half = n_dims // 2
-    for t in prange(T):
+    for t in range(T):
         p = positions[t]
         for h in range(H):
             for i in range(half):

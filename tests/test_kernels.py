@@ -8,8 +8,8 @@ from kernels.activations import relu2_mul, silu_mul
 from kernels.attention import paged_attention
 from kernels.dense import f16_matmul
 from kernels.f16 import f16_lut, round_to_f16
-from kernels.norms import rms_norm
-from kernels.quantize import quantize_rows_i8
+from kernels.norms import rms_norm, rms_norm_parallel
+from kernels.quantize import quantize_rows_i8, quantize_rows_i8_parallel
 from kernels.rope import rope_apply, rope_tables
 from kernels.ternary_matmul import i2s_matmul, i2s_matmul_block_scaled
 
@@ -29,6 +29,9 @@ def test_quantize_rows_exact(T, K, floor):
     quantize_rows_i8(x, floor, q, s, sums)
     rq, rs, rsum = naive.quantize_rows_i8(x, floor)
     assert np.array_equal(q, rq) and np.array_equal(s, rs) and np.array_equal(sums, rsum)
+    q2, s2, sums2 = np.empty_like(q), np.empty_like(s), np.empty_like(sums)
+    quantize_rows_i8_parallel(x, floor, q2, s2, sums2)
+    assert np.array_equal(q2, q) and np.array_equal(s2, s) and np.array_equal(sums2, sums)
     assert q.min() >= -128 and q.max() <= 127 and (np.abs(q) == 127).any()
 
 
@@ -73,6 +76,9 @@ def test_rms_norm(T, N):
     out = np.empty_like(x)
     rms_norm(x, w, 1e-5, out)
     np.testing.assert_allclose(out, naive.rms_norm(x, w, 1e-5), rtol=2e-6, atol=1e-6)
+    par = np.empty_like(x)
+    rms_norm_parallel(x, w, 1e-5, par)
+    assert np.array_equal(par, out)
     rms_norm(x, w, 1e-5, x)  # in place
     assert np.array_equal(x, out)
 
