@@ -1,0 +1,103 @@
+"""Model loading: clear errors naming what is wrong; TL2 tiling resolution; the generate CLI."""
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, fixture_path, load_reference
+from bitnet_py.gguf.reader import GGUFError
+from bitnet_py.model import Model
+
+
+def _patched_copy(tmp_path, src, old: bytes, new: bytes, name="patched.gguf"):
+    assert len(old) == len(new)
+    data = src.read_bytes()
+    assert old in data
+    p = tmp_path / name
+    p.write_bytes(data.replace(old, new, 1))
+    return p
+
+
+def test_unknown_architecture_is_named(tmp_path):
+    p = _patched_copy(tmp_path, fixture_path("tiny-llama", "ggml-model-i2_s.gguf"), b"\x05\x00\x00\x00\x00\x00\x00\x00llama",
+                      b"\x05\x00\x00\x00\x00\x00\x00\x00llamb")
+    with pytest.raises(GGUFError, match="unsupported architecture 'llamb'"):
+        Model.load(str(p))
+
+
+def test_missing_tensor_is_named(tmp_path):
+    p = _patched_copy(tmp_path, fixture_path("tiny-bitnet", "ggml-model-i2_s.gguf"), b"blk.1.ffn_up.weight",
+                      b"blk.1.ffn_zz.weight")
+    with pytest.raises(GGUFError, match="missing tensor blk.1.ffn_up.weight"):
+        Model.load(str(p))
+
+
+def test_unsupported_tensor_type_is_named(tmp_path):
+    src = fixture_path("tiny-bitnet", "ggml-model-i2_s.gguf")
+    data = bytearray(src.read_bytes())
+    name = b"blk.0.attn_q.weight"
+    pos = data.index(name) + len(name) + 4 + 16  # n_dims u32, 2 dims u64, then the type id
+    assert data[pos:pos + 4] == (36).to_bytes(4, "little")
+    data[pos:pos + 4] = (38).to_bytes(4, "little")  # TL1: ARM-only format, not supported
+    p = tmp_path / "tl1.gguf"
+    p.write_bytes(bytes(data))
+    with pytest.raises(GGUFError, match="blk.0.attn_q.weight.*TL1"):
+        Model.load(str(p))
+
+
+def test_tl2_without_known_tiling_says_what_to_pass(tmp_path):
+    p = tmp_path / "m.gguf"
+    shutil.copy(fixture_path("tiny-bitnet", "ggml-model-tl2.gguf"), p)
+    with pytest.raises(ValueError, match="--tl2-config"):
+        Model.load(str(p))
+    shutil.copy(fixture_path("tl2-kernel_config.ini"), tmp_path / "kernel_config.ini")  # beside the model: found
+    assert Model.load(str(p)).weights.layers[0].wq.source_type == "TL2"
+
+
+def test_tl2_tiling_mismatch_is_not_silently_accepted(tmp_path):
+    """A wrong tiling decodes different weights; the decoded model must then disagree with the I2_S one."""
+    import numpy as np
+    ini = (tmp_path / "kernel_config.ini")
+    ini.write_text(fixture_path("tl2-kernel_config.ini").read_text().replace("bm = 128", "bm = 64", 1))
+    shutil.copy(fixture_path("tiny-bitnet", "ggml-model-tl2.gguf"), tmp_path / "m.gguf")
+    wrong = Model.load(str(tmp_path / "m.gguf"))
+    right = Model.load(str(fixture_path("tiny-bitnet", "ggml-model-i2_s.gguf")))
+    assert not np.array_equal(wrong.weights.layers[0].wq.packed, right.weights.layers[0].wq.packed)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "bitnet_py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_generate_matches_reference_text():
+    ref = load_reference("tiny-llama", "i2_s")["results"][0]
+    r = _cli("generate", "-m", str(fixture_path("tiny-llama", "ggml-model-i2_s.gguf")), "-p", ref["prompt"],
+             "-n", "16", "--temp", "0", "-t", "1")
+    assert r.returncode == 0, r.stderr
+    from bitnet_py.tokenizer import Tokenizer
+    from bitnet_py.gguf.reader import GGUFFile
+    tok = Tokenizer.from_gguf_metadata(GGUFFile(fixture_path("tiny-llama", "ggml-model-i2_s.gguf")).metadata)
+    ids = ref["gen_ids"][:16]
+    if any(i in tok.stop_ids for i in ids):
+        ids = ids[:min(ids.index(i) for i in ids if i in tok.stop_ids)]
+    assert r.stdout.rstrip("\n") == tok.decode(ids, skip_special=True)
+    assert "prompt" in r.stderr and "tok/s" in r.stderr and "load" in r.stderr
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["-m", "/no/such/model.gguf", "-p", "x"], "no such file"),
+    (["-m", "README.md", "-p", "x"], "not a GGUF file"),
+    (["-m", "README.md", "-n", "-3"], "-n must be"),
+])
+def test_cli_errors_are_one_line(args, msg):
+    r = _cli("generate", *args)
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], r.stderr
+
+
+def test_cli_unknown_command():
+    r = _cli("frobnicate")
+    assert r.returncode == 2 and "unknown command" in r.stderr
