@@ -101,3 +101,43 @@ def test_cli_errors_are_one_line(args, msg):
 def test_cli_unknown_command():
     r = _cli("frobnicate")
     assert r.returncode == 2 and "unknown command" in r.stderr
+
+
+def test_q8_0_embedding_and_head_load_and_agree(tmp_path):
+    """bitnet.cpp's quantizer gives Q8_0 embeddings/heads when the hidden size is not a multiple of 256
+    (bitnet_b1_58-3B); such files load, and their logits stay within Q8_0 noise of the F16 file's reference."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+    from bitnet_py.generate import generate
+    from bitnet_py.gguf.constants import GGMLType
+    from bitnet_py.gguf.reader import GGUFFile
+    from bitnet_py.gguf.writer import GGUFWriter
+    src = GGUFFile(fixture_path("tiny-llama", "ggml-model-i2_s.gguf"))
+    out = tmp_path / "q8.gguf"
+    w = GGUFWriter(out)
+    for k, v in src.metadata.items():
+        w.add(k, v)
+    data = {}
+    for t in src.tensors.values():
+        if t.name in ("token_embd.weight", "output.weight"):
+            data[t.name] = quantize(src.array(t.name).astype(np.float32), GGMLQuantizationType.Q8_0)
+            w.add_tensor_info(t.name, t.np_shape, GGMLType.Q8_0)
+        else:
+            data[t.name] = src.raw(t.name)
+            w.add_tensor_info(t.name, t.np_shape, t.type_id)
+    w.write_header()
+    for name, d in data.items():
+        w.write_tensor(name, d)
+    w.close()
+    model = Model.load(str(out))
+    assert model.weights.output.source_type == "Q8_0"
+    ref = load_reference("tiny-llama", "i2_s")
+    for r in ref["results"][:4]:
+        res = generate(model, r["prompt_ids"], 1, keep_logits=True)
+        ref_logits = np.array(r["last_prompt_logits"], np.float32)
+        diff = np.abs(res.step_logits[0] - ref_logits)
+        assert np.median(diff) < 0.15 and diff.max() < 1.0, (np.median(diff), diff.max())
+        assert np.corrcoef(res.step_logits[0], ref_logits)[0, 1] > 0.995
+        if r["steps"][0]["margin"] > 0.5:
+            assert res.ids[0] == r["gen_ids"][0]
