@@ -82,6 +82,8 @@ class BlockManager:
 
     @staticmethod
     def _matchable(seq: Sequence) -> list[int]:
+        if not seq.use_prefix_cache:
+            return []
         return seq.token_ids[: max(0, seq.num_tokens - 2)]
 
     def can_allocate(self, seq: Sequence, reserve: int = 0) -> bool:

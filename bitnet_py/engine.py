@@ -85,6 +85,7 @@ class GenerationRequest:
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    use_prefix_cache: bool = True    # llama-server's cache_prompt
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -154,6 +155,11 @@ class Engine:
         self.n_vocab = int(mcfg.n_vocab)
         train_ctx = int(getattr(mcfg, "n_ctx_train", 0) or MAX_CTX_DEFAULT)
         self.max_model_len = int(cfg.ctx_size) if cfg.ctx_size else min(train_ctx, MAX_CTX_DEFAULT)
+        positions = getattr(model, "max_positions", None)
+        if positions is not None and self.max_model_len > positions:
+            logger.warning("--ctx-size %d is beyond the model's %d positions; using %d", self.max_model_len,
+                           positions, positions)
+            self.max_model_len = int(positions)
         if self.max_model_len < 2:
             raise ValueError(f"context size {self.max_model_len} is too small")
         pool_tokens = cfg.kv_cache_tokens or min(self.max_model_len * cfg.max_num_seqs,
@@ -192,7 +198,7 @@ class Engine:
         for i in range(req.n):
             seqs.append(Sequence(req.request_id, i, req.prompt_ids, req.params, max_tokens=req.max_tokens,
                                  stop=req.stop, stop_ids=stop_ids, detokenizer=make_detokenizer(self.tokenizer),
-                                 emit=emit))
+                                 emit=emit, use_prefix_cache=req.use_prefix_cache))
         with self._wake:
             if self._stopping:
                 raise EngineNotReady("Server is shutting down", retry_after=5)

@@ -116,11 +116,13 @@ class Sequence:
 
     def __init__(self, request_id: str, index: int, prompt_ids: list[int], params: SamplingParams, *,
                  max_tokens: int | None, stop: tuple[str, ...], stop_ids: frozenset[int],
-                 detokenizer, emit: Callable[[SeqEvent], None], arrival: float | None = None) -> None:
+                 detokenizer, emit: Callable[[SeqEvent], None], arrival: float | None = None,
+                 use_prefix_cache: bool = True) -> None:
         self.seq_id = next(_seq_counter)
         self.request_id = request_id
         self.index = index
         self.params = params
+        self.use_prefix_cache = use_prefix_cache
         self.max_tokens = max_tokens
         self.stop_ids = stop_ids
         self.emit = emit

@@ -134,13 +134,14 @@ class Api:
         except ValueError as exc:
             raise P.bad("messages", f"Chat template rejected the messages: {exc}") from None
 
-    def start(self, request: Request, prompt_ids: list[int], gen: P.GenParams, kind: str) -> Generation:
+    def start(self, request: Request, prompt_ids: list[int], gen: P.GenParams, kind: str,
+              use_prefix_cache: bool = True) -> Generation:
         if len(prompt_ids) >= self.engine.max_model_len:
             raise P.bad("messages" if kind == "chat" else "prompt",
                         f"This model's maximum context length is {self.engine.max_model_len} tokens; the prompt has "
                         f"{len(prompt_ids)} tokens")
         req = GenerationRequest(prompt_ids=prompt_ids, params=gen.sampling, n=gen.n, max_tokens=gen.max_tokens,
-                                stop=gen.stop, ignore_eos=gen.ignore_eos,
+                                stop=gen.stop, ignore_eos=gen.ignore_eos, use_prefix_cache=use_prefix_cache,
                                 request_id=f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}")
         generation = Generation(self.engine, req, request, kind, len(prompt_ids))
         try:
@@ -194,7 +195,7 @@ class Api:
         limits = self.require_ready()
         req = P.parse_native_completion(body, limits)
         ids = await self.tokenize_prompt(req.prompt)
-        gen = self.start(request, ids, req.gen, "native")
+        gen = self.start(request, ids, req.gen, "native", use_prefix_cache=req.cache_prompt)
         gen.prompt_text = req.prompt if isinstance(req.prompt, str) else ""
         return await self.respond(gen, req.gen)
 

@@ -306,3 +306,11 @@ def test_api_key_enforced_on_every_route_but_health():
             bad.completions.create(model="m", prompt="x", max_tokens=2)
     finally:
         srv.stop()
+
+
+def test_native_cache_prompt_controls_prefix_reuse(server):
+    body = {"prompt": "abcdefghij" * 4, "n_predict": 2, "temperature": 0}       # 41 tokens with BOS
+    with server.client() as c:
+        c.post("/completion", json=body)
+        assert c.post("/completion", json=body).json()["tokens_cached"] == 32
+        assert c.post("/completion", json={**body, "cache_prompt": False}).json()["tokens_cached"] == 0
