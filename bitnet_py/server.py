@@ -39,6 +39,7 @@ class ServerSettings:
     model_path: str = ""
     api_key: str | None = None
     max_body_bytes: int = 2 * 1024 * 1024
+    request_timeout: float | None = 600.0     # seconds from submission to the last token; None = no limit
 
 
 def json_error(err: APIError) -> JSONResponse:
@@ -143,7 +144,7 @@ class Api:
         req = GenerationRequest(prompt_ids=prompt_ids, params=gen.sampling, n=gen.n, max_tokens=gen.max_tokens,
                                 stop=gen.stop, ignore_eos=gen.ignore_eos, use_prefix_cache=use_prefix_cache,
                                 request_id=f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}")
-        generation = Generation(self.engine, req, request, kind, len(prompt_ids))
+        generation = Generation(self.engine, req, request, kind, len(prompt_ids), self.settings.request_timeout)
         try:
             generation.submit()
         except EngineError as exc:

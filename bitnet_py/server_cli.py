@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--tl2-config", default=None, help="kernel_config.ini for TL2 models")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds a request may take before it is cancelled with a 504 (0 = no limit)")
     p.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024, help="largest accepted request body")
     return p
 
@@ -67,8 +69,9 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     for name in ("parallel", "prefill_chunk", "port"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.max_queue < 0:
-        parser.error("--max-queue must be >= 0")
+    for name in ("max_queue", "timeout"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
     if args.ctx_size is not None and not 2 <= args.ctx_size <= 1 << 20:
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(make_loader(args.model, args.tl2_config), config, model_name=alias)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     settings = ServerSettings(model_alias=alias, model_path=args.model or "", api_key=api_key,
-                              max_body_bytes=args.max_body_bytes)
+                              max_body_bytes=args.max_body_bytes, request_timeout=args.timeout or None)
     app = create_app(engine, settings)
     logger.info("serving on http://%s:%d (threads %d, parallel %d, api key %s)", args.host, args.port, threads,
                 args.parallel, "on" if api_key else "off")

@@ -116,7 +116,8 @@ def sse(obj) -> bytes:
 class Generation:
     """Collects the engine's events for one request (n choices)."""
 
-    def __init__(self, engine, req, request: Request, kind: str, prompt_tokens: int) -> None:
+    def __init__(self, engine, req, request: Request, kind: str, prompt_tokens: int,
+                 timeout: float | None = None) -> None:
         self.engine = engine
         self.req = req
         self.request = request
@@ -129,6 +130,9 @@ class Generation:
         self.created = int(time.time())
         self.started = time.perf_counter()
         self.cancelled = False
+        self.timeout = timeout
+        self.timed_out = False
+        self._timer: asyncio.TimerHandle | None = None
         self.echo_text: str | None = None
         self.prompt_text = ""
         self.offsets = [0] * req.n            # text offsets for legacy logprobs
@@ -143,6 +147,15 @@ class Generation:
 
     def submit(self) -> None:
         self.engine.submit(self.req, self._emit)
+        if self.timeout:
+            self._timer = self.loop.call_later(self.timeout, self._on_timeout)
+
+    def _on_timeout(self) -> None:
+        if not self.done and not self.cancelled:
+            self.timed_out = self.cancelled = True
+            self.engine.cancel(self.id)
+            self.queue.put_nowait(_DISCONNECTED)
+            logger.warning("%s timed out after %.0f s", self.id, self.timeout)
 
     def _emit(self, event: SeqEvent) -> None:          # engine thread
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
@@ -180,6 +193,8 @@ class Generation:
             c.slot = ev.slot
             self.pending -= 1
             if self.pending == 0:
+                if self._timer is not None:
+                    self._timer.cancel()
                 self._log_done()
 
     def _log_done(self) -> None:
@@ -194,6 +209,8 @@ class Generation:
                     reasons, time.perf_counter() - self.started)
 
     def error(self) -> APIError | None:
+        if self.timed_out:
+            return APIError(504, f"Request timed out after {self.timeout:g} s", "timeout_error")
         for c in self.choices:
             if c.finish_reason == "error":
                 return APIError(503 if "shutting down" in (c.error or "") else 500, c.error or "generation failed",
@@ -317,7 +334,7 @@ async def _chunks(g: Generation, model: str, include_usage: bool) -> AsyncIterat
             if g.req.params.logprobs is not None:
                 final["completion_probabilities"] = native_probs(g.engine.tokenizer, ev.logprobs or [])
             yield sse(final)
-    if g.cancelled:
+    if g.cancelled and not g.timed_out:
         return
     err = g.error()
     if err is not None:

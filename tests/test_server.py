@@ -314,3 +314,19 @@ def test_native_cache_prompt_controls_prefix_reuse(server):
         c.post("/completion", json=body)
         assert c.post("/completion", json=body).json()["tokens_cached"] == 32
         assert c.post("/completion", json={**body, "cache_prompt": False}).json()["tokens_cached"] == 0
+
+
+def test_request_timeout_cancels_with_504():
+    srv = LiveServer(lambda: FakeModel(delay_s=0.02), settings=ServerSettings(model_alias="m", request_timeout=0.3))
+    try:
+        with srv.client() as c:
+            r = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 200, "ignore_eos": True})
+            assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error"
+            s = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 200, "ignore_eos": True,
+                                                "stream": True})
+            events = sse_events(s.text)
+            assert json.loads(events[-2])["error"]["code"] == 504 and events[-1] == "[DONE]"
+        assert _wait_idle(srv)["in_system"] == 0
+        assert srv.metric("bitnet_py:request_success_total", finished_reason="cancelled") == 2
+    finally:
+        srv.stop()
