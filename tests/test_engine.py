@@ -209,3 +209,31 @@ def test_invalid_requests_rejected_before_queueing(engine_factory):
     with pytest.raises(InvalidRequest):
         engine.submit(GenerationRequest([], GREEDY), Collector())
     assert engine.stats()["in_system"] == 0
+
+
+def _seq(tokens):
+    from bitnet_py.sequence import Sequence
+    return Sequence("r", 0, tokens, GREEDY, max_tokens=1, stop=(), stop_ids=frozenset(), detokenizer=None,
+                    emit=lambda ev: None)
+
+
+def test_block_manager_shares_refcounts_and_evicts_lru():
+    from bitnet_py.block_manager import BlockManager
+    bm = BlockManager(n_blocks=6, block_size=4)
+    a = _seq(list(range(10)))                  # 3 blocks
+    bm.allocate(a)
+    a.num_computed = 10
+    bm.register_computed(a)                    # blocks 0..1 full -> cached
+    b = _seq(list(range(10)))
+    assert bm.can_allocate(b)
+    bm.allocate(b)
+    assert b.block_table[:2] == a.block_table[:2] and b.num_computed == 8
+    assert bm.num_free == 6 - 4                # 2 shared + 1 own each
+    bm.free_seq(a)
+    bm.free_seq(b)
+    assert bm.num_free == 6 and len(bm.cached) == 2
+    c = _seq(list(range(100, 124)))            # needs all 6 blocks: evicts the cached ones
+    assert bm.can_allocate(c)
+    bm.allocate(c)
+    assert bm.num_free == 0 and not bm.cached
+    assert not bm.can_allocate(_seq([1, 2, 3]))
