@@ -22,7 +22,10 @@ from kernels.f16 import f16_lut
 from kernels.norms import rms_norm, rms_norm_parallel
 from kernels.quantize import quantize_rows_i8, quantize_rows_i8_parallel
 from kernels.rope import rope_apply, rope_tables
-from kernels.ternary_matmul import i2s_matmul, i2s_matmul_block_scaled
+from kernels.ternary_matmul import i2s_matmul_block_scaled
+
+from kernels import config as kernel_config
+from kernels.select import ternary_kernels
 
 from .config import ModelConfig
 from .gguf.constants import GGMLType
@@ -73,7 +76,7 @@ def linear(w: TernaryWeight | DenseWeight, x: np.ndarray, qa: QuantizedActivatio
         if qa is None:
             qa = quantize_activation(x, w.act_floor)
         if w.block_scales is None:
-            i2s_matmul(w.packed, qa.q, qa.scales, qa.sums, w.scale, out)
+            ternary_kernels(w.m, w.k).matmul(w.packed, qa.q, qa.scales, qa.sums, w.scale, out)
         else:
             i2s_matmul_block_scaled(w.packed, qa.q, qa.scales, qa.sums, w.block_scales, out)
     elif w.f16_bits is not None:
@@ -82,6 +85,28 @@ def linear(w: TernaryWeight | DenseWeight, x: np.ndarray, qa: QuantizedActivatio
     else:
         np.matmul(x, w.f32.T, out=out)
     return out
+
+
+_NO_WEIGHT = np.zeros(0, np.uint8)
+
+
+def fusable(ws: list) -> bool:
+    """Whether these weights (same input) can run as one fused ternary matmul."""
+    return (kernel_config.FUSE and all(isinstance(w, TernaryWeight) and w.block_scales is None for w in ws)
+            and len({w.act_floor for w in ws}) == 1 and len({w.k for w in ws}) == 1)
+
+
+def fused_linear(ws: list, x: np.ndarray) -> list[np.ndarray]:
+    """Two or three I2_S-layout ternary weights on the same input x: f32[T, K]: one int8 quantization, one
+    parallel region -> [f32[T, M_i]]. Same results as separate `linear` calls."""
+    T = x.shape[0]
+    qa = quantize_activation(x, ws[0].act_floor)
+    outs = [np.empty((T, w.m), dtype=np.float32) for w in ws]
+    w2, o2 = (ws[2].packed, outs[2]) if len(ws) == 3 else (_NO_WEIGHT, np.empty((T, 0), np.float32))
+    s2 = ws[2].scale if len(ws) == 3 else np.float32(0.0)
+    ternary_kernels(ws[0].m, ws[0].k).matmul_multi(ws[0].packed, ws[1].packed, w2, qa.q, qa.scales, qa.sums,
+                                                   ws[0].scale, ws[1].scale, s2, outs[0], outs[1], o2)
+    return outs
 
 
 def shared_quantization(ws: list, x: np.ndarray) -> QuantizedActivation | None:
@@ -105,6 +130,8 @@ class Model:
         self._empty16 = np.zeros((0, c.n_kv_head, c.head_dim), np.uint16)
         self._empty32 = np.zeros((0, c.n_kv_head, c.head_dim), np.float32)
         self._act = relu2_mul if c.traits.ffn_act == "relu2" else silu_mul
+        self._fuse_qkv = [fusable([L.wq, L.wk, L.wv]) for L in weights.layers]
+        self._fuse_ffn = [fusable([L.w_gate, L.w_up]) for L in weights.layers]
 
     @classmethod
     def load(cls, path: str, tl2_config: str | None = None, cache_type: str = "f16") -> "Model":
@@ -159,10 +186,14 @@ class Model:
         h = np.empty_like(x)
         for il, L in enumerate(W.layers):
             norm(x, L.attn_norm, c.rms_eps, h)
-            qa = shared_quantization([L.wq, L.wk, L.wv], h)
-            q = linear(L.wq, h, qa).reshape(T, c.n_head, c.head_dim)
-            k = linear(L.wk, h, qa).reshape(T, c.n_kv_head, c.head_dim)
-            v = linear(L.wv, h, qa).reshape(T, c.n_kv_head, c.head_dim)
+            if self._fuse_qkv[il]:
+                q, k, v = fused_linear([L.wq, L.wk, L.wv], h)
+            else:
+                qa = shared_quantization([L.wq, L.wk, L.wv], h)
+                q, k, v = linear(L.wq, h, qa), linear(L.wk, h, qa), linear(L.wv, h, qa)
+            q = q.reshape(T, c.n_head, c.head_dim)
+            k = k.reshape(T, c.n_kv_head, c.head_dim)
+            v = v.reshape(T, c.n_kv_head, c.head_dim)
             rope_apply(q, pos, self._cos, self._sin, c.traits.rope_neox, c.rope_dims)
             rope_apply(k, pos, self._cos, self._sin, c.traits.rope_neox, c.rope_dims)
             if f32:
@@ -183,9 +214,11 @@ class Model:
                 norm(a, L.attn_sub_norm, c.rms_eps, a)
             x += linear(L.wo, a)
             norm(x, L.ffn_norm, c.rms_eps, h)
-            qa = shared_quantization([L.w_gate, L.w_up], h)
-            gate = linear(L.w_gate, h, qa)
-            up = linear(L.w_up, h, qa)
+            if self._fuse_ffn[il]:
+                gate, up = fused_linear([L.w_gate, L.w_up], h)
+            else:
+                qa = shared_quantization([L.w_gate, L.w_up], h)
+                gate, up = linear(L.w_gate, h, qa), linear(L.w_up, h, qa)
             self._act(gate, up, gate)
             if L.ffn_sub_norm is not None:
                 norm(gate, L.ffn_sub_norm, c.rms_eps, gate)

@@ -1,12 +1,20 @@
-"""One place for Numba compilation flags used by every kernel.
+"""One place for Numba compilation flags and kernel choices used by every kernel.
 
-BITNET_PY_NO_CACHE=1 disables the on-disk cache (NUMBA_CACHE_DIR chooses where it lives).
+Environment:
+- NUMBA_CACHE_DIR: where compiled kernels are cached (Numba's own variable; default `__pycache__` next to the
+  kernel files). A second start loads them from there instead of compiling.
+- BITNET_PY_NO_CACHE=1: disables the on-disk cache.
+- BITNET_PY_TERNARY_KERNEL: `auto` (default: per-shape choice in kernels/select.py), `mad` (multiply-add:
+  SIMD where the host has AVX2, else plain loops), `plain` (plain multiply-add loops), `lut` (table lookup).
+- BITNET_PY_FUSE=0: run q/k/v and gate/up as separate matmuls instead of one fused parallel region.
 Only "safe" fast-math flags are used where float results must match the reference order of operations:
 `STRICT` kernels (activation quantization, norms) get none, reductions over exact integers don't care.
 """
 import os
 
 CACHE = os.environ.get("BITNET_PY_NO_CACHE", "") not in ("1", "true", "yes")
+TERNARY_KERNEL = os.environ.get("BITNET_PY_TERNARY_KERNEL", "auto")
+FUSE = os.environ.get("BITNET_PY_FUSE", "1") not in ("0", "false", "no")
 # Flags allowing vectorized reductions without reciprocal/approximate math (keeps divisions exact).
 FASTMATH_REDUCE = {"reassoc", "nsz", "contract"}
 FASTMATH_OFF = False

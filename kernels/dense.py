@@ -1,26 +1,32 @@
 """Float matmuls with float16 weights (output heads, tied embeddings): y = W . f16(x), float32 accumulation.
 
-The activation is rounded to float16 by the caller, as ggml does for f16 weights."""
+The activation is rounded to float16 by the caller, as ggml does for f16 weights. The head of a 2B model is
+0.66 GB read once per decode step, so the kernel must run at memory speed: where the host converts float16 in
+hardware (x86 F16C, ARM), `kernels.simd.f16_to_f32` lets LLVM emit `vcvtph2ps` + FMA straight from the
+mmapped weights; elsewhere rows are converted with integer bit operations first (`f16_matmul_bits`).
+Both sum in float32 with reassociation allowed (8-wide partial sums), like ggml's own SIMD dot products.
+"""
 import numpy as np
 from numba import njit, prange
 
-from .config import JIT_REDUCE_PARALLEL
+from .config import JIT_REDUCE, JIT_REDUCE_PARALLEL
+from .simd import HAVE_F16C
 
-_ROWS_PER_TASK = 64
+ROWS_PER_TASK = 64
 _TWO_POW_112 = np.float32(2.0 ** 112)
 
 
 @njit(**JIT_REDUCE_PARALLEL)
-def f16_matmul(w_bits, x, out):
+def f16_matmul_bits(w_bits, x, out):
     """w_bits: u16[M, K] (float16 bits); x: f32[T, K] (f16-representable values) -> out: f32[T, M]."""
     M, K = w_bits.shape
     T = x.shape[0]
-    n_tasks = (M + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
+    n_tasks = (M + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in prange(n_tasks):
         row_f = np.empty(K, dtype=np.float32)
         row_u = row_f.view(np.uint32)
-        m_end = min(M, (task + 1) * _ROWS_PER_TASK)
-        for m in range(task * _ROWS_PER_TASK, m_end):
+        m_end = min(M, (task + 1) * ROWS_PER_TASK)
+        for m in range(task * ROWS_PER_TASK, m_end):
             for k in range(K):
                 h = np.uint32(w_bits[m, k])
                 row_u[k] = ((h & np.uint32(0x8000)) << np.uint32(16)) | ((h & np.uint32(0x7FFF)) << np.uint32(13))
@@ -31,3 +37,30 @@ def f16_matmul(w_bits, x, out):
                 for k in range(K):
                     acc += row_f[k] * x[t, k]
                 out[t, m] = acc
+
+
+if HAVE_F16C:
+    from .simd import f16_to_f32
+
+    @njit(**JIT_REDUCE)
+    def _dot_f16(w_row, x_row):
+        """w_row: u16[K] float16 bits; x_row: f32[K] -> float32 dot."""
+        acc = np.float32(0.0)
+        for k in range(x_row.shape[0]):
+            acc += f16_to_f32(w_row[k]) * x_row[k]
+        return acc
+
+    @njit(**JIT_REDUCE_PARALLEL)
+    def f16_matmul(w_bits, x, out):
+        """w_bits: u16[M, K] (float16 bits); x: f32[T, K] (f16-representable values) -> out: f32[T, M].
+        Hardware float16 conversion straight from the weights (no row buffer)."""
+        M, K = w_bits.shape
+        T = x.shape[0]
+        n_tasks = (M + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+        for task in prange(n_tasks):
+            m_end = min(M, (task + 1) * ROWS_PER_TASK)
+            for m in range(task * ROWS_PER_TASK, m_end):
+                for t in range(T):
+                    out[t, m] = _dot_f16(w_bits[m], x[t])
+else:
+    f16_matmul = f16_matmul_bits

@@ -3,21 +3,32 @@
 Weights: uint8[M * K / 4]; row m is bytes [m*K/4, (m+1)*K/4); in each 32-byte block byte p holds the 2-bit
 codes of values p, p+32, p+64, p+96 of that 128-value block at shifts 6, 4, 2, 0; weight = code - 1.
 Exact integer accumulation: dot = sum(code * q) - sum(q); then y = float32(dot) / s_a * scale (float32).
+
+Two implementations with identical results:
+- SIMD (hosts with AVX2, `kernels.simd`): `vpmaddubsw` on unpacked codes, 128 codes per step, up to 4 tokens
+  per weight unpack. Rows are split into tasks of `ROWS_PER_TASK`; inside a task, tokens go in tiles of 4 so
+  one tile of activations stays in L1 while the task's rows stream past it.
+- plain loops (any host): the reference-shaped loop Numba compiles everywhere.
+
+`i2s_matmul_multi` runs up to three weights that read the same activations (q/k/v, gate/up) in one parallel
+region: one quantization, one fork/join instead of three.
 """
 import numpy as np
 from numba import njit, prange
 
-from .config import JIT_PARALLEL
+from .config import JIT, JIT_PARALLEL
+from .simd import HAVE_AVX2
+
+ROWS_PER_TASK = 32
 
 
-@njit(**JIT_PARALLEL)
-def i2s_matmul(packed, q, act_scales, act_sums, scale, out):
-    """packed: u8[M*K/4]; q: i8[T, K]; act_scales: f32[T]; act_sums: i32[T]; scale: f32 -> out: f32[T, M]."""
+@njit(**JIT)
+def _rows_plain(packed, q, act_scales, act_sums, scale, out, m_lo, m_hi):
+    """Rows [m_lo, m_hi) of out for all tokens, plain loops."""
     T, K = q.shape
-    M = out.shape[1]
     row_bytes = K // 4
     n_blocks = K // 128
-    for m in prange(M):
+    for m in range(m_lo, m_hi):
         base = m * row_bytes
         for t in range(T):
             acc = 0
@@ -32,8 +43,102 @@ def i2s_matmul(packed, q, act_scales, act_sums, scale, out):
                             + ((byte >> 2) & 3) * np.int32(q[t, k0 + 64 + p])
                             + (byte & 3) * np.int32(q[t, k0 + 96 + p]))
                 acc += blk
-            dot = acc - act_sums[t]
-            out[t, m] = np.float32(dot) / act_scales[t] * scale
+            out[t, m] = np.float32(acc - act_sums[t]) / act_scales[t] * scale
+
+
+if HAVE_AVX2:
+    from .simd import i2s_dot1, i2s_dot2, i2s_dot4
+
+    @njit(**JIT)
+    def _rows(packed, q, act_scales, act_sums, scale, out, m_lo, m_hi):
+        """Rows [m_lo, m_hi) of out for all tokens, SIMD dot products, 4 tokens per weight unpack."""
+        T, K = q.shape
+        row_bytes = K // 4
+        n_blocks = K // 128
+        qf = q.reshape(-1)  # i8[T*K]
+        t = 0
+        while t + 4 <= T:
+            for m in range(m_lo, m_hi):
+                d0, d1, d2, d3 = i2s_dot4(packed, m * row_bytes, qf, t * K, K, n_blocks)
+                out[t, m] = np.float32(d0 - act_sums[t]) / act_scales[t] * scale
+                out[t + 1, m] = np.float32(d1 - act_sums[t + 1]) / act_scales[t + 1] * scale
+                out[t + 2, m] = np.float32(d2 - act_sums[t + 2]) / act_scales[t + 2] * scale
+                out[t + 3, m] = np.float32(d3 - act_sums[t + 3]) / act_scales[t + 3] * scale
+            t += 4
+        if t + 2 <= T:
+            for m in range(m_lo, m_hi):
+                d0, d1 = i2s_dot2(packed, m * row_bytes, qf, t * K, K, n_blocks)
+                out[t, m] = np.float32(d0 - act_sums[t]) / act_scales[t] * scale
+                out[t + 1, m] = np.float32(d1 - act_sums[t + 1]) / act_scales[t + 1] * scale
+            t += 2
+        if t < T:
+            for m in range(m_lo, m_hi):
+                d0 = i2s_dot1(packed, m * row_bytes, qf, t * K, K, n_blocks)
+                out[t, m] = np.float32(d0 - act_sums[t]) / act_scales[t] * scale
+else:
+    _rows = _rows_plain
+
+
+@njit(**JIT_PARALLEL)
+def i2s_matmul(packed, q, act_scales, act_sums, scale, out):
+    """packed: u8[M*K/4]; q: i8[T, K] (C order); act_scales: f32[T]; act_sums: i32[T]; scale: f32
+    -> out: f32[T, M]. SIMD when the host has AVX2, else plain loops."""
+    M = out.shape[1]
+    n_tasks = (M + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for task in prange(n_tasks):
+        _rows(packed, q, act_scales, act_sums, scale, out, task * ROWS_PER_TASK,
+             min(M, (task + 1) * ROWS_PER_TASK))
+
+
+@njit(**JIT_PARALLEL)
+def i2s_matmul_multi(p0, p1, p2, q, act_scales, act_sums, s0, s1, s2, o0, o1, o2):
+    """Up to three weights on the same activations in one parallel region: o_i = W_i q (p2/o2 may be
+    empty: u8[0], f32[T, 0]). SIMD when the host has AVX2, else plain loops."""
+    M0, M1, M2 = o0.shape[1], o1.shape[1], o2.shape[1]
+    n0 = (M0 + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    n1 = (M1 + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    n2 = (M2 + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for task in prange(n0 + n1 + n2):
+        if task < n0:
+            lo = task * ROWS_PER_TASK
+            _rows(p0, q, act_scales, act_sums, s0, o0, lo, min(M0, lo + ROWS_PER_TASK))
+        elif task < n0 + n1:
+            lo = (task - n0) * ROWS_PER_TASK
+            _rows(p1, q, act_scales, act_sums, s1, o1, lo, min(M1, lo + ROWS_PER_TASK))
+        else:
+            lo = (task - n0 - n1) * ROWS_PER_TASK
+            _rows(p2, q, act_scales, act_sums, s2, o2, lo, min(M2, lo + ROWS_PER_TASK))
+
+
+@njit(**JIT_PARALLEL)
+def i2s_matmul_plain(packed, q, act_scales, act_sums, scale, out):
+    """packed: u8[M*K/4]; q: i8[T, K] (C order); act_scales: f32[T]; act_sums: i32[T]; scale: f32
+    -> out: f32[T, M]. Plain loops (any host; reference for tests)."""
+    M = out.shape[1]
+    n_tasks = (M + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for task in prange(n_tasks):
+        _rows_plain(packed, q, act_scales, act_sums, scale, out, task * ROWS_PER_TASK,
+             min(M, (task + 1) * ROWS_PER_TASK))
+
+
+@njit(**JIT_PARALLEL)
+def i2s_matmul_multi_plain(p0, p1, p2, q, act_scales, act_sums, s0, s1, s2, o0, o1, o2):
+    """Up to three weights on the same activations in one parallel region: o_i = W_i q (p2/o2 may be
+    empty: u8[0], f32[T, 0]). Plain loops (any host; reference for tests)."""
+    M0, M1, M2 = o0.shape[1], o1.shape[1], o2.shape[1]
+    n0 = (M0 + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    n1 = (M1 + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    n2 = (M2 + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for task in prange(n0 + n1 + n2):
+        if task < n0:
+            lo = task * ROWS_PER_TASK
+            _rows_plain(p0, q, act_scales, act_sums, s0, o0, lo, min(M0, lo + ROWS_PER_TASK))
+        elif task < n0 + n1:
+            lo = (task - n0) * ROWS_PER_TASK
+            _rows_plain(p1, q, act_scales, act_sums, s1, o1, lo, min(M1, lo + ROWS_PER_TASK))
+        else:
+            lo = (task - n0 - n1) * ROWS_PER_TASK
+            _rows_plain(p2, q, act_scales, act_sums, s2, o2, lo, min(M2, lo + ROWS_PER_TASK))
 
 
 @njit(**JIT_PARALLEL)
