@@ -141,3 +141,13 @@ def test_q8_0_embedding_and_head_load_and_agree(tmp_path):
         assert np.corrcoef(res.step_logits[0], ref_logits)[0, 1] > 0.995
         if r["steps"][0]["margin"] > 0.5:
             assert res.ids[0] == r["gen_ids"][0]
+
+
+def test_i2s_weights_are_zero_copy_views_of_the_file():
+    import numpy as np
+    model = Model.load(str(fixture_path("tiny-bitnet", "ggml-model-i2_s.gguf")))
+    f = model.gguf
+    for L in model.weights.layers:
+        for w in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down):
+            assert not w.packed.flags.owndata and not w.packed.flags.writeable
+            assert np.shares_memory(w.packed, f._data)
