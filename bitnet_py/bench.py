@@ -1,0 +1,284 @@
+"""`python -m bitnet_py.bench -m MODEL -p 128,512 -n 64,128 -t 1,2 -r 5 [--json]`: speed like llama-bench.
+
+For every thread count: prefill `ppN` (one forward of N tokens, logits for the last) and decode `tgN` (N
+one-token forwards from an empty cache), each repeated `-r` times after one warm-up, reported as mean ± sd
+tok/s (and the median). Also: model load ms, JIT warm-up (cold = empty kernel cache, cached = second start;
+measured in child processes, skip with --no-jit), peak RSS against model file + KV cache, memory bandwidth
+measured in the same run (all threads reading the model's memory map), bytes read per decoded token, the
+decode roofline (bandwidth / bytes per token) and the share of it reached, and the ratio to bitnet.cpp's
+recorded llama-bench numbers for the BitNet-b1.58-2B-4T layout (issue 3, 2 vCPU AMD EPYC Genoa).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# bitnet.cpp llama-bench on 2 vCPU AMD EPYC Genoa (AVX-512 VNNI), 2B-4T layout: (type, threads) -> (pp128, tg64)
+BITNET_CPP = {("I2_S", 1): (34.6, 14.2), ("I2_S", 2): (64.5, 22.2), ("TL2", 2): (45.8, 22.3)}
+LAYOUT_2B_4T = dict(n_layer=30, n_embd=2560, n_ff=6912, n_vocab=128256)
+
+
+def parse_ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"values must be >= 0, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bitnet_py.bench", description=__doc__.split("\n")[0])
+    p.add_argument("-m", "--model", required=True, help="GGUF model file")
+    p.add_argument("-p", "--n-prompt", type=parse_ints, default=[128], help="prefill lengths (default 128)")
+    p.add_argument("-n", "--n-gen", type=parse_ints, default=[64], help="decode lengths (default 64)")
+    p.add_argument("-t", "--threads", type=parse_ints, default=[os.cpu_count() or 1], help="thread counts")
+    p.add_argument("-r", "--repetitions", type=int, default=5, help="runs per test (default 5)")
+    p.add_argument("--kernel", default=None, help="ternary kernel: auto, mad, plain, lut (default: auto)")
+    p.add_argument("--tl2-config", default=None, help="TL2 kernel_config.ini (TL2 files)")
+    p.add_argument("--no-jit", action="store_true", help="skip the cold/cached JIT start-up probes")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of markdown")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _tables(n_tokens: int, block_size: int) -> np.ndarray:
+    return np.arange((n_tokens + block_size - 1) // block_size, dtype=np.int32)[None, :]
+
+
+def _batch(tokens: np.ndarray, start: int, tables: np.ndarray):
+    from .model import Batch
+    T = len(tokens)
+    return Batch(tokens=tokens.astype(np.int32), positions=np.arange(start, start + T, dtype=np.int32),
+                 seq_index=np.zeros(T, np.int32), block_tables=tables, logit_rows=np.array([T - 1], np.int32))
+
+
+def run_prefill(model, kv, tables, tokens) -> float:
+    t0 = time.perf_counter()
+    model.forward(_batch(tokens, 0, tables), kv)
+    return time.perf_counter() - t0
+
+
+def run_decode(model, kv, tables, tokens) -> float:
+    t0 = time.perf_counter()
+    for i, tok in enumerate(tokens):
+        model.forward(_batch(tokens[i:i + 1], i, tables), kv)
+    return time.perf_counter() - t0
+
+
+def stats(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "median": statistics.median(values), "runs": values}
+
+
+def decode_bytes(model, n_ctx: int) -> dict:
+    """Bytes one decode step reads: weights of every matmul + KV cache at n_ctx (+ norms, negligible)."""
+    from .weights import DenseWeight, TernaryWeight
+    W, c = model.weights, model.config
+
+    def nbytes(w) -> int:
+        if isinstance(w, TernaryWeight):
+            return w.packed.nbytes + (w.block_scales.nbytes if w.block_scales is not None else 0)
+        return w.f16_bits.nbytes if w.f16_bits is not None else w.f32.nbytes
+
+    ternary = sum(nbytes(w) for L in W.layers for w in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down))
+    head = nbytes(W.output)
+    kv = 2 * c.n_layer * c.n_kv_head * c.head_dim * n_ctx * (2 if model.cache_type == "f16" else 4)
+    return {"layers": ternary, "head": head, "kv": kv, "total": ternary + head + kv,
+            "head_type": W.output.source_type if isinstance(W.output, DenseWeight) else "?"}
+
+
+def measure_bandwidth(model, repeats: int = 3) -> float:
+    """GB/s reading the model's mapped file (page cache) with the current thread count; best of `repeats`."""
+    from kernels.membw import CHUNK, read_sum
+    data = model.gguf._data
+    words = data[:data.size // 8 * 8].view(np.uint64)
+    partial = np.zeros((words.size + CHUNK - 1) // CHUNK, np.uint64)
+    read_sum(words, partial)  # first touch + compile
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        n = read_sum(words, partial)
+        best = max(best, n / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def weight_type(model) -> str:
+    from .weights import TernaryWeight
+    w = model.weights.layers[0].wq
+    return w.source_type if isinstance(w, TernaryWeight) else w.source_type
+
+
+def is_2b4t(model) -> bool:
+    c = model.config
+    return all(getattr(c, k) == v for k, v in LAYOUT_2B_4T.items())
+
+
+_PROBE = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import numpy as np
+from bitnet_py.model import Model
+from bitnet_py.bench import _batch, _tables
+t1 = time.perf_counter()
+m = Model.load(sys.argv[1], tl2_config=sys.argv[2] or None)
+t2 = time.perf_counter()
+kv = m.new_kv_cache(1, 16)
+tables = _tables(16, 16)
+for n in (1, 2, 3, 5):  # every kernel specialization a server meets (1..4-token tiles)
+    m.forward(_batch(np.arange(n) + 5, 0, tables), kv)
+t3 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "warmup_s": t3 - t2, "ready_s": t3 - t0}))
+"""
+
+
+def jit_probe(model_path: str, tl2_config: str | None) -> dict:
+    """Start-up in child processes: cold (empty kernel cache) then cached (same cache dir)."""
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="bitnet-py-jit-") as cache_dir:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir, BITNET_PY_NO_CACHE="0")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        for phase in ("cold", "cached"):
+            t0 = time.perf_counter()
+            r = subprocess.run([sys.executable, "-c", _PROBE, model_path, tl2_config or ""], env=env,
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"JIT probe failed: {r.stderr.strip()[-2000:]}")
+            res = json.loads(r.stdout.strip().splitlines()[-1])
+            res["process_s"] = time.perf_counter() - t0
+            out[phase] = res
+    return out
+
+
+def run(args) -> dict:
+    import numba
+
+    from kernels import config as kernel_config
+    from .model import Model
+    if args.kernel:
+        kernel_config.TERNARY_KERNEL = args.kernel
+    if max(args.threads, default=1) > numba.config.NUMBA_NUM_THREADS:
+        raise SystemExit(f"error: -t {max(args.threads)} exceeds NUMBA_NUM_THREADS="
+                         f"{numba.config.NUMBA_NUM_THREADS} (set it before starting)")
+    if args.repetitions < 1 or 0 in args.threads:
+        raise SystemExit("error: -r and -t must be >= 1")
+    jit = None if args.no_jit else jit_probe(args.model, args.tl2_config)
+    t0 = time.perf_counter()
+    model = Model.load(args.model, tl2_config=args.tl2_config)
+    load_ms = (time.perf_counter() - t0) * 1000
+    rng = np.random.default_rng(args.seed)
+    n_ctx = max(args.n_prompt + args.n_gen + [1])
+    kv = model.new_kv_cache((n_ctx + 15) // 16, 16)
+    tables = _tables(n_ctx, 16)
+    vocab = model.config.n_vocab
+    wtype = weight_type(model)
+    db = decode_bytes(model, max(args.n_gen + [1]) // 2)
+    results = []
+    bandwidth = {}
+    for nt in args.threads:
+        numba.set_num_threads(nt)
+        bandwidth[nt] = measure_bandwidth(model)
+        for p in args.n_prompt:
+            if p == 0:
+                continue
+            toks = rng.integers(0, vocab, p)
+            run_prefill(model, kv, tables, toks)  # warm-up (compiles this shape's kernels)
+            times = [run_prefill(model, kv, tables, toks) for _ in range(args.repetitions)]
+            results.append(dict(test=f"pp{p}", threads=nt, n=p, load=os.getloadavg()[0],
+                                tok_s=stats([p / t for t in times])))
+        for n in args.n_gen:
+            if n == 0:
+                continue
+            toks = rng.integers(0, vocab, n)
+            run_decode(model, kv, tables, toks[:min(n, 4)])  # warm-up
+            times = [run_decode(model, kv, tables, toks) for _ in range(args.repetitions)]
+            r = dict(test=f"tg{n}", threads=nt, n=n, load=os.getloadavg()[0], tok_s=stats([n / t for t in times]))
+            roof = bandwidth[nt] * 1e9 / db["total"]
+            r["roofline_tok_s"] = roof
+            r["roofline_pct"] = 100 * r["tok_s"]["median"] / roof
+            results.append(r)
+        for r in results:
+            if r["threads"] == nt and is_2b4t(model) and (wtype, nt) in BITNET_CPP and r["test"] in ("pp128", "tg64"):
+                ref = BITNET_CPP[(wtype, nt)][0 if r["test"] == "pp128" else 1]
+                r["bitnet_cpp_tok_s"] = ref
+                r["vs_bitnet_cpp"] = r["tok_s"]["median"] / ref
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    file_bytes = os.path.getsize(args.model)
+    return dict(model=args.model, arch=model.config.arch, type=wtype, file_bytes=file_bytes,
+                kernel=kernel_config.TERNARY_KERNEL, threading_layer=numba.threading_layer(),
+                load_ms=load_ms, jit=jit, peak_rss_bytes=peak_rss, kv_bytes=kv.nbytes,
+                rss_ratio=peak_rss / (file_bytes + kv.nbytes), bandwidth_gb_s=bandwidth,
+                decode_bytes=db, results=results, cpu=_cpu_name(), n_cpu=os.cpu_count())
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def markdown(res: dict) -> str:
+    gb = 1e9
+    lines = [f"model: `{res['model']}` ({res['arch']}, {res['type']}, {res['file_bytes'] / 2**30:.2f} GiB), "
+             f"cpu: {res['cpu']} x{res['n_cpu']}, numba threading layer: {res['threading_layer']}, "
+             f"ternary kernel: {res['kernel']}", "",
+             "| test | threads | tok/s (mean ± sd) | median | load avg | roofline % | vs bitnet.cpp |",
+             "|---|---|---|---|---|---|---|"]
+    for r in res["results"]:
+        s = r["tok_s"]
+        roof = f"{r['roofline_pct']:.0f} % of {r['roofline_tok_s']:.1f}" if "roofline_pct" in r else "-"
+        vs = f"{r['vs_bitnet_cpp']:.2f}x ({r['bitnet_cpp_tok_s']})" if "vs_bitnet_cpp" in r else "-"
+        lines.append(f"| {r['test']} | {r['threads']} | {s['mean']:.2f} ± {s['sd']:.2f} | {s['median']:.2f} | "
+                     f"{r['load']:.1f} | {roof} | {vs} |")
+    db = res["decode_bytes"]
+    lines += ["", f"- model load: {res['load_ms']:.0f} ms"]
+    if res["jit"]:
+        c, w = res["jit"]["cold"], res["jit"]["cached"]
+        lines.append(f"- JIT warm-up: cold {c['warmup_s']:.1f} s, cached {w['warmup_s']:.1f} s; start to ready "
+                     f"(import + load + warm-up): cold {c['ready_s']:.1f} s, cached {w['ready_s']:.1f} s")
+    lines += [f"- peak RSS: {res['peak_rss_bytes'] / 2**30:.2f} GiB = {res['rss_ratio']:.2f} x (model file "
+              f"{res['file_bytes'] / 2**30:.2f} GiB + KV cache {res['kv_bytes'] / 2**20:.0f} MiB)",
+              "- memory bandwidth (read, this run): " + ", ".join(
+                  f"{v:.1f} GB/s at {k} thread{'s' if k > 1 else ''}" for k, v in res["bandwidth_gb_s"].items()),
+              f"- bytes read per decoded token: {db['total'] / gb:.3f} GB (ternary layers {db['layers'] / gb:.3f}, "
+              f"head {db['head'] / gb:.3f} {db['head_type']}, KV {db['kv'] / gb:.4f})"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .gguf.reader import GGUFError
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if not os.path.isfile(args.model):
+        print(f"error: no such model file: {args.model}", file=sys.stderr)
+        return 1
+    try:
+        res = run(args)
+    except (RuntimeError, ValueError, OSError, GGUFError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(res, indent=1) if args.json else markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
