@@ -159,3 +159,93 @@ def test_activations():
     np.testing.assert_allclose(out, naive.silu_mul(g, u), rtol=1e-5, atol=1e-6)
     relu2_mul(g, u, out)
     np.testing.assert_allclose(out, naive.relu2_mul(g, u), rtol=1e-6, atol=1e-7)
+
+
+# --- fast paths (kernels/simd.py, kernels/select.py): every implementation against the numpy reference ---
+from kernels.dense import f16_matmul_bits  # noqa: E402
+from kernels.select import KERNELS  # noqa: E402
+from kernels.simd import HAVE_AVX2, HAVE_F16C  # noqa: E402
+
+# K = 128 (one block), odd block counts, 2B-4T widths; T covers the 4/2/1-token tiles and their tails;
+# M covers partial row tasks (ROWS_PER_TASK = 32)
+FAST_SHAPES = [(1, 1, 128), (2, 31, 128), (3, 33, 384), (4, 64, 640), (5, 7, 2560), (6, 40, 1152),
+               (7, 65, 256), (9, 3, 6912), (13, 97, 512), (64, 35, 2560)]
+
+
+def _ternary_case(T, M, K, extreme=False):
+    w = RNG.integers(-1, 2, size=(M, K)).astype(np.int8)
+    q = RNG.integers(-128, 128, size=(T, K)).astype(np.int8)
+    if extreme:  # largest partial sums: all +1 weights against -128, all -1 against 127
+        w[0, :] = 1
+        q[0, :] = -128
+        if M > 1:
+            w[1, :] = -1
+        if T > 1:
+            q[1, :] = 127
+    s = (RNG.random(T) * 100 + 1).astype(np.float32)
+    sums = q.astype(np.int32).sum(axis=1).astype(np.int32)
+    return w, q, s, sums
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+@pytest.mark.parametrize("T,M,K", FAST_SHAPES)
+def test_ternary_kernels_exact(name, T, M, K):
+    w, q, s, sums = _ternary_case(T, M, K, extreme=(K <= 640))
+    out = np.full((T, M), np.nan, np.float32)
+    KERNELS[name].matmul(pack_i2s_codes(w), q, s, sums, np.float32(0.0731), out)
+    assert np.array_equal(out, naive.ternary_matmul(w, q, s, np.float32(0.0731)))
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+@pytest.mark.parametrize("T,Ms,K", [(1, (64, 16, 16), 256), (3, (33, 5, 70), 384), (6, (40, 96, 0), 2560),
+                                    (4, (2560, 640, 640), 2560)])
+def test_ternary_kernels_multi_exact(name, T, Ms, K):
+    ws = [RNG.integers(-1, 2, size=(m, K)).astype(np.int8) for m in Ms]
+    _, q, s, sums = _ternary_case(T, 1, K)
+    scales = [np.float32(0.5), np.float32(0.25), np.float32(1.75)]
+    outs = [np.full((T, m), np.nan, np.float32) for m in Ms]
+    KERNELS[name].matmul_multi(*[pack_i2s_codes(w) for w in ws], q, s, sums, *scales, *outs)
+    for w, sc, out in zip(ws, scales, outs):
+        assert np.array_equal(out, naive.ternary_matmul(w, q, s, sc))
+
+
+def test_simd_kernel_is_used_where_available():
+    # the fast kernel must actually be the SIMD one on AVX2 hosts (else the tests above test plain loops twice)
+    from kernels.select import ternary_kernels
+    from kernels.ternary_matmul import i2s_matmul, i2s_matmul_plain
+    assert (ternary_kernels(2560, 2560, "auto").matmul is i2s_matmul) and ((i2s_matmul is i2s_matmul_plain)
+                                                                          != HAVE_AVX2)
+
+
+@pytest.mark.parametrize("T,M,K", [(1, 1, 8), (1, 130, 2560), (3, 67, 256), (5, 64, 100)])
+def test_f16_matmul_fast_and_bits(T, M, K):
+    w = (RNG.standard_normal((M, K)) * 0.05).astype(np.float16)
+    w[0, :4] = [6e-8, -6e-8, 1e-5, 65504] if K >= 4 else w[0, :4]
+    x = _f16(RNG.standard_normal((T, K)).astype(np.float32))
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    for fn in (f16_matmul, f16_matmul_bits):
+        out = np.full((T, M), np.nan, np.float32)
+        fn(w.view(np.uint16), x, out)
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
+    assert (f16_matmul is not f16_matmul_bits) == HAVE_F16C
+
+
+def test_f16_to_f32_every_half():
+    if not HAVE_F16C:
+        pytest.skip("host converts float16 with bit operations only")
+    from numba import njit
+
+    from kernels.simd import f16_to_f32
+
+    @njit
+    def convert(bits, out):
+        for i in range(bits.shape[0]):
+            out[i] = f16_to_f32(bits[i])
+
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    out = np.empty(65536, np.float32)
+    convert(bits, out)
+    ref = bits.view(np.float16).astype(np.float32)
+    finite = ~np.isnan(ref)  # hardware conversion may quiet signalling NaNs (never in weights)
+    assert np.array_equal(np.isnan(out), ~finite)
+    assert np.array_equal(out[finite].view(np.uint32), ref[finite].view(np.uint32))  # bit-exact, -0 and inf too
