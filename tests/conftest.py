@@ -36,3 +36,27 @@ def fixtures_dir() -> Path:
 @pytest.fixture(scope="session")
 def prompts() -> list[str]:
     return json.loads(fixture_path("prompts.json").read_text())
+
+
+# ---- live parity suite (tests/parity, docs/parity.md) -----------------------------------------------------------
+def pytest_addoption(parser):
+    g = parser.getgroup("parity", "live parity against a llama.cpp-family server (docs/parity.md)")
+    g.addoption("--parity", action="store_true", default=False,
+                help="run the tests marked `parity` (deselected otherwise)")
+    g.addoption("--llama-server", metavar="PATH", default=None,
+                help="llama-server binary to start on 127.0.0.1 for each model (e.g. bitnet.cpp's build/bin/llama-server)")
+    g.addoption("--parity-url", metavar="URL", default=None,
+                help="an already running llama-server-compatible server (use with --parity-model)")
+    g.addoption("--parity-model", metavar="GGUF", action="append", default=None,
+                help="GGUF path or fixture name (tiny-llama/f32, tiny-bitnet/tq2_0, ...); repeatable; "
+                     "default: every fixture model the server can load")
+    g.addoption("--parity-threads", metavar="N", type=int, default=2, help="threads for --llama-server")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--parity"):
+        return
+    deselected = [it for it in items if it.get_closest_marker("parity") is not None]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [it for it in items if it.get_closest_marker("parity") is None]
