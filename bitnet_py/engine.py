@@ -26,6 +26,7 @@ from bitnet_py.sequence import FinishReason, SeqEvent, Sequence, SeqStatus, make
 logger = logging.getLogger(__name__)
 
 MAX_CTX_DEFAULT = 8192
+_NO_CONTEXT = np.zeros(0, dtype=np.int32)     # int32[0]: sampling without penalties needs no token history
 
 
 class EngineError(Exception):
@@ -64,6 +65,7 @@ class EngineConfig:
     prefill_chunk: int = 256         # prompt tokens per step across sequences
     enable_prefix_cache: bool = True
     warmup: bool = True
+    threads: int | None = None       # numba threads of the engine thread (numba's setting is per thread)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "block_size", "prefill_chunk"):
@@ -71,6 +73,8 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be >= 1")
         if self.max_queue < 0:
             raise ValueError("EngineConfig.max_queue must be >= 0")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError("EngineConfig.threads must be >= 1")
         for name in ("ctx_size", "kv_cache_tokens"):
             value = getattr(self, name)
             if value is not None and value < 2:
@@ -109,15 +113,34 @@ class Engine:
         self._cancelled: set[str] = set()
         self._in_system = 0              # submitted, not yet finished sequences
         self._stopping = False
+        self._drain_deadline: float | None = None     # set by drain(): refuse new work, cut the rest then
         self._thread: threading.Thread | None = None
         self._requests: dict[str, list[Sequence]] = {}    # engine thread only
         self._stats: dict[str, Any] = {}
         self.ready_event = threading.Event()
+        # probes for tests and /slots: accepted sequences, engine steps, (request id, step at cancel(), step freed)
+        self.num_submitted = 0
+        self.num_steps = 0
+        self._cancel_requested: dict[str, int] = {}
+        self.cancel_log: deque[tuple[str, int, int]] = deque(maxlen=256)
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> None:
         self._thread = threading.Thread(target=self._thread_main, name="bitnet-engine", daemon=True)
         self._thread.start()
+
+    def drain(self, grace: float) -> None:
+        """Graceful stop (SIGTERM): refuse new requests from now on; sequences still running after `grace`
+        seconds are ended with finish reason "shutdown" (their streams get a final chunk). Any thread."""
+        with self._wake:
+            if self._drain_deadline is None:
+                self._drain_deadline = time.monotonic() + max(0.0, grace)
+                logger.info("draining: no new requests; %d in flight get %.1f s to finish", self._in_system, grace)
+            self._wake.notify_all()
+
+    @property
+    def draining(self) -> bool:
+        return self._drain_deadline is not None
 
     def shutdown(self, timeout: float = 10.0) -> None:
         with self._wake:
@@ -128,6 +151,7 @@ class Engine:
 
     def _thread_main(self) -> None:
         try:
+            self._set_threads()
             self._load()
         except Exception as exc:      # noqa: BLE001 - reported through /health and the log
             logger.error("model load failed: %s: %s", type(exc).__name__, exc)
@@ -146,6 +170,13 @@ class Engine:
         finally:
             self._abort_all("server shutting down")
             self.state = "stopped"
+
+    def _set_threads(self) -> None:
+        """numba.set_num_threads is thread local: set it on the thread that runs the kernels."""
+        if self.config.threads is None:
+            return
+        import numba
+        numba.set_num_threads(min(self.config.threads, numba.config.NUMBA_NUM_THREADS))
 
     def _load(self) -> None:
         t0 = time.perf_counter()
@@ -200,7 +231,8 @@ class Engine:
                                  stop=req.stop, stop_ids=stop_ids, detokenizer=make_detokenizer(self.tokenizer),
                                  emit=emit, use_prefix_cache=req.use_prefix_cache))
         with self._wake:
-            if self._stopping:
+            if self._stopping or self._drain_deadline is not None:
+                self.metrics.on_rejected("shutting_down")
                 raise EngineNotReady("Server is shutting down", retry_after=5)
             limit = self.config.max_num_seqs + self.config.max_queue
             if self._in_system + req.n > limit:
@@ -208,6 +240,7 @@ class Engine:
                 raise QueueFull(f"Server busy: {self._in_system} sequences in flight (limit {limit}); retry later",
                                 retry_after=1)
             self._in_system += req.n
+            self.num_submitted += req.n
             self._inbox.append(seqs)
             self._wake.notify()
         return req.request_id
@@ -236,12 +269,14 @@ class Engine:
         """Stop a request (client gone); its KV blocks are freed at the start of the next step."""
         with self._wake:
             self._cancelled.add(request_id)
+            self._cancel_requested.setdefault(request_id, self.num_steps)
             self._wake.notify()
 
     def stats(self) -> dict[str, Any]:
         """Snapshot for probes, /slots and tests (updated by the engine thread after every step)."""
         with self._lock:
-            return dict(self._stats, in_system=self._in_system)
+            return dict(self._stats, in_system=self._in_system, submitted=self.num_submitted, steps=self.num_steps,
+                        cancel_log=list(self.cancel_log), draining=self.draining)
 
     # ---- engine thread ------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -254,17 +289,45 @@ class Engine:
                     return
                 inbox, self._inbox = list(self._inbox), deque()
                 cancelled, self._cancelled = self._cancelled, set()
-            for seqs in inbox:
-                self._requests[seqs[0].request_id] = seqs
-                for seq in seqs:
-                    self.scheduler.add(seq)
-            for rid in cancelled:
-                for seq in self._requests.get(rid, ()):
-                    if seq.status != SeqStatus.FINISHED:
-                        self._finish(seq, FinishReason.CANCELLED, notify=False)
-            if self.scheduler.has_work():
-                self._step()
+                requested = {rid: self._cancel_requested.pop(rid, self.num_steps) for rid in cancelled}
+                deadline = self._drain_deadline
+            try:
+                self._iteration(inbox, requested, deadline)
+            except Exception:         # noqa: BLE001 - never let the engine thread die: fail what is in flight
+                logger.exception("engine step failed; ending the sequences in flight")
+                self._fail_in_flight("internal error")
             self._publish_stats()
+
+    def _iteration(self, inbox: list[list[Sequence]], cancelled: dict[str, int], deadline: float | None) -> None:
+        for seqs in inbox:
+            self._requests[seqs[0].request_id] = seqs
+            for seq in seqs:
+                self.scheduler.add(seq)
+        for rid, step in cancelled.items():
+            seqs = self._requests.get(rid, ())
+            for seq in seqs:
+                if seq.status != SeqStatus.FINISHED:
+                    self._finish(seq, FinishReason.CANCELLED, notify=False)
+            if seqs:
+                self.cancel_log.append((rid, step, self.num_steps))
+        if deadline is not None and time.monotonic() >= deadline:
+            for seqs in list(self._requests.values()):
+                for seq in seqs:
+                    if seq.status != SeqStatus.FINISHED:
+                        event = SeqEvent(seq.request_id, seq.index, text=self._flush_text(seq))
+                        self._finish(seq, FinishReason.SHUTDOWN, event=event, stop_type="limit")
+        if self.scheduler.has_work():
+            self._step()
+
+    def _fail_in_flight(self, message: str) -> None:
+        for seqs in list(self._requests.values()):
+            for seq in seqs:
+                if seq.status != SeqStatus.FINISHED:
+                    try:
+                        self._finish(seq, FinishReason.ERROR, error=message)
+                    except Exception:     # noqa: BLE001
+                        logger.exception("could not finish %s", seq.request_id)
+                        seq.status = SeqStatus.FINISHED
 
     def _step(self) -> None:
         plan = self.scheduler.schedule()
@@ -289,6 +352,7 @@ class Engine:
             for chunk in plan.chunks:
                 self._finish(chunk.seq, FinishReason.ERROR, error=f"internal error: {type(exc).__name__}")
             return
+        self.num_steps += 1
         n_prompt = n_generated = 0
         for chunk in plan.chunks:
             seq = chunk.seq
@@ -298,12 +362,18 @@ class Engine:
             self.blocks.register_computed(seq)
         for chunk, row in zip((c for c in plan.chunks if c.sample), sample_rows):
             n_generated += 1
-            self._on_token(chunk.seq, logits[row])
+            try:
+                self._on_token(chunk.seq, logits[row])
+            except Exception as exc:  # noqa: BLE001 - detokenizer/stop/emit trouble ends only this sequence
+                logger.exception("token handling failed for %s", chunk.seq)
+                if chunk.seq.status != SeqStatus.FINISHED:
+                    self._finish(chunk.seq, FinishReason.ERROR, error=f"internal error: {type(exc).__name__}")
         self.metrics.on_step(plan.num_tokens, n_prompt, n_generated)
 
     def _on_token(self, seq: Sequence, logits_row: np.ndarray) -> None:
         try:
-            token, info = sample_token(logits_row, seq.params, seq.rng, seq.context_array())
+            context = seq.context_array() if seq.params.uses_context else _NO_CONTEXT
+            token, info = sample_token(logits_row, seq.params, seq.rng, context)
         except Exception as exc:      # noqa: BLE001
             logger.exception("sampling failed for %s", seq)
             self._finish(seq, FinishReason.ERROR, error=f"sampling error: {type(exc).__name__}")

@@ -33,8 +33,13 @@ class APIError(Exception):
         return error_body(self.status, self.message, self.err_type, self.param, self.code)
 
 
+def _safe(text: str | None) -> str | None:
+    """Strings echoed into an error must encode as UTF-8 (a lone surrogate would break the response)."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(status: int, message: str, err_type: str, param: str | None = None, code: Any = None) -> dict:
-    return {"error": {"message": message, "type": err_type, "param": param,
+    return {"error": {"message": _safe(message), "type": err_type, "param": _safe(param),
                       "code": status if code is None else code}}
 
 
@@ -47,13 +52,43 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _first_surrogate_path(value: Any, path: str = "") -> str | None:
+    """Path (`messages[0].content`) of the first string holding a lone surrogate, keys included."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or None
+        return None
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _first_surrogate_path(item, f"{path}[{i}]")
+            if found:
+                return found
+    if isinstance(value, dict):
+        for key, item in value.items():
+            sub = f"{path}.{key}" if path else str(key)
+            found = _first_surrogate_path(key, sub) or _first_surrogate_path(item, sub)
+            if found:
+                return found.encode("utf-8", "backslashreplace").decode("ascii")
+    return None
+
+
 def parse_json_body(raw: bytes) -> dict:
     if not raw:
         raise bad(None, "Request body is empty; expected a JSON object")
     try:
-        body = json.loads(raw, parse_constant=_reject_constant)
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise bad(None, "Request body is not valid UTF-8") from None
+        # name the field that holds the bad bytes: decode them to lone surrogates and look for those
+        try:
+            where = _first_surrogate_path(json.loads(raw.decode("utf-8", "surrogateescape"),
+                                                     parse_constant=_reject_constant))
+        except (ValueError, RecursionError):
+            where = None
+        raise bad(where, f"Request body is not valid UTF-8{f' (in {where!r})' if where else ''}") from None
+    try:
+        body = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
         raise bad(None, f"Request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):

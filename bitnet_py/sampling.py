@@ -93,6 +93,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def uses_context(self) -> bool:
+        """The sampler reads the token history (repetition / presence / frequency penalties)."""
+        return self.repeat_last_n != 0 and (self.repeat_penalty != 1.0 or self.presence_penalty != 0.0
+                                            or self.frequency_penalty != 0.0)
+
     def check_vocab(self, n_vocab: int) -> None:
         """Token ids in logit_bias must exist in the vocabulary."""
         for token_id, _ in self.logit_bias:
@@ -143,7 +149,7 @@ def _top_candidates(logits: np.ndarray, k: int) -> np.ndarray:
     """Ids of the k largest logits, best first, ties broken by lower id."""
     n = logits.shape[0]
     if 0 < k < n:
-        ids = np.argpartition(-logits, k - 1)[:k]
+        ids = np.argpartition(logits, n - k)[n - k:]
         # argpartition may cut through a tie at the k-th value: take every id tied with the cut value, then trim
         cut = logits[ids].min()
         ids = np.flatnonzero(logits >= cut)
@@ -165,10 +171,13 @@ def compute_logprobs(raw_logits: np.ndarray, token_id: int, n_top: int) -> Token
 def sample_token(raw_logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
                  context: np.ndarray) -> tuple[int, TokenLogprob | None]:
     """Pick the next token from raw_logits float32[V] (not modified); context int32[N] = tokens so far."""
-    logits = np.array(raw_logits, dtype=np.float32, copy=True)   # [V]
-    for token_id, bias in params.logit_bias:
-        logits[token_id] += np.float32(bias)
-    _apply_penalties(logits, params, context)
+    if params.logit_bias or params.uses_context or raw_logits.dtype != np.float32:
+        logits = np.array(raw_logits, dtype=np.float32, copy=True)   # [V], modified below
+        for token_id, bias in params.logit_bias:
+            logits[token_id] += np.float32(bias)
+        _apply_penalties(logits, params, context)
+    else:
+        logits = raw_logits                                          # [V], only read
 
     if params.greedy:
         token = int(np.argmax(logits))          # first maximum in id order

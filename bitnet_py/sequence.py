@@ -33,6 +33,7 @@ class FinishReason(str, enum.Enum):
     LENGTH = "length"        # max_tokens or context full
     CANCELLED = "cancelled"  # client went away
     ERROR = "error"          # the engine failed on this sequence
+    SHUTDOWN = "shutdown"    # cut by a graceful server stop (reported to clients as "length")
 
 
 @dataclass

@@ -6,7 +6,7 @@ its request, which frees its KV blocks at the next engine step.
 """
 from __future__ import annotations
 
-import asyncio
+import hashlib
 import hmac
 import logging
 import time
@@ -18,11 +18,13 @@ from typing import AsyncIterator, Callable
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from bitnet_py import protocol as P
+from bitnet_py.openapi import openapi_document
 from bitnet_py.engine import Engine, EngineError, GenerationRequest
 from bitnet_py.metrics import CONTENT_TYPE
 from bitnet_py.server_stream import Generation, event_stream, token_piece
@@ -40,6 +42,14 @@ class ServerSettings:
     api_key: str | None = None
     max_body_bytes: int = 2 * 1024 * 1024
     request_timeout: float | None = 600.0     # seconds from submission to the last token; None = no limit
+    cors_origins: tuple[str, ...] = ()        # empty: no CORS headers at all (browsers cannot call the API)
+    max_headers: int = 100                    # header count; their total size is capped by the HTTP parser
+    max_header_bytes: int = 16 * 1024
+
+
+def _digest(key: bytes) -> bytes:
+    """Keys are compared as SHA-256 digests: equal length, so compare_digest leaks not even the key's length."""
+    return hashlib.sha256(key).digest()
 
 
 def json_error(err: APIError) -> JSONResponse:
@@ -47,14 +57,17 @@ def json_error(err: APIError) -> JSONResponse:
 
 
 class GuardMiddleware:
-    """API key on every route but /health (constant-time compare); JSON 500 for anything unhandled."""
+    """Header limits (431), API key on every route but /health (constant-time compare), JSON 500 for anything
+    unhandled. The key is never logged."""
 
-    def __init__(self, app, api_key: str | None) -> None:
+    def __init__(self, app, api_key: str | None, max_headers: int = 100, max_header_bytes: int = 16 * 1024) -> None:
         self.app = app
-        self.key = api_key.encode("utf-8") if api_key else None
+        self.key_digest = _digest(api_key.encode("utf-8")) if api_key else None
+        self.max_headers = max_headers
+        self.max_header_bytes = max_header_bytes
 
     def _authorized(self, scope) -> bool:
-        if self.key is None or scope.get("path") in OPEN_PATHS:
+        if self.key_digest is None or scope.get("path") in OPEN_PATHS:
             return True
         presented = b""
         for name, value in scope.get("headers", ()):
@@ -62,11 +75,21 @@ class GuardMiddleware:
                 presented = value[7:].strip()
             elif name == b"x-api-key" and not presented:
                 presented = value.strip()
-        return hmac.compare_digest(presented, self.key)
+        return hmac.compare_digest(_digest(presented), self.key_digest)
+
+    def _headers_too_large(self, scope) -> bool:
+        headers = scope.get("headers", ())
+        return len(headers) > self.max_headers or \
+            sum(len(k) + len(v) + 4 for k, v in headers) > self.max_header_bytes
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if self._headers_too_large(scope):
+            err = APIError(431, f"Request headers too large (at most {self.max_headers} headers, "
+                                f"{self.max_header_bytes} bytes)", "invalid_request_error")
+            await json_error(err)(scope, receive, send)
             return
         if not self._authorized(scope):
             err = APIError(401, "Invalid API key", "authentication_error", code="invalid_api_key")
@@ -132,8 +155,9 @@ class Api:
             raise APIError(400, "This model has no chat template; use /v1/completions", param="messages")
         try:
             return await run_in_threadpool(template.encode, messages, True)
-        except ValueError as exc:
-            raise P.bad("messages", f"Chat template rejected the messages: {exc}") from None
+        except Exception as exc:      # noqa: BLE001 - jinja raises many kinds; the messages are the cause
+            logger.info("chat template rejected a request: %s: %s", type(exc).__name__, exc)
+            raise P.bad("messages", f"Chat template rejected the messages: {type(exc).__name__}") from None
 
     def start(self, request: Request, prompt_ids: list[int], gen: P.GenParams, kind: str,
               use_prefix_cache: bool = True) -> Generation:
@@ -155,6 +179,9 @@ class Api:
     # ---- routes ----------------------------------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
         state = self.engine.state
+        if self.engine.draining:
+            return JSONResponse({"error": {"code": 503, "message": "Shutting down", "type": "unavailable_error"}},
+                                status_code=503, headers={"Retry-After": "5"})
         if state == "ready":
             return JSONResponse({"status": "ok"})
         if state == "loading":
@@ -266,6 +293,13 @@ class Api:
                         "n_decoded": s["n_decoded"] if s else 0})
         return JSONResponse(out)
 
+    async def openapi(self, request: Request) -> Response:
+        if self.engine.state == "ready":
+            limits = P.Limits(n_vocab=self.engine.n_vocab, ctx_size=self.engine.max_model_len)
+        else:                                   # documented before the model is up: generic limits
+            limits = P.Limits(n_vocab=1 << 17, ctx_size=8192)
+        return JSONResponse(openapi_document(limits, title=f"bitnet-py ({self.settings.model_alias})"))
+
     async def metrics(self, request: Request) -> Response:
         return Response(self.engine.metrics.render(), media_type=CONTENT_TYPE)
 
@@ -315,10 +349,16 @@ def create_app(engine: Engine, settings: ServerSettings | None = None, start_eng
         Route("/detokenize", _wrap(api.detokenize), methods=post),
         Route("/props", _wrap(api.props), methods=get),
         Route("/slots", _wrap(api.slots), methods=get),
+        Route("/openapi.json", _wrap(api.openapi), methods=get),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_exception})
     app.state.engine = engine
     app.state.api = api
-    app.add_middleware(GuardMiddleware, api_key=settings.api_key)
+    app.add_middleware(GuardMiddleware, api_key=settings.api_key, max_headers=settings.max_headers,
+                       max_header_bytes=settings.max_header_bytes)
+    if settings.cors_origins:                  # outermost, so browser preflights (no key) are answered
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_credentials=False,
+                           allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type", "X-API-Key"], max_age=600)
     return app
 

@@ -42,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds a request may take before it is cancelled with a 504 (0 = no limit)")
     p.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024, help="largest accepted request body")
+    p.add_argument("--max-header-bytes", type=int, default=16 * 1024,
+                   help="largest accepted request head (request line + headers)")
+    p.add_argument("--cors-origins", default=None,
+                   help="comma-separated origins allowed to call the API from a browser (default: CORS off)")
+    p.add_argument("--shutdown-grace", type=float, default=5.0,
+                   help="on SIGTERM/SIGINT: seconds in-flight requests get to finish before their streams are "
+                        "ended (finish_reason length)")
     return p
 
 
@@ -69,20 +76,43 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     for name in ("parallel", "prefill_chunk", "port"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("max_queue", "timeout"):
+    for name in ("max_queue", "timeout", "shutdown_grace"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
+    if not 1024 <= args.max_header_bytes <= 1 << 20:
+        parser.error("--max-header-bytes must be in [1024, 1048576]")
+    if args.max_body_bytes < 1024:
+        parser.error("--max-body-bytes must be >= 1024")
     if args.ctx_size is not None and not 2 <= args.ctx_size <= 1 << 20:
         parser.error("--ctx-size must be in [2, 1048576]")
+
+
+def uvicorn_config(app, host: str, port: int, max_header_bytes: int = 16 * 1024, shutdown_grace: float = 5.0,
+                   log_level: str | None = None):
+    """The uvicorn settings the server runs with (tests use them too): h11, whose parser caps the request head
+    at `max_header_bytes` (httptools has no such cap), and a graceful-shutdown window past the engine's drain."""
+    import uvicorn
+    return uvicorn.Config(app, host=host, port=port, log_config=None, log_level=log_level, access_log=False,
+                          http="h11", h11_max_incomplete_event_size=max_header_bytes, ws="none",
+                          timeout_keep_alive=5, timeout_graceful_shutdown=int(shutdown_grace) + 5)
 
 
 def _server_class():
     import uvicorn
 
     class Server(uvicorn.Server):
-        """uvicorn.Server that exits 0 after a graceful SIGTERM/SIGINT shutdown (uvicorn re-raises the signal)."""
+        """uvicorn.Server that drains the engine on SIGTERM/SIGINT (no new requests, in-flight ones get
+        `drain_grace` seconds) and exits 0 after the graceful shutdown (uvicorn would re-raise the signal)."""
+
+        engine = None
+        drain_grace = 5.0
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.engine is not None:
+                self.engine.drain(self.drain_grace)
+            super().handle_exit(sig, frame)
 
         @contextlib.contextmanager
         def capture_signals(self):
@@ -133,16 +163,19 @@ def main(argv: list[str] | None = None) -> int:
     alias = args.model_alias or (os.path.basename(args.model) if args.model else "bitnet-b1.58-2B-4T")
     config = EngineConfig(max_num_seqs=args.parallel, max_queue=args.max_queue, ctx_size=args.ctx_size,
                           kv_cache_tokens=args.kv_cache_tokens, prefill_chunk=args.prefill_chunk,
-                          enable_prefix_cache=not args.no_prefix_cache)
+                          enable_prefix_cache=not args.no_prefix_cache, threads=threads)
     engine = Engine(make_loader(args.model, args.tl2_config), config, model_name=alias)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    origins = tuple(o.strip() for o in (args.cors_origins or "").split(",") if o.strip())
     settings = ServerSettings(model_alias=alias, model_path=args.model or "", api_key=api_key,
-                              max_body_bytes=args.max_body_bytes, request_timeout=args.timeout or None)
+                              max_body_bytes=args.max_body_bytes, request_timeout=args.timeout or None,
+                              cors_origins=origins, max_header_bytes=args.max_header_bytes)
     app = create_app(engine, settings)
-    logger.info("serving on http://%s:%d (threads %d, parallel %d, api key %s)", args.host, args.port, threads,
-                args.parallel, "on" if api_key else "off")
-    server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
-                                           timeout_graceful_shutdown=10, ws="none"))
+    logger.info("serving on http://%s:%d (threads %d, parallel %d, queue %d, api key %s, cors %s)", args.host,
+                args.port, threads, args.parallel, args.max_queue, "on" if api_key else "off",
+                ",".join(origins) or "off")
+    server = _Server(uvicorn_config(app, args.host, args.port, args.max_header_bytes, args.shutdown_grace))
+    server.engine, server.drain_grace = engine, args.shutdown_grace
 
     def exit_if_load_fails() -> None:
         engine.ready_event.wait()

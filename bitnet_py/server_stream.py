@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -23,6 +25,49 @@ from bitnet_py.sequence import SeqEvent
 logger = logging.getLogger(__name__)
 
 _DISCONNECTED = object()
+
+
+class _LoopMailbox:
+    """Hands engine events to one event loop with one wake-up per batch (an engine step emits an event per
+    sequence; waking the loop for each would cost a self-pipe write and a loop iteration apiece, and the loop's
+    Python work competes with the engine thread for the GIL)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.items: list[tuple[asyncio.Queue, object]] = []
+        self.scheduled = False
+
+    def post(self, queue: asyncio.Queue, item: object) -> None:      # any thread
+        with self.lock:
+            self.items.append((queue, item))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:              # loop closed (server gone): nobody is listening any more
+            with self.lock:
+                self.items.clear()
+                self.scheduled = False
+
+    def _deliver(self) -> None:                                       # event loop
+        with self.lock:
+            items, self.items = self.items, []
+            self.scheduled = False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
+_mailboxes: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopMailbox]" = weakref.WeakKeyDictionary()
+
+
+def _mailbox(loop: asyncio.AbstractEventLoop) -> _LoopMailbox:
+    box = _mailboxes.get(loop)
+    if box is None:
+        box = _mailboxes[loop] = _LoopMailbox(loop)
+    return box
+
 
 @dataclass
 class Choice:
@@ -52,7 +97,8 @@ def usage_dict(choices: list[Choice], prompt_tokens: int) -> dict:
 
 
 def public_finish_reason(reason: str | None) -> str | None:
-    return None if reason is None else ("length" if reason == "length" else "stop")
+    """OpenAI's values: a graceful shutdown cut the generation short, which clients know as "length"."""
+    return None if reason is None else ("length" if reason in ("length", "shutdown") else "stop")
 
 
 # ---- logprob shapes ------------------------------------------------------------------------------------------
@@ -124,6 +170,7 @@ class Generation:
         self.kind = kind                      # "completion" | "chat" | "native"
         self.prompt_tokens = prompt_tokens
         self.loop = asyncio.get_running_loop()
+        self.mailbox = _mailbox(self.loop)
         self.queue: asyncio.Queue = asyncio.Queue()
         self.choices = [Choice(i) for i in range(req.n)]
         self.pending = req.n
@@ -158,7 +205,7 @@ class Generation:
             logger.warning("%s timed out after %.0f s", self.id, self.timeout)
 
     def _emit(self, event: SeqEvent) -> None:          # engine thread
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        self.mailbox.post(self.queue, event)
 
     def cancel(self) -> None:                           # event loop
         if not self.done and not self.cancelled:
@@ -213,9 +260,15 @@ class Generation:
             return APIError(504, f"Request timed out after {self.timeout:g} s", "timeout_error")
         for c in self.choices:
             if c.finish_reason == "error":
-                return APIError(503 if "shutting down" in (c.error or "") else 500, c.error or "generation failed",
-                                "server_error")
+                if "shutting down" in (c.error or ""):
+                    return APIError(503, c.error or "", "unavailable_error", headers={"Retry-After": "5"})
+                return APIError(500, c.error or "generation failed", "server_error")
         return None
+
+    def cut_before_start(self) -> bool:
+        """A graceful shutdown ended the request before it produced anything (non-streaming: answer 503)."""
+        return any(c.finish_reason == "shutdown" for c in self.choices) and \
+            not any(c.completion_tokens for c in self.choices)
 
     async def wait(self) -> None:
         """Non-streaming: run to completion, cancelling if the client disconnects meanwhile."""
@@ -229,6 +282,8 @@ class Generation:
         err = self.error()
         if err is not None:
             raise err
+        if self.cut_before_start():
+            raise APIError(503, "Server is shutting down", "unavailable_error", headers={"Retry-After": "5"})
 
     async def _watch_disconnect(self, receive) -> None:
         while True:

@@ -10,6 +10,7 @@ import uvicorn
 
 from bitnet_py.engine import Engine, EngineConfig
 from bitnet_py.server import ServerSettings, create_app
+from bitnet_py.server_cli import uvicorn_config
 
 
 def free_port() -> int:
@@ -26,8 +27,8 @@ class LiveServer:
         self.app = create_app(self.engine, self.settings)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cfg = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False,
-                             log_config=None, timeout_graceful_shutdown=2, ws="none")
+        cfg = uvicorn_config(self.app, "127.0.0.1", self.port, self.settings.max_header_bytes, shutdown_grace=0,
+                             log_level="warning")
         self.server = uvicorn.Server(cfg)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
