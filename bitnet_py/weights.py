@@ -10,10 +10,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kernels.tl2_repack import pack_i2s, tl2_decode
+
 from .config import ModelConfig
-from .gguf.constants import DEQUANT_TYPES, I2S_BLOCK, GGMLType
+from .gguf.constants import DEQUANT_TYPES, I2S_BLOCK, TL2_ROWPERM, GGMLType
 from .gguf.reader import GGUFError, GGUFFile, TensorInfo
-from .gguf.ternary_unpack import i2s_scale, unpack_tl2, unpack_tq1_0, unpack_tq2_0
+from .gguf.ternary_unpack import i2s_scale, tl2_region, unpack_tq1_0, unpack_tq2_0
 from .gguf.tl2_tiling import TL2Tile
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,17 @@ def pack_i2s_codes(w: np.ndarray) -> np.ndarray:
     return (codes[:, 0] << 6 | codes[:, 1] << 4 | codes[:, 2] << 2 | codes[:, 3]).reshape(-1)
 
 
+def tl2_to_i2s(raw: np.ndarray, m: int, k: int, tile: TL2Tile) -> tuple[np.ndarray, np.float32]:
+    """TL2 bytes -> (I2_S-packed u8[m*k/4], scale); compiled loops (same decoding as unpack_tl2)."""
+    if m % tile.bm or tile.bm % 32 or tile.bk % 24:
+        raise GGUFError(f"TL2 tiling BM={tile.bm}, BK={tile.bk} does not fit weight {m}x{k}")
+    w = np.empty((m, k), np.int8)
+    tl2_decode(raw, m, k, tile.bm, tile.bk, np.array(TL2_ROWPERM, np.int64), w)
+    packed = np.empty(m * k // 4, np.uint8)
+    pack_i2s(w, packed)
+    return packed, raw[tl2_region(m, k):tl2_region(m, k) + 4].view("<f4")[0]
+
+
 def _float_vector(f: GGUFFile, name: str, n: int) -> np.ndarray:
     info = f.info(name)
     if info.type_id != GGMLType.F32 or info.np_shape != (n,):
@@ -98,12 +111,14 @@ def load_linear(f: GGUFFile, name: str, m: int, k: int, tiling: dict[tuple[int, 
     if t == GGMLType.I2_S:
         return TernaryWeight(m, k, raw[:m * k // 4], i2s_scale(raw, m, k), None, I2S_ACT_FLOOR, "I2_S")
     if t == GGMLType.TL2:
-        w, scale = unpack_tl2(raw, m, k, tiling[(m, k)])
-        return TernaryWeight(m, k, pack_i2s_codes(w), scale, None, TL2_ACT_FLOOR, "TL2")
+        packed, scale = tl2_to_i2s(raw, m, k, tiling[(m, k)])
+        return TernaryWeight(m, k, packed, scale, None, TL2_ACT_FLOOR, "TL2")
     if t in (GGMLType.TQ1_0, GGMLType.TQ2_0):
         unpack = unpack_tq2_0 if t == GGMLType.TQ2_0 else unpack_tq1_0
         w, block_scales = unpack(raw, m, k)
-        return TernaryWeight(m, k, pack_i2s_codes(w), np.float32(1.0), block_scales, 0.0, info.type_name)
+        packed = np.empty(m * k // 4, np.uint8)
+        pack_i2s(np.ascontiguousarray(w), packed)
+        return TernaryWeight(m, k, packed, np.float32(1.0), block_scales, 0.0, info.type_name)
     if t == GGMLType.F32:
         return DenseWeight(m, k, f.array(name), None, "F32")
     if t == GGMLType.F16:

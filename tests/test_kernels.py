@@ -249,3 +249,29 @@ def test_f16_to_f32_every_half():
     finite = ~np.isnan(ref)  # hardware conversion may quiet signalling NaNs (never in weights)
     assert np.array_equal(np.isnan(out), ~finite)
     assert np.array_equal(out[finite].view(np.uint32), ref[finite].view(np.uint32))  # bit-exact, -0 and inf too
+
+
+@pytest.mark.parametrize("model", ["tiny-bitnet", "tiny-llama"])
+def test_tl2_repack_matches_numpy_decoder(model):
+    """kernels/tl2_repack.py (load path) == gguf/ternary_unpack.py (numpy reference) on bitnet.cpp's TL2 files."""
+    from bitnet_py.gguf.constants import TL2_ROWPERM, GGMLType
+    from bitnet_py.gguf.reader import GGUFFile
+    from bitnet_py.gguf.ternary_unpack import unpack_tl2
+    from bitnet_py.gguf.tl2_tiling import resolve_tiling
+    from conftest import fixture_path
+    from kernels.tl2_repack import pack_i2s, tl2_decode
+    path = str(fixture_path(model, "ggml-model-tl2.gguf"))
+    f = GGUFFile(path)
+    infos = [t for t in f.tensors.values() if t.type_id == GGMLType.TL2]
+    tiling = resolve_tiling({t.np_shape for t in infos}, f.metadata, path,
+                            str(fixture_path("tl2-kernel_config.ini")))
+    assert any(t.np_shape[1] % 96 for t in infos)  # two-part tails (K % 96: 64 and 0 bitnet, 64 and 32 llama)
+    for t in infos:
+        m, k = t.np_shape
+        ref, _ = unpack_tl2(f.raw(t.name), m, k, tiling[(m, k)])
+        w = np.full((m, k), 9, np.int8)
+        tl2_decode(f.raw(t.name), m, k, tiling[(m, k)].bm, tiling[(m, k)].bk, np.array(TL2_ROWPERM, np.int64), w)
+        assert np.array_equal(w, ref), t.name
+        packed = np.empty(m * k // 4, np.uint8)
+        pack_i2s(w, packed)
+        assert np.array_equal(packed, pack_i2s_codes(ref))
