@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import logging
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, disable_created_metrics,
+                               generate_latest)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 logger = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ class Metrics:
         disable_created_metrics()          # no *_created series (as vLLM)
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        ProcessCollector(registry=r)       # process_resident_memory_bytes, cpu seconds, open fds (soak drift)
         label = ["model_name"]
         self.model_name = model_name
         self.running = Gauge(PREFIX + "num_requests_running", "Sequences in the running batch", label, registry=r)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from bitnet_py.protocol import MAX_MESSAGES, MAX_N, MAX_STOP, MAX_STOP_LEN, Limits, _ROLES
+from bitnet_py.protocol import MIN_REPEAT_PENALTY, MAX_MESSAGES, MAX_N, MAX_STOP, MAX_STOP_LEN, Limits, _ROLES
 from bitnet_py.sampling import MAX_LOGIT_BIAS_ENTRIES, MAX_TOP_LOGPROBS
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def _sampling_properties(limits: Limits) -> dict:
         "min_p": _num(0, 1),
         "presence_penalty": _num(-2, 2),
         "frequency_penalty": _num(-2, 2),
-        "repeat_penalty": _num(0, 100),
+        "repeat_penalty": _num(MIN_REPEAT_PENALTY, 100),
         "repeat_last_n": _int(-1, limits.ctx_size),
         "seed": {"type": "integer", "minimum": -(2 ** 63), "maximum": 2 ** 64 - 1},
         "n": _int(1, MAX_N),
@@ -43,7 +43,8 @@ def _sampling_properties(limits: Limits) -> dict:
         "logit_bias": {"type": "object", "maxProperties": MAX_LOGIT_BIAS_ENTRIES,
                        "propertyNames": {"pattern": "^[0-9]+$"},
                        "additionalProperties": _num(-100, 100),
-                       "description": f"token id (0..{limits.n_vocab - 1}) -> bias"},
+                       "description": f"token id (0..{limits.n_vocab - 1}) -> bias",
+                       "x-token-id-maximum": limits.n_vocab - 1},
         "ignore_eos": {"type": "boolean"},
         "user": {"type": "string"},
     }

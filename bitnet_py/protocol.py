@@ -16,6 +16,7 @@ MAX_N = 16
 MAX_STOP = 16
 MAX_STOP_LEN = 1000
 MAX_MESSAGES = 4096
+MIN_REPEAT_PENALTY = 0.001     # the penalty divides logits: ~0 would turn them into inf
 
 
 class APIError(Exception):
@@ -236,7 +237,7 @@ def parse_sampling(body: dict, limits: Limits, logprobs: int | None, max_tokens_
             top_k=get_int(body, "top_k", 40, -1, limits.n_vocab),
             top_p=get_float(body, "top_p", 0.95, 0.0, 1.0),
             min_p=get_float(body, "min_p", 0.05, 0.0, 1.0),
-            repeat_penalty=get_float(body, "repeat_penalty", 1.0, 0.0, 100.0),
+            repeat_penalty=get_float(body, "repeat_penalty", 1.0, MIN_REPEAT_PENALTY, 100.0),
             repeat_last_n=get_int(body, "repeat_last_n", 64, -1, limits.ctx_size),
             presence_penalty=get_float(body, "presence_penalty", 0.0, -2.0, 2.0),
             frequency_penalty=get_float(body, "frequency_penalty", 0.0, -2.0, 2.0),
