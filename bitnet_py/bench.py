@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--threads", type=parse_ints, default=[os.cpu_count() or 1], help="thread counts")
     p.add_argument("-r", "--repetitions", type=int, default=5, help="runs per test (default 5)")
     p.add_argument("--kernel", default=None, help="ternary kernel: auto, mad, plain, lut (default: auto)")
+    p.add_argument("--head-type", default="f16", choices=("f16", "int8"),
+                   help="output head: f16 (exact, default) or int8 (per-row scales, approximate)")
     p.add_argument("--tl2-config", default=None, help="TL2 kernel_config.ini (TL2 files)")
     p.add_argument("--no-jit", action="store_true", help="skip the cold/cached JIT start-up probes")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of markdown")
@@ -92,6 +94,8 @@ def decode_bytes(model, n_ctx: int) -> dict:
     def nbytes(w) -> int:
         if isinstance(w, TernaryWeight):
             return w.packed.nbytes + (w.block_scales.nbytes if w.block_scales is not None else 0)
+        if w.i8 is not None:
+            return w.i8.nbytes + w.i8_scales.nbytes
         return w.f16_bits.nbytes if w.f16_bits is not None else w.f32.nbytes
 
     ternary = sum(nbytes(w) for L in W.layers for w in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down))
@@ -178,7 +182,7 @@ def run(args) -> dict:
         raise SystemExit("error: -r and -t must be >= 1")
     jit = None if args.no_jit else jit_probe(args.model, args.tl2_config)
     t0 = time.perf_counter()
-    model = Model.load(args.model, tl2_config=args.tl2_config)
+    model = Model.load(args.model, tl2_config=args.tl2_config, head_type=args.head_type)
     load_ms = (time.perf_counter() - t0) * 1000
     rng = np.random.default_rng(args.seed)
     n_ctx = max(args.n_prompt + args.n_gen + [1])
@@ -212,13 +216,15 @@ def run(args) -> dict:
             r["roofline_pct"] = 100 * r["tok_s"]["median"] / roof
             results.append(r)
         for r in results:
-            if r["threads"] == nt and is_2b4t(model) and (wtype, nt) in BITNET_CPP and r["test"] in ("pp128", "tg64"):
+            comparable = is_2b4t(model) and args.head_type == "f16" and (wtype, nt) in BITNET_CPP
+            if r["threads"] == nt and comparable and r["test"] in ("pp128", "tg64"):
                 ref = BITNET_CPP[(wtype, nt)][0 if r["test"] == "pp128" else 1]
                 r["bitnet_cpp_tok_s"] = ref
                 r["vs_bitnet_cpp"] = r["tok_s"]["median"] / ref
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     file_bytes = os.path.getsize(args.model)
-    return dict(model=args.model, arch=model.config.arch, type=wtype, file_bytes=file_bytes,
+    return dict(model=args.model, arch=model.config.arch, type=wtype, head_type=args.head_type,
+                file_bytes=file_bytes,
                 kernel=kernel_config.TERNARY_KERNEL, threading_layer=numba.threading_layer(),
                 load_ms=load_ms, jit=jit, peak_rss_bytes=peak_rss, kv_bytes=kv.nbytes,
                 rss_ratio=peak_rss / (file_bytes + kv.nbytes), bandwidth_gb_s=bandwidth,
@@ -240,7 +246,7 @@ def markdown(res: dict) -> str:
     gb = 1e9
     lines = [f"model: `{res['model']}` ({res['arch']}, {res['type']}, {res['file_bytes'] / 2**30:.2f} GiB), "
              f"cpu: {res['cpu']} x{res['n_cpu']}, numba threading layer: {res['threading_layer']}, "
-             f"ternary kernel: {res['kernel']}", "",
+             f"ternary kernel: {res['kernel']}, head: {res['head_type']}", "",
              "| test | threads | tok/s (mean ± sd) | median | load avg | roofline % | vs bitnet.cpp |",
              "|---|---|---|---|---|---|---|"]
     for r in res["results"]:

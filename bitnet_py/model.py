@@ -17,7 +17,7 @@ import numpy as np
 
 from kernels.activations import relu2_mul, silu_mul
 from kernels.attention import paged_attention
-from kernels.dense import f16_matmul
+from kernels.dense import f16_matmul, i8_matmul
 from kernels.f16 import f16_lut
 from kernels.norms import rms_norm, rms_norm_parallel
 from kernels.quantize import quantize_rows_i8, quantize_rows_i8_parallel
@@ -32,11 +32,13 @@ from .gguf.constants import GGMLType
 from .gguf.reader import GGUFFile
 from .gguf.tl2_tiling import resolve_tiling
 from .kv_cache import CACHE_DTYPES, KVCache
-from .weights import DenseWeight, ModelWeights, TernaryWeight, embedding_rows, load_weights
+from .weights import DenseWeight, ModelWeights, TernaryWeight, embedding_rows, int8_head, load_weights
 
 log = logging.getLogger(__name__)
 
 PARALLEL_ROWS = 16  # row-wise kernels (norms, quantization) go multi-threaded from this many tokens
+HEAD_ACT_FLOOR = 1e-5  # int8 head: activation absmax floor (as I2_S)
+HEAD_TYPES = ("f16", "int8")
 
 
 def norm(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray) -> None:
@@ -79,6 +81,9 @@ def linear(w: TernaryWeight | DenseWeight, x: np.ndarray, qa: QuantizedActivatio
             ternary_kernels(w.m, w.k).matmul(w.packed, qa.q, qa.scales, qa.sums, w.scale, out)
         else:
             i2s_matmul_block_scaled(w.packed, qa.q, qa.scales, qa.sums, w.block_scales, out)
+    elif w.i8 is not None:
+        qa = quantize_activation(np.ascontiguousarray(x), HEAD_ACT_FLOOR)
+        i8_matmul(w.i8, w.i8_scales, qa.q, qa.scales, out)
     elif w.f16_bits is not None:
         x16 = x.astype(np.float16).astype(np.float32) if round_f16 else np.ascontiguousarray(x)
         f16_matmul(w.f16_bits, x16, out)
@@ -134,13 +139,21 @@ class Model:
         self._fuse_ffn = [fusable([L.w_gate, L.w_up]) for L in weights.layers]
 
     @classmethod
-    def load(cls, path: str, tl2_config: str | None = None, cache_type: str = "f16") -> "Model":
+    def load(cls, path: str, tl2_config: str | None = None, cache_type: str = "f16",
+             head_type: str = "f16") -> "Model":
+        """head_type "int8": quantize an f16 output head to int8 per row at load (half the decode bytes of
+        the head; logits no longer bit-comparable with bitnet.cpp). Default "f16" is exact."""
+        if head_type not in HEAD_TYPES:
+            raise ValueError(f"head type must be one of {HEAD_TYPES}, got {head_type!r}")
         t0 = time.perf_counter()
         f = GGUFFile(path)
         cfg = ModelConfig.from_gguf(f)
         tl2_shapes = {t.np_shape for t in f.tensors.values() if t.type_id == GGMLType.TL2}
         tiling = resolve_tiling(tl2_shapes, f.metadata, path, tl2_config) if tl2_shapes else {}
-        model = cls(f, cfg, load_weights(f, cfg, tiling), cache_type)
+        weights = load_weights(f, cfg, tiling)
+        if head_type == "int8":
+            weights.output = int8_head(f, weights.output)
+        model = cls(f, cfg, weights, cache_type)
         model.load_ms = (time.perf_counter() - t0) * 1000
         log.info("loaded %s (%s, %d layers, %d vocab) in %.0f ms", path, cfg.arch, cfg.n_layer, cfg.n_vocab,
                  model.load_ms)

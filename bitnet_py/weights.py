@@ -39,12 +39,15 @@ class TernaryWeight:
 @dataclass
 class DenseWeight:
     """y = W x with float weights: f32[M, K] (no activation rounding) or f16 bits u16[M, K]
-    (the activation is rounded to f16 first, as ggml does)."""
+    (the activation is rounded to f16 first, as ggml does); or, for the optional int8 head, i8[M, K] with
+    per-row scales (activation quantized to int8 per token; approximate)."""
     m: int
     k: int
     f32: np.ndarray | None
     f16_bits: np.ndarray | None
     source_type: str
+    i8: np.ndarray | None = None  # i8[M, K]
+    i8_scales: np.ndarray | None = None  # f32[M]
 
 
 @dataclass
@@ -160,6 +163,34 @@ def load_weights(f: GGUFFile, cfg: ModelConfig, tiling: dict[tuple[int, int], TL
         raise GGUFError(f"{f.path}: ternary output heads are not supported ({head_name} is "
                         f"{f.info(head_name).type_name})")
     return ModelWeights(embd, layers, _float_vector(f, "output_norm.weight", E), output)
+
+
+def int8_head(f: GGUFFile, w: DenseWeight) -> DenseWeight:
+    """The f16 output head quantized to int8 with per-row scales (head_type="int8"): half the bytes per
+    decoded token, not bit-exact with bitnet.cpp. The f16 pages read here are released from this process's
+    resident set afterwards (they stay in the page cache; tied embedding rows fault back in on use)."""
+    from kernels.dense import quantize_f16_rows_i8
+    if w.f16_bits is None:
+        raise ValueError(f"the int8 head needs an F16 output head, this one is {w.source_type}")
+    q = np.empty((w.m, w.k), np.int8)
+    scales = np.empty(w.m, np.float32)
+    quantize_f16_rows_i8(w.f16_bits, q, scales)
+    _release_pages(f, w.f16_bits)
+    return DenseWeight(w.m, w.k, None, None, "I8(F16)", q, scales)
+
+
+def _release_pages(f: GGUFFile, view: np.ndarray) -> None:
+    """madvise(DONTNEED) the whole pages of a memory-mapped view (read-only shared map: pages stay cached)."""
+    import mmap
+    base = f._data.ctypes.data
+    start = view.ctypes.data - base
+    page = mmap.PAGESIZE
+    lo, hi = (start + page - 1) // page * page, (start + view.nbytes) // page * page
+    if hi > lo and hasattr(f._mmap, "madvise"):
+        try:
+            f._mmap.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        except (OSError, ValueError):
+            pass
 
 
 def embedding_rows(f: GGUFFile, info: TensorInfo, ids: np.ndarray) -> np.ndarray:

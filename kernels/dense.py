@@ -9,8 +9,8 @@ Both sum in float32 with reassociation allowed (8-wide partial sums), like ggml'
 import numpy as np
 from numba import njit, prange
 
-from .config import JIT_REDUCE, JIT_REDUCE_PARALLEL
-from .simd import HAVE_F16C
+from .config import JIT, JIT_PARALLEL, JIT_REDUCE, JIT_REDUCE_PARALLEL
+from .simd import HAVE_AVX2, HAVE_F16C
 
 ROWS_PER_TASK = 64
 _TWO_POW_112 = np.float32(2.0 ** 112)
@@ -64,3 +64,64 @@ if HAVE_F16C:
                     out[t, m] = _dot_f16(w_bits[m], x[t])
 else:
     f16_matmul = f16_matmul_bits
+
+
+# --- optional int8 head (`head_type="int8"`): approximate, half the bytes of the f16 head ---
+
+@njit(**JIT_REDUCE_PARALLEL)
+def quantize_f16_rows_i8(w_bits, q, row_scales):
+    """w_bits: u16[M, K] float16 bits -> q: i8[M, K], row_scales: f32[M]: w ~= q * scale with
+    scale = max|w_row| / 127 (1 for an all-zero row), q = round_half_even(w / scale)."""
+    M, K = w_bits.shape
+    n_tasks = (M + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for task in prange(n_tasks):
+        row_f = np.empty(K, dtype=np.float32)
+        row_u = row_f.view(np.uint32)
+        for m in range(task * ROWS_PER_TASK, min(M, (task + 1) * ROWS_PER_TASK)):
+            for k in range(K):
+                h = np.uint32(w_bits[m, k])
+                row_u[k] = ((h & np.uint32(0x8000)) << np.uint32(16)) | ((h & np.uint32(0x7FFF)) << np.uint32(13))
+            amax = np.float32(0.0)
+            for k in range(K):
+                row_f[k] *= _TWO_POW_112
+                amax = max(amax, abs(row_f[k]))
+            scale = amax / np.float32(127.0) if amax > 0 else np.float32(1.0)
+            row_scales[m] = scale
+            for k in range(K):
+                q[m, k] = np.int8(np.rint(row_f[k] / scale))
+
+
+@njit(**JIT)
+def _i8_dot_plain(wq, m, xq, t):
+    acc = 0
+    for k in range(wq.shape[1]):
+        acc += np.int32(wq[m, k]) * np.int32(xq[t, k])
+    return acc
+
+
+if HAVE_AVX2:
+    from .simd import i8_dot
+
+    @njit(**JIT)
+    def _i8_dot(wq, m, xq, t):
+        K = wq.shape[1]
+        n = K // 32
+        acc = i8_dot(wq.reshape(-1), m * K, xq.reshape(-1), t * K, n) if n else 0
+        for k in range(n * 32, K):
+            acc += np.int32(wq[m, k]) * np.int32(xq[t, k])
+        return acc
+else:
+    _i8_dot = _i8_dot_plain
+
+
+@njit(**JIT_PARALLEL)
+def i8_matmul(wq, row_scales, xq, x_scales, out):
+    """wq: i8[M, K] (C order); row_scales: f32[M]; xq: i8[T, K] with x ~= xq / x_scales (per-token absmax,
+    as the ternary path) -> out: f32[T, M] = float32(exact int dot) * row_scale / x_scale."""
+    M = wq.shape[0]
+    T = xq.shape[0]
+    n_tasks = (M + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for task in prange(n_tasks):
+        for m in range(task * ROWS_PER_TASK, min(M, (task + 1) * ROWS_PER_TASK)):
+            for t in range(T):
+                out[t, m] = np.float32(_i8_dot(wq, m, xq, t)) * row_scales[m] / x_scales[t]

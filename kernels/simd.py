@@ -10,6 +10,8 @@ calling `@njit` function; everything around them stays ordinary Numba code.
   `n_blocks` I2_S blocks (32 bytes = 128 codes each, starting at byte `w0` of `packed`) with 1/2/4 int8
   activation rows (`q` flat i8, row t at `q0 + t*q_stride`), as sum(code * q) with code in {0, 1, 2}; the
   caller subtracts sum(q). Returns an int32 (dot1) or a tuple of int32.
+- `i8_dot(a, a0, b, b0, n_chunks)`: exact int32 dot of 32*n_chunks int8 values of flat arrays a (from a0)
+  and b (from b0): sign-extended to i16, `vpmaddwd`, i32 lanes (|sum| < 2^31 for n_chunks < 2^16).
 - `f16_to_f32(bits)`: u16 float16 bits -> float32 value (exact; `fpext half`, vectorizes to vcvtph2ps).
 
 Overflow: per 128-value block and row, |partial| <= 128 * 2 * 128 = 32768 fits the i32 lanes; i16 lanes
@@ -130,6 +132,49 @@ def _make_i2s_dot(n_rows):
 i2s_dot1 = _make_i2s_dot(1)
 i2s_dot2 = _make_i2s_dot(2)
 i2s_dot4 = _make_i2s_dot(4)
+
+
+@intrinsic
+def i8_dot(typingctx, a, a0, b, b0, n_chunks):
+    sig = types.int32(a, a0, b, b0, n_chunks)
+
+    def codegen(context, builder, signature, args):
+        a_v, a0_v, b_v, b0_v, n_v = args
+        aty, a0ty, bty, b0ty, nty = signature.args
+        i64 = ir.IntType(64)
+        a0_v = context.cast(builder, a0_v, a0ty, types.int64)
+        b0_v = context.cast(builder, b0_v, b0ty, types.int64)
+        n_v = context.cast(builder, n_v, nty, types.int64)
+        maddwd = _get_or_insert(builder.module, "llvm.x86.avx2.pmadd.wd",
+                                ir.FunctionType(_V8I32, [_V16I16, _V16I16]))
+        abase = _data_ptr(context, builder, aty, a_v, a0_v)
+        bbase = _data_ptr(context, builder, bty, b_v, b0_v)
+        v16i8 = ir.VectorType(_I8, 16)
+        entry = builder.block
+        loop = builder.append_basic_block("i8_loop")
+        done = builder.append_basic_block("i8_done")
+        builder.branch(loop)
+        builder.position_at_end(loop)
+        i = builder.phi(i64)
+        accs = [builder.phi(_V8I32) for _ in range(2)]
+        new_accs = []
+        for h in range(2):
+            off = builder.add(builder.mul(i, ir.Constant(i64, 32)), ir.Constant(i64, 16 * h))
+            va = builder.load(builder.bitcast(builder.gep(abase, [off]), v16i8.as_pointer()), align=1)
+            vb = builder.load(builder.bitcast(builder.gep(bbase, [off]), v16i8.as_pointer()), align=1)
+            prod = builder.call(maddwd, [builder.sext(va, _V16I16), builder.sext(vb, _V16I16)])
+            new_accs.append(builder.add(accs[h], prod))
+        i_next = builder.add(i, ir.Constant(i64, 1))
+        i.add_incoming(ir.Constant(i64, 0), entry)
+        i.add_incoming(i_next, loop)
+        for acc, na in zip(accs, new_accs):
+            acc.add_incoming(ir.Constant(_V8I32, None), entry)
+            acc.add_incoming(na, loop)
+        builder.cbranch(builder.icmp_signed("<", i_next, n_v), loop, done)
+        builder.position_at_end(done)
+        return _reduce_add(builder, builder.add(new_accs[0], new_accs[1]))
+
+    return sig, codegen
 
 
 @intrinsic

@@ -275,3 +275,48 @@ def test_tl2_repack_matches_numpy_decoder(model):
         packed = np.empty(m * k // 4, np.uint8)
         pack_i2s(w, packed)
         assert np.array_equal(packed, pack_i2s_codes(ref))
+
+
+# --- optional int8 head (kernels/dense.py quantize_f16_rows_i8 / i8_matmul) ---
+
+def test_int8_head_quantization_and_matmul_exact():
+    from kernels.dense import i8_matmul, quantize_f16_rows_i8
+    M, K, T = 77, 2560 + 40, 5  # K not a multiple of 32: SIMD body + scalar tail
+    w = (RNG.standard_normal((M, K)) * 0.05).astype(np.float16)
+    w[3] = 0  # all-zero row: scale 1
+    q, scales = np.empty((M, K), np.int8), np.empty(M, np.float32)
+    quantize_f16_rows_i8(w.view(np.uint16), q, scales)
+    w32 = w.astype(np.float32)
+    ref_scales = np.where(np.abs(w32).max(1) > 0, np.abs(w32).max(1) / np.float32(127), np.float32(1)).astype(
+        np.float32)
+    assert np.array_equal(scales, ref_scales)
+    assert np.array_equal(q, np.rint(w32 / ref_scales[:, None]).astype(np.int8))
+    xq = RNG.integers(-128, 128, size=(T, K)).astype(np.int8)
+    xq[0] = -128
+    q[0] = -127
+    xs = (RNG.random(T) * 50 + 1).astype(np.float32)
+    out = np.full((T, M), np.nan, np.float32)
+    i8_matmul(q, scales, xq, xs, out)
+    dot = xq.astype(np.int64) @ q.astype(np.int64).T
+    assert np.array_equal(out, dot.astype(np.float32) * scales[None, :] / xs[:, None])
+
+
+def test_int8_head_model_close_to_f16():
+    from bitnet_py.model import Batch, Model
+    from conftest import fixture_path
+    path = str(fixture_path("tiny-bitnet", "ggml-model-i2_s.gguf"))
+    exact, approx = Model.load(path), Model.load(path, head_type="int8")
+    assert approx.weights.output.i8 is not None and approx.weights.output.f16_bits is None
+    tokens = np.array([1, 50, 300, 7, 1000, 42], np.int32)
+    T = len(tokens)
+    logits = []
+    for m in (exact, approx):
+        kv = m.new_kv_cache(1, 16)
+        batch = Batch(tokens, np.arange(T, dtype=np.int32), np.zeros(T, np.int32), np.zeros((1, 1), np.int32),
+                      np.arange(T, dtype=np.int32))
+        logits.append(m.forward(batch, kv))
+    err = np.abs(logits[0] - logits[1]).max() / np.abs(logits[0]).max()
+    assert 0 < err < 0.03  # approximate, but close (int8 weights and activations, per-row scales)
+    assert (logits[0].argmax(1) == logits[1].argmax(1)).mean() >= 0.8
+    with pytest.raises(ValueError, match="head type"):
+        Model.load(path, head_type="int4")
