@@ -108,23 +108,19 @@ class _Cursor:
         return bytes(self.buf[start:start + n]).decode("utf-8", errors="replace")
 
     def string_array(self, count: int, what: str) -> list[str]:
-        # Fast path for large vocabularies: lengths are u64 prefixes, walk them without struct calls.
+        """count strings (u64 length + UTF-8 bytes each), read straight from the map (no copy of the file)."""
         out = []
-        buf, size = self.buf, self.size
-        raw = bytes(buf[self.pos:size]) if count > 1000 else None
-        if raw is None:
-            return [self.string(what) for _ in range(count)]
-        pos = 0
+        buf, size, pos = self.buf, self.size, self.pos
         from_bytes = int.from_bytes
         for _ in range(count):
-            if pos + 8 > len(raw):
+            if pos + 8 > size:
                 raise GGUFError(f"file truncated while reading {what}")
-            n = from_bytes(raw[pos:pos + 8], "little")
-            if n > MAX_STRING or pos + 8 + n > len(raw):
+            n = from_bytes(buf[pos:pos + 8], "little")
+            if n > MAX_STRING or pos + 8 + n > size:
                 raise GGUFError(f"file truncated while reading {what}")
-            out.append(raw[pos + 8:pos + 8 + n].decode("utf-8", errors="replace"))
+            out.append(str(buf[pos + 8:pos + 8 + n], "utf-8", "replace"))
             pos += 8 + n
-        self.pos += pos
+        self.pos = pos
         return out
 
 
