@@ -17,8 +17,8 @@ def fixture_prompts() -> tuple[str, ...]:
     return tuple(json.loads((FIXTURES / "prompts.json").read_text()))
 
 
-def long_prompt(n_paragraphs: int = 12) -> str:
-    """~600-900 tokens with the tiny vocabularies: longer than one 512-token micro-batch."""
+def long_prompt(n_paragraphs: int = 6) -> str:
+    """~700-750 tokens with the tiny vocabularies: longer than one 512-token micro-batch."""
     return "".join(f"[{i}] {_PARAGRAPH}" for i in range(n_paragraphs))
 
 

@@ -24,7 +24,7 @@ from .compare import (FLOAT_TOL, compare_generated_text, compare_greedy, compare
                       incomplete_utf8_tail, label_index, old_server_label, probs_like_peer, trusted_prefix)
 from .launcher import LlamaServerProcess, ServerCannotLoad
 from .models import load_ours
-from .peer import PROBS_FULL, PROBS_TOPK, PeerClient, PeerStep, parse_probabilities
+from .peer import PROBS_FULL, PROBS_TOPK, Candidate, PeerClient, PeerStep, parse_probabilities
 from .prompts import MULTI_TURN
 from .replay_server import RecordedServerReplay
 
@@ -104,11 +104,10 @@ def test_logit_comparison_flags_confident_argmax_changes_only():
 
 def test_topk_comparison_uses_the_peers_normalization():
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
-    renorm = [PeerStep(None, "x", [type("C", (), {"id": 0, "label": "", "prob": 0.5 / 0.8})(),
-                                   type("C", (), {"id": 1, "label": "", "prob": 0.3 / 0.8})()])]
+    renorm = [PeerStep(None, "x", [Candidate(0, "", 0.5 / 0.8), Candidate(1, "", 0.3 / 0.8)])]
     assert compare_topk([logits], renorm, PROBS_TOPK, FLOAT_TOL).max_abs < 1e-12
     assert compare_topk([logits], renorm, PROBS_FULL, FLOAT_TOL).max_abs > 0.1
-    far = [PeerStep(None, "x", [type("C", (), {"id": 3, "label": "", "prob": 1.0})()])]
+    far = [PeerStep(None, "x", [Candidate(3, "", 1.0)])]
     assert compare_topk([logits], far, PROBS_TOPK, FLOAT_TOL).outside_our_top == [(0, 3)]
 
 
