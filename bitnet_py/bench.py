@@ -204,6 +204,7 @@ def run(args) -> dict:
             times = [run_prefill(model, kv, tables, toks) for _ in range(args.repetitions)]
             results.append(dict(test=f"pp{p}", threads=nt, n=p, load=os.getloadavg()[0],
                                 tok_s=stats([p / t for t in times])))
+            _progress(results[-1])
         for n in args.n_gen:
             if n == 0:
                 continue
@@ -215,6 +216,7 @@ def run(args) -> dict:
             r["roofline_tok_s"] = roof
             r["roofline_pct"] = 100 * r["tok_s"]["median"] / roof
             results.append(r)
+            _progress(r)
         for r in results:
             comparable = is_2b4t(model) and args.head_type == "f16" and (wtype, nt) in BITNET_CPP
             if r["threads"] == nt and comparable and r["test"] in ("pp128", "tg64"):
@@ -229,6 +231,11 @@ def run(args) -> dict:
                 load_ms=load_ms, jit=jit, peak_rss_bytes=peak_rss, kv_bytes=kv.nbytes,
                 rss_ratio=peak_rss / (file_bytes + kv.nbytes), bandwidth_gb_s=bandwidth,
                 decode_bytes=db, results=results, cpu=_cpu_name(), n_cpu=os.cpu_count())
+
+
+def _progress(r: dict) -> None:
+    print(f"  {r['test']} t={r['threads']}: {r['tok_s']['median']:.2f} tok/s (load avg {r['load']:.1f})",
+          file=sys.stderr, flush=True)
 
 
 def _cpu_name() -> str:
@@ -264,7 +271,7 @@ def markdown(res: dict) -> str:
     lines += [f"- peak RSS: {res['peak_rss_bytes'] / 2**30:.2f} GiB = {res['rss_ratio']:.2f} x (model file "
               f"{res['file_bytes'] / 2**30:.2f} GiB + KV cache {res['kv_bytes'] / 2**20:.0f} MiB)",
               "- memory bandwidth (read, this run): " + ", ".join(
-                  f"{v:.1f} GB/s at {k} thread{'s' if k > 1 else ''}" for k, v in res["bandwidth_gb_s"].items()),
+                  f"{v:.1f} GB/s at {k} thread{'s' if int(k) > 1 else ''}" for k, v in res["bandwidth_gb_s"].items()),
               f"- bytes read per decoded token: {db['total'] / gb:.3f} GB (ternary layers {db['layers'] / gb:.3f}, "
               f"head {db['head'] / gb:.3f} {db['head_type']}, KV {db['kv'] / gb:.4f})"]
     return "\n".join(lines)
