@@ -310,6 +310,9 @@ class Engine:
                     self._finish(seq, FinishReason.CANCELLED, notify=False)
             if seqs:
                 self.cancel_log.append((rid, step, self.num_steps))
+        if deadline is not None:             # draining: nothing new starts; queued requests are answered now
+            for seq in [s for s in self.scheduler.waiting if s.num_output_tokens == 0]:
+                self._finish(seq, FinishReason.SHUTDOWN, stop_type="limit")
         if deadline is not None and time.monotonic() >= deadline:
             for seqs in list(self._requests.values()):
                 for seq in seqs:

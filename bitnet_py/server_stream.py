@@ -197,6 +197,11 @@ class Generation:
         if self.timeout:
             self._timer = self.loop.call_later(self.timeout, self._on_timeout)
 
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     def _on_timeout(self) -> None:
         if not self.done and not self.cancelled:
             self.timed_out = self.cancelled = True
@@ -208,6 +213,7 @@ class Generation:
         self.mailbox.post(self.queue, event)
 
     def cancel(self) -> None:                           # event loop
+        self._stop_timer()          # a pending timer would keep this request (and its connection) alive
         if not self.done and not self.cancelled:
             self.cancelled = True
             self.engine.cancel(self.id)
@@ -240,8 +246,7 @@ class Generation:
             c.slot = ev.slot
             self.pending -= 1
             if self.pending == 0:
-                if self._timer is not None:
-                    self._timer.cancel()
+                self._stop_timer()
                 self._log_done()
 
     def _log_done(self) -> None:

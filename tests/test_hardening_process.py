@@ -1,0 +1,197 @@
+"""Issue 6.2, 6.4, 6.5 with serve.py as a subprocess on the tiny fixture model: a burst beyond --max-queue,
+SIGTERM (stop accepting, end in-flight streams with a final chunk carrying finish_reason, answer queued ones,
+exit 0 within a bound) and damaged model files (clear one-line error, exit != 0, no traceback, small peak RSS)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from conftest import REPO, fixture_path
+from live_server import free_port
+
+MODEL = "tiny-bitnet", "ggml-model-i2_s.gguf"
+
+
+def spawn(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(REPO / "serve.py"), *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.time() < deadline and proc.poll() is None, "server did not become healthy"
+        time.sleep(0.2)
+
+
+def test_burst_then_sigterm_drains_and_exits_zero():
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = spawn("--model", str(fixture_path(*MODEL)), "--port", str(port), "--threads", "1", "--parallel", "1",
+                 "--max-queue", "1", "--ctx-size", "512", "--shutdown-grace", "1.5", "--log-format", "json")
+    try:
+        wait_healthy(proc, url)
+        # burst of 2 x (parallel + queue): each completes or gets 503 + Retry-After, none hangs
+        body = {"prompt": "Once upon a time", "max_tokens": 24, "ignore_eos": True}
+        with ThreadPoolExecutor(4) as pool:
+            rs = list(pool.map(lambda i: httpx.post(url + "/v1/completions", json={**body, "stream": i % 2 == 1},
+                                                    timeout=60), range(4)))
+        ok = [r for r in rs if r.status_code == 200]
+        refused = [r for r in rs if r.status_code in (429, 503)]
+        assert len(ok) + len(refused) == 4 and ok and refused
+        assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
+        assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 200     # recovered
+
+        # SIGTERM with a long stream running and a request queued behind it
+        got: dict = {}
+        lines: list[str] = []
+        first = threading.Event()
+
+        def stream():
+            with httpx.stream("POST", url + "/v1/completions", timeout=60,
+                              json={"prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": True,
+                                    "stream": True}) as r:
+                for line in r.iter_lines():
+                    if line:
+                        lines.append(line)
+                        first.set()
+        t_stream = threading.Thread(target=stream)
+        t_stream.start()
+        assert first.wait(60)
+        t_queued = threading.Thread(target=lambda: got.update(queued=httpx.post(
+            url + "/v1/completions", json={**body, "max_tokens": 5}, timeout=60)))
+        t_queued.start()
+        time.sleep(0.3)
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        with pytest.raises(httpx.TransportError):                  # no longer accepting connections
+            httpx.post(url + "/v1/completions", json=body, timeout=5)
+        t_stream.join(30)
+        t_queued.join(30)
+        _, err = proc.communicate(timeout=30)
+        elapsed = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0 and elapsed < 15, (proc.returncode, elapsed)
+    assert lines[-1] == "data: [DONE]"
+    last = json.loads(lines[-2][6:])
+    assert last["choices"][0]["finish_reason"] == "length"       # cut by the drain, with a final chunk
+    assert len(lines) < 480
+    assert got["queued"].status_code in (200, 503)
+    if got["queued"].status_code == 503:
+        assert got["queued"].headers["retry-after"]
+    assert "Traceback" not in err
+
+
+# ---- damaged model files --------------------------------------------------------------------------------------
+_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def _skip_value(data: bytes, pos: int, vtype: int) -> int:
+    if vtype in _SCALAR:
+        return pos + _SCALAR[vtype]
+    if vtype == 8:
+        (n,) = struct.unpack_from("<Q", data, pos)
+        return pos + 8 + n
+    (etype, count) = struct.unpack_from("<IQ", data, pos)
+    pos += 12
+    if etype in _SCALAR:
+        return pos + count * _SCALAR[etype]
+    for _ in range(count):
+        pos = _skip_value(data, pos, etype)
+    return pos
+
+
+def first_tensor_info(data: bytes) -> dict:
+    """Byte positions of the first tensor-info fields of a GGUF v3 file."""
+    _, _, n_tensors, n_kv = struct.unpack_from("<4sIQQ", data, 0)
+    pos = 24
+    for _ in range(n_kv):
+        (klen,) = struct.unpack_from("<Q", data, pos)
+        pos += 8 + klen
+        (vtype,) = struct.unpack_from("<I", data, pos)
+        pos = _skip_value(data, pos + 4, vtype)
+    (nlen,) = struct.unpack_from("<Q", data, pos)
+    pos += 8 + nlen
+    (n_dims,) = struct.unpack_from("<I", data, pos)
+    dims = pos + 4
+    type_at = dims + 8 * n_dims
+    return {"n_tensors_at": 8, "dims_at": dims, "n_dims": n_dims, "type_at": type_at, "offset_at": type_at + 4}
+
+
+def _damaged(tmp_path, kind: str):
+    data = bytearray(fixture_path(*MODEL).read_bytes())
+    info = first_tensor_info(bytes(data))
+    if kind == "truncated":
+        data = data[: len(data) // 2]
+    elif kind == "bad_magic":
+        data[0:4] = b"GGXX"
+    elif kind == "lying_offset":
+        struct.pack_into("<Q", data, info["offset_at"], 1 << 40)
+    elif kind == "absurd_dims":
+        struct.pack_into("<Q", data, info["dims_at"], 1 << 40)
+    elif kind == "unknown_type":
+        struct.pack_into("<I", data, info["type_at"], 200)
+    elif kind == "absurd_tensor_count":
+        struct.pack_into("<Q", data, info["n_tensors_at"], 1 << 60)
+    elif kind == "empty":
+        data = bytearray()
+    path = tmp_path / f"{kind}.gguf"
+    path.write_bytes(bytes(data))
+    return path
+
+
+KINDS = ["truncated", "bad_magic", "lying_offset", "absurd_dims", "unknown_type", "absurd_tensor_count", "empty"]
+
+
+def test_damaged_model_files_fail_at_start_cleanly(tmp_path):
+    procs = {}
+    for kind in KINDS:                          # all at once: each start pays the interpreter + numba import
+        procs[kind] = spawn("--model", str(_damaged(tmp_path, kind)), "--port", str(free_port()), "--threads", "1")
+    failures = []
+    for kind, proc in procs.items():
+        try:
+            _, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            failures.append(f"{kind}: still running after 120 s")
+            continue
+        errors = [l for l in err.splitlines() if " ERROR " in l]
+        if proc.returncode in (0, None) or proc.returncode < 0:
+            failures.append(f"{kind}: exit {proc.returncode}")
+        if "Traceback" in err or not errors:
+            failures.append(f"{kind}: unclear error: {err[-500:]}")
+    assert not failures, failures
+
+
+def test_damaged_model_start_has_small_peak_memory(tmp_path):
+    """No multi-GB allocation: the peak RSS of a failed start stays far below a GB."""
+    for kind in ("absurd_dims", "lying_offset", "absurd_tensor_count"):
+        proc = spawn("--model", str(_damaged(tmp_path, kind)), "--port", str(free_port()), "--threads", "1")
+        _, status, rusage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err = proc.stderr.read()
+        proc.stdout.close()
+        proc.stderr.close()
+        assert proc.returncode not in (0,) and proc.returncode > 0, (kind, err[-500:])
+        assert rusage.ru_maxrss < 800 * 1024, (kind, rusage.ru_maxrss)       # KiB on Linux
