@@ -1,0 +1,62 @@
+"""`python -m bitnet_py.bench`: runs end to end on the tiny fixture models; output structure and the derived
+numbers (bytes per token, roofline, RSS ratio) are consistent. No timing assertions."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bitnet_py import bench
+from bitnet_py.model import Model
+from conftest import REPO, fixture_path
+
+TINY = "tiny-bitnet", "ggml-model-i2_s.gguf"
+
+
+def test_bench_json_structure(capsys):
+    path = str(fixture_path(*TINY))
+    assert bench.main(["-m", path, "-p", "8,5", "-n", "3", "-t", "1", "-r", "2", "--no-jit", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert [(r["test"], r["threads"]) for r in res["results"]] == [("pp8", 1), ("pp5", 1), ("tg3", 1)]
+    for r in res["results"]:
+        assert len(r["tok_s"]["runs"]) == 2 and all(v > 0 for v in r["tok_s"]["runs"])
+        assert r["tok_s"]["median"] == float(np.median(r["tok_s"]["runs"]))
+    m = Model.load(path)
+    layers = sum(w.packed.nbytes for L in m.weights.layers for w in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up,
+                                                                     L.w_down))
+    db = res["decode_bytes"]
+    assert db["layers"] == layers and db["head"] == 2048 * 256 * 2 and db["total"] >= layers + db["head"]
+    tg = res["results"][-1]
+    bw = res["bandwidth_gb_s"]["1"]
+    assert bw > 0 and tg["roofline_tok_s"] == pytest.approx(bw * 1e9 / db["total"])
+    assert res["rss_ratio"] == pytest.approx(res["peak_rss_bytes"] / (res["file_bytes"] + res["kv_bytes"]))
+    assert res["type"] == "I2_S" and res["threading_layer"] in ("omp", "tbb", "workqueue")
+    assert "vs_bitnet_cpp" not in tg  # not the 2B-4T layout
+
+
+def test_bench_markdown_and_kernel_choice(capsys):
+    path = str(fixture_path(*TINY))
+    assert bench.main(["-m", path, "-p", "4", "-n", "2", "-t", "1", "-r", "1", "--no-jit", "--kernel", "lut"]) == 0
+    out = capsys.readouterr().out
+    assert "| pp4 | 1 |" in out and "| tg2 | 1 |" in out and "ternary kernel: lut" in out
+    assert "bytes read per decoded token" in out and "peak RSS" in out
+
+
+def test_bench_bad_input(capsys, tmp_path):
+    assert bench.main(["-m", str(tmp_path / "missing.gguf")]) == 1
+    assert "no such model file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["-m", "x", "-p", "1,a"])
+
+
+def test_bench_cli_with_jit_probe():
+    """Through `python -m bitnet_py bench`, including the cold/cached start-up probes in child processes."""
+    path = str(fixture_path(*TINY))
+    r = subprocess.run([sys.executable, "-m", "bitnet_py", "bench", "-m", path, "-p", "4", "-n", "2", "-t", "1",
+                        "-r", "1", "--json"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    jit = json.loads(r.stdout)["jit"]
+    for phase in ("cold", "cached"):
+        assert set(jit[phase]) >= {"import_s", "load_s", "warmup_s", "ready_s", "process_s", "jit_s", "compute_s"}
+        assert jit[phase]["ready_s"] >= jit[phase]["warmup_s"] > 0
