@@ -17,6 +17,7 @@ import numpy as np
 
 from kernels.activations import relu2_mul, silu_mul
 from kernels.attention import paged_attention
+from kernels.attention_fast import paged_attention_fast
 from kernels.dense import f16_matmul, i8_matmul
 from kernels.f16 import f16_lut
 from kernels.norms import rms_norm, rms_norm_parallel
@@ -135,6 +136,7 @@ class Model:
         self._empty16 = np.zeros((0, c.n_kv_head, c.head_dim), np.uint16)
         self._empty32 = np.zeros((0, c.n_kv_head, c.head_dim), np.float32)
         self._act = relu2_mul if c.traits.ffn_act == "relu2" else silu_mul
+        self._attention = paged_attention_fast if kernel_config.FAST_ATTENTION else paged_attention
         self._fuse_qkv = [fusable([L.wq, L.wk, L.wv]) for L in weights.layers]
         self._fuse_ffn = [fusable([L.w_gate, L.w_up]) for L in weights.layers]
 
@@ -221,7 +223,7 @@ class Model:
                 k16, v16 = kv.k[il], kv.v[il]
                 k32 = v32 = self._empty32
             attn = np.empty_like(q)
-            paged_attention(q, k16, v16, k32, v32, f32, pos, seq, tables, bs, round_probs, scale, self._lut, attn)
+            self._attention(q, k16, v16, k32, v32, f32, pos, seq, tables, bs, round_probs, scale, self._lut, attn)
             a = attn.reshape(T, c.q_dim)
             if L.attn_sub_norm is not None:
                 norm(a, L.attn_sub_norm, c.rms_eps, a)

@@ -6,6 +6,7 @@ Environment:
 - BITNET_PY_NO_CACHE=1: disables the on-disk cache.
 - BITNET_PY_TERNARY_KERNEL: `auto` (default: per-shape choice in kernels/select.py), `mad` (multiply-add:
   SIMD where the host has AVX2, else plain loops), `plain` (plain multiply-add loops), `lut` (table lookup).
+- BITNET_PY_FAST_ATTENTION=0: use kernels/attention.py instead of kernels/attention_fast.py.
 - BITNET_PY_FUSE=0: run q/k/v and gate/up as separate matmuls instead of one fused parallel region.
 - OpenMP waiting (numba's `omp` threading layer, GNU libgomp): a decode step runs ~150 short parallel regions,
   and by default libgomp's idle threads spin ~300k iterations between them. When the cores are shared
@@ -24,6 +25,7 @@ if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
 
 CACHE = os.environ.get("BITNET_PY_NO_CACHE", "") not in ("1", "true", "yes")
 TERNARY_KERNEL = os.environ.get("BITNET_PY_TERNARY_KERNEL", "auto")
+FAST_ATTENTION = os.environ.get("BITNET_PY_FAST_ATTENTION", "1") not in ("0", "false", "no")
 FUSE = os.environ.get("BITNET_PY_FUSE", "1") not in ("0", "false", "no")
 # Flags allowing vectorized reductions without reciprocal/approximate math (keeps divisions exact).
 FASTMATH_REDUCE = {"reassoc", "nsz", "contract"}

@@ -320,3 +320,36 @@ def test_int8_head_model_close_to_f16():
     assert (logits[0].argmax(1) == logits[1].argmax(1)).mean() >= 0.8
     with pytest.raises(ValueError, match="head type"):
         Model.load(path, head_type="int4")
+
+
+@pytest.mark.parametrize("round_probs", [False, True])
+@pytest.mark.parametrize("D", [64, 128, 72])
+def test_paged_attention_fast(round_probs, D):
+    """kernels/attention_fast.py against the numpy reference and against kernels/attention.py."""
+    from kernels.attention_fast import paged_attention_fast
+    H, KVH, bs, n_blocks = 8, 2, 4, 40
+    k_cache = _f16(RNG.standard_normal((n_blocks * bs, KVH, D)).astype(np.float32))
+    v_cache = _f16(RNG.standard_normal((n_blocks * bs, KVH, D)).astype(np.float32))
+    tables = np.array([list(range(39, -1, -1)), [0, 3, 9] + [-1] * 37], np.int32)
+    pos = np.array([0, 9, 150, 159, 6, 11], np.int32)
+    seq = np.array([0, 0, 0, 0, 1, 1], np.int32)
+    T = len(pos)
+    q = _f16(RNG.standard_normal((T, H, D)).astype(np.float32))
+    rp = np.array([round_probs, not round_probs])
+    scale = np.float32(1 / np.sqrt(D))
+    e16, e32 = np.zeros((0, KVH, D), np.uint16), np.zeros((0, KVH, D), np.float32)
+    outs = {}
+    for name, fn in (("fast", paged_attention_fast), ("ref", paged_attention)):
+        for use_f32 in (False, True):
+            out = np.full_like(q, np.nan)
+            args = (e16, e16, k_cache, v_cache) if use_f32 else (_bits(k_cache), _bits(v_cache), e32, e32)
+            fn(q, *args, use_f32, pos, seq, tables, bs, rp, scale, f16_lut(), out)
+            outs[name, use_f32] = out
+    for use_f32 in (False, True):  # q.k sums in another order; f16-rounded probabilities may flip by 1 ulp
+        for t in range(T):
+            np.testing.assert_allclose(outs["fast", use_f32][t], outs["ref", use_f32][t], rtol=1e-5,
+                                       atol=2e-3 if rp[seq[t]] else 1e-6)
+    for t in range(T):
+        slots = np.array([tables[seq[t], j // bs] * bs + j % bs for j in range(pos[t] + 1)])
+        ref = naive.attention(q[t], k_cache[slots], v_cache[slots], pos[t] + 1, scale, rp[seq[t]])
+        np.testing.assert_allclose(outs["fast", False][t], ref, rtol=1e-4, atol=2e-3 if rp[seq[t]] else 2e-5)
