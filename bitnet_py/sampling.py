@@ -204,7 +204,8 @@ def _sample_stochastic(logits: np.ndarray, params: SamplingParams, rng: np.rando
         keep = min(keep, max(1, int(np.count_nonzero(probs >= params.min_p * probs[0]))))
     keep = max(1, keep)
     ids, cand = ids[:keep], cand[:keep]
-    scaled = (cand - cand[0]) / params.temperature
+    with np.errstate(over="ignore"):        # a tiny temperature sends all but the best to -inf: weight 0
+        scaled = (cand - cand[0]) / params.temperature
     weights = np.exp(scaled)
     cum = np.cumsum(weights)
     u = rng.random() * cum[-1]
