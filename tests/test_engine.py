@@ -76,7 +76,7 @@ LENGTHS = [5, 17, 40, 3, 90, 33, 16, 64]
 
 
 def test_greedy_alone_equals_greedy_in_batch_of_8(engine_factory):
-    model = FakeModel()
+    model = FakeModel(delay_s=0.002)      # sleeps release the GIL: all 8 are submitted before the first finishes
     engine = engine_factory(model, max_num_seqs=8, prefill_chunk=32, block_size=8, enable_prefix_cache=False)
     reqs = [GenerationRequest(prompt(engine, i, n), GREEDY, max_tokens=24, ignore_eos=True)
             for i, n in enumerate(LENGTHS)]
@@ -89,7 +89,7 @@ def test_greedy_alone_equals_greedy_in_batch_of_8(engine_factory):
 
 
 def test_chunked_prefill_does_not_stall_running_streams(engine_factory):
-    model = FakeModel()
+    model = FakeModel(delay_s=0.003)      # the 40-token stream must outlast the 8 prefill steps (timing margin)
     engine = engine_factory(model, max_num_seqs=4, prefill_chunk=32, block_size=8)
     streaming = Collector()
     engine.submit(GenerationRequest(prompt(engine, 0, 10), GREEDY, max_tokens=40, ignore_eos=True), streaming)
