@@ -120,6 +120,7 @@ def test_float32_cache_matches_training_framework_closely(ref):
     training framework computes: last-prompt logits within 1e-4 on most prompts (an int8 rounding flip may
     move one prompt further, as the fixtures README explains) and all greedy ids up to a near-tie."""
     from bitnet_py.generate import generate
+    from bitnet_py.model import Model
     model = Model.load(str(GGUF), cache_type="f32")
     close = 0
     for r in ref["results"]:
