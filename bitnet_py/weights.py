@@ -115,6 +115,7 @@ def load_linear(f: GGUFFile, name: str, m: int, k: int, tiling: dict[tuple[int, 
         return TernaryWeight(m, k, raw[:m * k // 4], i2s_scale(raw, m, k), None, I2S_ACT_FLOOR, "I2_S")
     if t == GGMLType.TL2:
         packed, scale = tl2_to_i2s(raw, m, k, tiling[(m, k)])
+        _release_pages(f, raw)  # only the repacked copy is used from here on
         return TernaryWeight(m, k, packed, scale, None, TL2_ACT_FLOOR, "TL2")
     if t in (GGMLType.TQ1_0, GGMLType.TQ2_0):
         unpack = unpack_tq2_0 if t == GGMLType.TQ2_0 else unpack_tq1_0

@@ -4,14 +4,14 @@ Same decoding as `bitnet_py.gguf.ternary_unpack.unpack_tl2` (layout in ../shared
 as loops so that a 2B-4T file repacks in about a second instead of minutes of numpy fancy indexing.
 """
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
-from .config import JIT
+from .config import JIT_PARALLEL
 
 
-@njit(**JIT)
+@njit(**JIT_PARALLEL)
 def tl2_decode(raw, m, k, bm, bk, rowperm, w):
-    """raw: u8 TL2 region; rowperm: i64[4]; -> w: i8[m, k] ternary values."""
+    """raw: u8 TL2 region; rowperm: i64[4]; -> w: i8[m, k] ternary values. Row tiles split over threads."""
     three_k = (k // bk) * bk
     two_k = k - three_k
     g_n = bm // 32
@@ -21,7 +21,7 @@ def tl2_decode(raw, m, k, bm, bk, rowperm, w):
     q_n = bk // 24
     sign_off = m * three_k // 6
     two_off = sign_off + m * three_k // 24
-    for mb in range(mb_n):
+    for mb in prange(mb_n):
         for g in range(g_n):
             for r in range(32):
                 row = mb * bm + g * 32 + rowperm[r // 8] * 8 + r % 8
@@ -61,11 +61,11 @@ def tl2_decode(raw, m, k, bm, bk, rowperm, w):
                             w[row, col + 1] = w1
 
 
-@njit(**JIT)
+@njit(**JIT_PARALLEL)
 def pack_i2s(w, out):
     """w: i8[m, k] ternary (k % 128 == 0) -> out: u8[m*k/4] in I2_S layout."""
     m, k = w.shape
-    for row in range(m):
+    for row in prange(m):
         for b in range(k // 128):
             o = (row * k + b * 128) // 4
             for p in range(32):
