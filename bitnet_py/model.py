@@ -23,7 +23,7 @@ from kernels.f16 import f16_lut
 from kernels.norms import rms_norm, rms_norm_parallel
 from kernels.quantize import quantize_rows_i8, quantize_rows_i8_parallel
 from kernels.rope import rope_apply, rope_tables
-from kernels.ternary_matmul import i2s_matmul_block_scaled
+from kernels.q8k import quantize_q8k, tq_matmul_q8k
 
 from kernels import config as kernel_config
 from kernels.select import ternary_kernels
@@ -75,13 +75,16 @@ def linear(w: TernaryWeight | DenseWeight, x: np.ndarray, qa: QuantizedActivatio
     With f16 weights, x is rounded to f16 first (ggml) unless round_f16 is False (float32 frameworks)."""
     T = x.shape[0]
     out = np.empty((T, w.m), dtype=np.float32)
-    if isinstance(w, TernaryWeight):
+    if isinstance(w, TernaryWeight) and w.block_scales is not None:
+        # TQ1_0 / TQ2_0: upstream ggml's arithmetic, activations quantized per 256 inputs (Q8_K)
+        xc = np.ascontiguousarray(x, dtype=np.float32)
+        q, d = np.empty((T, w.k), np.int8), np.empty((T, w.k // 256), np.float32)
+        quantize_q8k(xc, q, d)
+        tq_matmul_q8k(w.packed, q, d, w.block_scales, out)
+    elif isinstance(w, TernaryWeight):
         if qa is None:
             qa = quantize_activation(x, w.act_floor)
-        if w.block_scales is None:
-            ternary_kernels(w.m, w.k).matmul(w.packed, qa.q, qa.scales, qa.sums, w.scale, out)
-        else:
-            i2s_matmul_block_scaled(w.packed, qa.q, qa.scales, qa.sums, w.block_scales, out)
+        ternary_kernels(w.m, w.k).matmul(w.packed, qa.q, qa.scales, qa.sums, w.scale, out)
     elif w.i8 is not None:
         qa = quantize_activation(np.ascontiguousarray(x), HEAD_ACT_FLOOR)
         i8_matmul(w.i8, w.i8_scales, qa.q, qa.scales, out)

@@ -139,32 +139,3 @@ def i2s_matmul_multi_plain(p0, p1, p2, q, act_scales, act_sums, s0, s1, s2, o0, 
         else:
             lo = (task - n0 - n1) * ROWS_PER_TASK
             _rows_plain(p2, q, act_scales, act_sums, s2, o2, lo, min(M2, lo + ROWS_PER_TASK))
-
-
-@njit(**JIT_PARALLEL)
-def i2s_matmul_block_scaled(packed, q, act_scales, act_sums, block_scales, out):
-    """Like i2s_matmul with one weight scale per (row, 256-value block) (TQ1_0/TQ2_0 weights):
-    block_scales: f32[M, K/256]; y = sum_b float32(dot_b) * block_scale / s_a.
-    act_sums is unused (kept for a uniform signature); per-block sums are computed inline."""
-    T, K = q.shape
-    M = out.shape[1]
-    row_bytes = K // 4
-    n_blocks = K // 128
-    for m in prange(M):
-        base = m * row_bytes
-        for t in range(T):
-            acc = np.float32(0.0)
-            dot = 0
-            for b in range(n_blocks):
-                o = base + b * 32
-                k0 = b * 128
-                for p in range(32):
-                    byte = np.int32(packed[o + p])
-                    dot += ((((byte >> 6) & 3) - 1) * np.int32(q[t, k0 + p])
-                            + (((byte >> 4) & 3) - 1) * np.int32(q[t, k0 + 32 + p])
-                            + (((byte >> 2) & 3) - 1) * np.int32(q[t, k0 + 64 + p])
-                            + ((byte & 3) - 1) * np.int32(q[t, k0 + 96 + p]))
-                if b % 2 == 1:
-                    acc += np.float32(dot) * block_scales[m, b // 2]
-                    dot = 0
-            out[t, m] = acc / act_scales[t]

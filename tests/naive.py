@@ -15,16 +15,6 @@ def ternary_matmul(w_ternary, q, s, scale):
     return (dot.astype(np.float32) / s[:, None]) * np.float32(scale)
 
 
-def ternary_matmul_block_scaled(w_ternary, q, s, block_scales):
-    T, K = q.shape
-    out = np.zeros((T, w_ternary.shape[0]), np.float32)
-    for b in range(K // 256):
-        sl = slice(256 * b, 256 * (b + 1))
-        dot = q[:, sl].astype(np.int64) @ w_ternary[:, sl].astype(np.int64).T
-        out += dot.astype(np.float32) * block_scales[:, b][None, :]
-    return out / s[:, None]
-
-
 def rms_norm(x, w, eps):
     x64 = x.astype(np.float64)
     return (x64 / np.sqrt((x64 ** 2).mean(axis=1, keepdims=True) + eps) * w).astype(np.float32)

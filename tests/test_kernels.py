@@ -11,7 +11,7 @@ from kernels.f16 import f16_lut, round_to_f16
 from kernels.norms import rms_norm, rms_norm_parallel
 from kernels.quantize import quantize_rows_i8, quantize_rows_i8_parallel
 from kernels.rope import rope_apply, rope_tables
-from kernels.ternary_matmul import i2s_matmul, i2s_matmul_block_scaled
+from kernels.ternary_matmul import i2s_matmul
 
 RNG = np.random.default_rng(1234)
 
@@ -56,17 +56,6 @@ def test_i2s_matmul_exact(T, M, K):
     out = np.empty((T, M), np.float32)
     i2s_matmul(pack_i2s_codes(w), q, s, sums, scale, out)
     assert np.array_equal(out, naive.ternary_matmul(w, q, s, scale))
-
-
-@pytest.mark.parametrize("T,M,K", [(1, 3, 256), (3, 17, 768)])
-def test_i2s_matmul_block_scaled(T, M, K):
-    w = RNG.integers(-1, 2, size=(M, K)).astype(np.int8)
-    q = RNG.integers(-128, 128, size=(T, K)).astype(np.int8)
-    s = (RNG.random(T) * 100 + 1).astype(np.float32)
-    bsc = (RNG.random((M, K // 256)) + 0.5).astype(np.float32)
-    out = np.empty((T, M), np.float32)
-    i2s_matmul_block_scaled(pack_i2s_codes(w), q, s, np.zeros(T, np.int32), bsc, out)
-    np.testing.assert_allclose(out, naive.ternary_matmul_block_scaled(w, q, s, bsc), rtol=1e-6, atol=1e-4)
 
 
 @pytest.mark.parametrize("T,N", [(1, 256), (3, 2560), (2, 6912)])

@@ -1,7 +1,8 @@
 """Other weight encodings of the same ternary model: TQ1_0, TQ2_0 (upstream ggml's ternary types) and
 BF16 embeddings. The tiny-bitnet I2_S fixture is re-encoded tensor by tensor, so the ternary values are
 bitnet.cpp's; the outputs must then match bitnet.cpp's I2_S reference within the quantized-file tolerance
-(TQ types keep the scale per 256-block as f16, which moves logits by float rounding only)."""
+(TQ types keep the scale per 256-block as f16 and quantize activations per 256 inputs (Q8_K, upstream's
+arithmetic), which moves logits by rounding only)."""
 import numpy as np
 import pytest
 

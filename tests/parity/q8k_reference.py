@@ -8,9 +8,7 @@ of 256 inputs:
     else: iscale = float32(-127 / max); q_j = min(127, round_half_even(float32(iscale * x_j))); d_x = float32(1/iscale)
     y_m = sum over blocks b (in order) of float32(sumi_b) * float32(d_w[m, b] * d_x[b]),
     sumi_b = sum_j (code_mj - 1) * q_j   (integer, exact)
-Ours (kernels/quantize.py + i2s_matmul_block_scaled): one int8 scale per token over the whole row,
-s = 127 / max|x|, q = clamp(round(x * s), -128, 127), y_m = sum_b float32(dot_b) * d_w[m, b] / s.
-For K = 256 the two agree up to float rounding; for K > 256 (ffn_down) upstream's per-block scales differ.
+The engine now computes exactly this (kernels/q8k.py); this slow copy stays as the reference its tests use.
 """
 from __future__ import annotations
 

@@ -193,9 +193,6 @@ def test_upstream_tq2_0_arithmetic_reproduces_upstream(name, model_file, monkeyp
     assert np.median(d) < 1e-4 and (d < 1e-4).mean() > 0.6 and d.max() < TERNARY_TOL.logits
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="TQ1_0/TQ2_0 activations are quantized per token, upstream per 256 inputs (Q8_K); "
-                          "see docs/parity.md. Remove this mark when the TQ kernels follow q8k_reference.")
 @pytest.mark.parametrize("name", TQ_FILES)
 def test_engine_tq2_0_matches_upstream_to_float_rounding(name, model_file):
     if llama_cpp is None:
