@@ -64,3 +64,14 @@ def test_cli_serves_logs_json_and_exits_on_sigterm():
 def test_numeric_flags_validated(flag):
     r = subprocess.run([sys.executable, str(REPO / "serve.py"), flag, "-5"], capture_output=True, text=True)
     assert r.returncode == 2 and flag in r.stderr
+
+
+def test_cache_and_head_type_flags_reach_the_model():
+    from bitnet_py.server_cli import build_parser, make_loader
+    args = build_parser().parse_args(["--model", str(fixture_path("tiny-bitnet", "ggml-model-i2_s.gguf")),
+                                      "--cache-type", "f32", "--head-type", "int8"])
+    model = make_loader(args.model, args.tl2_config, args.cache_type, args.head_type)()
+    assert model.cache_type == "f32" and model.new_kv_cache(2, 16).is_f32
+    assert model.weights.output.i8 is not None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--cache-type", "q4"])
