@@ -8,7 +8,6 @@ With -cnv the prompt is the system message of an interactive chat read from stdi
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 

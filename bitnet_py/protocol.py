@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from bitnet_py.sampling import MAX_TOP_LOGPROBS, SamplingParams, SamplingParamsError, TokenLogprob
+from bitnet_py.sampling import MAX_TOP_LOGPROBS, SamplingParams, SamplingParamsError
 
 MAX_N = 16
 MAX_STOP = 16

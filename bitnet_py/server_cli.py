@@ -155,8 +155,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:        # noqa: BLE001 - numba optional at import time of the CLI
         logger.warning("could not set numba threads: %s", exc)
 
-    import uvicorn
-
     from bitnet_py.engine import Engine, EngineConfig
     from bitnet_py.server import ServerSettings, create_app
     _Server = _server_class()

@@ -13,6 +13,19 @@ from bitnet_py.server import ServerSettings, create_app
 from bitnet_py.server_cli import uvicorn_config
 
 
+def wait_healthy(proc, url: str, timeout: float = 120.0) -> None:
+    """Poll url/health until 200; fail if the subprocess `proc` exits or the timeout passes."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.time() < deadline and proc.poll() is None, "server did not become healthy"
+        time.sleep(0.2)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

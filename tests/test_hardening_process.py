@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from conftest import REPO, fixture_path
-from live_server import free_port
+from live_server import free_port, wait_healthy
 
 MODEL = "tiny-bitnet", "ggml-model-i2_s.gguf"
 
@@ -25,18 +25,6 @@ MODEL = "tiny-bitnet", "ggml-model-i2_s.gguf"
 def spawn(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(REPO / "serve.py"), *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-
-
-def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 120.0) -> None:
-    deadline = time.time() + timeout
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.time() < deadline and proc.poll() is None, "server did not become healthy"
-        time.sleep(0.2)
 
 
 def _metric(url: str, name: str) -> float:

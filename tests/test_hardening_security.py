@@ -5,7 +5,6 @@ from __future__ import annotations
 import hmac
 import logging
 
-import httpx
 import pytest
 
 from bitnet_py.engine import EngineConfig

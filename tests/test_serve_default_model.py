@@ -1,17 +1,15 @@
 """`python serve.py` with no --model serves the trained tiny model bundled in the package (issue 7)."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 
 from conftest import REPO
-from live_server import free_port
+from live_server import free_port, wait_healthy
 
 
 def test_serve_without_model_answers_completions_and_chat():
@@ -21,15 +19,7 @@ def test_serve_without_model_answers_completions_and_chat():
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline and proc.poll() is None, "server did not become healthy"
-            time.sleep(0.3)
+        wait_healthy(proc, url, timeout=180)
         r = httpx.post(url + "/v1/completions", timeout=60,
                        json={"prompt": "The meaning of life is", "max_tokens": 12, "temperature": 0})
         assert r.status_code == 200, r.text

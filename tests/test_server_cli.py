@@ -6,13 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
 from conftest import REPO, fixture_path
-from live_server import free_port
+from live_server import free_port, wait_healthy
 
 
 def spawn(*args: str, env: dict | None = None) -> subprocess.Popen:
@@ -35,15 +34,7 @@ def test_cli_serves_logs_json_and_exits_on_sigterm():
                  "--log-format", "json", "--model-alias", "tiny", env={"BITNET_PY_API_KEY": "k3y"})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline and proc.poll() is None, "server did not become healthy"
-            time.sleep(0.2)
+        wait_healthy(proc, url, timeout=90)
         assert httpx.get(url + "/v1/models", timeout=5).status_code == 401          # key from the environment
         r = httpx.post(url + "/v1/completions", headers={"Authorization": "Bearer k3y"}, timeout=30,
                        json={"prompt": "Once upon a time", "max_tokens": 5, "temperature": 0})

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .constants import I2S_BLOCK, TL2_ROWPERM
+from .constants import TL2_ROWPERM
 from .tl2_tiling import TL2Tile
 
 
