@@ -73,12 +73,6 @@ class ModelWeights:
     output: DenseWeight  # [n_vocab, E]; the tied embedding when the file has no output.weight
 
 
-def pack_i2s_codes(w: np.ndarray) -> np.ndarray:
-    """int8 ternary [M, K] (K % 128 == 0) -> u8[M*K/4] in I2_S layout."""
-    codes = (w.reshape(-1, 4, 32) + 1).astype(np.uint8)  # [blocks, group j//32, p]
-    return (codes[:, 0] << 6 | codes[:, 1] << 4 | codes[:, 2] << 2 | codes[:, 3]).reshape(-1)
-
-
 def tl2_to_i2s(raw: np.ndarray, m: int, k: int, tile: TL2Tile) -> tuple[np.ndarray, np.float32]:
     """TL2 bytes -> (I2_S-packed u8[m*k/4], scale); compiled loops (same decoding as unpack_tl2)."""
     if m % tile.bm or tile.bm % 32 or tile.bk % 24:

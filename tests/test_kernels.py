@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import naive
-from bitnet_py.weights import pack_i2s_codes
+from bitnet_py.gguf.ternary_pack import pack_i2s_codes
 from kernels.activations import relu2_mul, silu_mul
 from kernels.attention import paged_attention
 from kernels.dense import f16_matmul

@@ -142,7 +142,7 @@ def pack_i2s_codes(w: np.ndarray) -> np.ndarray:
     if k % I2S_BLOCK:
         raise ValueError(f"I2_S needs K % {I2S_BLOCK} == 0, got K={k}")
     c = (w.reshape(-1, 4, 32) + 1).astype(np.uint8)  # [blocks, group, p]
-    return (c[:, 0] << 6) | (c[:, 1] << 4) | (c[:, 2] << 2) | c[:, 3]  # [blocks, 32]
+    return ((c[:, 0] << 6) | (c[:, 1] << 4) | (c[:, 2] << 2) | c[:, 3]).reshape(-1)  # u8[M*K/4]
 
 
 def pack_i2s(w: np.ndarray, scale) -> np.ndarray:
