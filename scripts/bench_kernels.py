@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def main(argv=None) -> int:
     import numba
 
-    from bitnet_py.weights import pack_i2s_codes
+    from bitnet_py.gguf.ternary_pack import pack_i2s_codes
     from kernels.select import KERNELS
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="2560x2560,6912x2560,2560x6912", help="MxK list")

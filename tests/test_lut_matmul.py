@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import naive
-from bitnet_py.weights import pack_i2s_codes
+from bitnet_py.gguf.ternary_pack import pack_i2s_codes
 from kernels.lut_matmul import build_tables, lut_matmul, lut_matmul_multi
 
 RNG = np.random.default_rng(77)
