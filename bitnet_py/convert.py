@@ -39,7 +39,7 @@ from .gguf.constants import (FTYPE_ALL_F32, FTYPE_MOSTLY_I2_S, FTYPE_MOSTLY_TL2,
 from .gguf.ternary_pack import (DEFAULT_TORCH_THREADS, absmean_dequant, pack_i2s, pack_tl2, pack_tq2_0,
                                 quantize_i2s_rule)
 from .gguf.tl2_tiling import PRESETS, TL2Tile, default_tile, parse_kernel_config, tiling_to_metadata
-from .gguf.writer import GGUFWriter
+from .gguf.writer import GGUFWriter, counted_parts
 
 log = logging.getLogger(__name__)
 
@@ -201,17 +201,11 @@ def convert(hf_dir: str, outtype: str, out_path: str | None = None, tl2_config: 
             for item in plan.items:
                 if bar is not None:
                     bar.set_postfix_str(item[1], refresh=False)
-                w.write_tensor_parts(item[1], _counted(_tensor_parts(ckpt, item, spec, hp, torch_threads), bar))
+                w.write_tensor_parts(item[1], counted_parts(_tensor_parts(ckpt, item, spec, hp, torch_threads), bar))
             if bar is not None:
                 bar.close()
     return out_path
 
-
-def _counted(parts, bar):
-    for p in parts:
-        if bar is not None:
-            bar.update(p.nbytes)
-        yield p
 
 
 def _progress(total: int, enabled: bool):

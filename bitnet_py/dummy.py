@@ -26,7 +26,7 @@ from .gguf.constants import (FTYPE_ALL_F32, FTYPE_MOSTLY_F16, FTYPE_MOSTLY_I2_S,
                              FTYPE_MOSTLY_TQ2_0, GGMLType, GGUFValueType, Keys)
 from .gguf.ternary_pack import pack_tl2, pack_tq2_0
 from .gguf.tl2_tiling import PRESETS, TL2Tile, default_tile, parse_kernel_config, tiling_to_metadata
-from .gguf.writer import GGUFWriter
+from .gguf.writer import GGUFWriter, counted_parts
 
 log = logging.getLogger(__name__)
 
@@ -188,18 +188,12 @@ def make_dummy(layout: str, qtype: str, out_path: str, seed: int = 0, progress: 
             bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"dummy {layout} {qtype}")
         for name, shape, role, typ, tile in plan:
             parts = _ternary_parts(rng, shape, typ, tile) if role == "ternary" else _float_parts(rng, shape, role, typ)
-            w.write_tensor_parts(name, _counted(parts, bar))
+            w.write_tensor_parts(name, counted_parts(parts, bar))
         if bar is not None:
             bar.close()
     log.info("wrote %s (%s, %s)", out_path, layout, qtype)
     return out_path
 
-
-def _counted(parts, bar):
-    for p in parts:
-        if bar is not None:
-            bar.update(p.nbytes)
-        yield p
 
 
 def main(argv: list[str] | None = None) -> int:

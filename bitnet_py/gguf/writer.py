@@ -116,6 +116,14 @@ def encode_value(value: Any, vtype: int | None = None, etype: int | None = None)
     return head + np.array(items, dtype=GGUF_SCALAR_DTYPES[etype]).tobytes()
 
 
+def counted_parts(parts, bar):
+    """Pass tensor parts through, advancing a tqdm progress bar (or None) by each part's bytes."""
+    for p in parts:
+        if bar is not None:
+            bar.update(p.nbytes)
+        yield p
+
+
 class GGUFWriter:
     def __init__(self, path: str | os.PathLike, alignment: int = GGUF_DEFAULT_ALIGNMENT):
         if alignment <= 0 or alignment & (alignment - 1):
