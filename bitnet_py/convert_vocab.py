@@ -128,7 +128,7 @@ def sentencepiece_metadata(hf_dir: str, config: dict) -> dict:
 
 def bpe_metadata(hf_dir: str, config: dict) -> dict:
     try:
-        from .tokenizer import metadata_from_hf_tokenizer
+        from .tokenizer_hf import metadata_from_hf_tokenizer
     except ImportError as e:  # pragma: no cover - the tokenizer module is part of the package
         raise ValueError(f"BPE tokenizer conversion needs bitnet_py.tokenizer ({e})") from None
     return metadata_from_hf_tokenizer(hf_dir)

@@ -8,7 +8,8 @@ import pytest
 
 from bitnet_py.chat_template import ChatTemplate
 from bitnet_py.gguf.constants import Keys
-from bitnet_py.tokenizer import Tokenizer, metadata_from_hf_tokenizer
+from bitnet_py.tokenizer import Tokenizer
+from bitnet_py.tokenizer_hf import metadata_from_hf_tokenizer
 from conftest import fixture_path, load_reference
 from test_tokenizer import gguf_tokenizer
 

@@ -9,7 +9,8 @@ import pytest
 
 from bitnet_py.gguf.constants import Keys, TokenType
 from bitnet_py.gguf.reader import GGUFFile
-from bitnet_py.tokenizer import Tokenizer, metadata_from_hf_tokenizer
+from bitnet_py.tokenizer import Tokenizer
+from bitnet_py.tokenizer_hf import metadata_from_hf_tokenizer
 from conftest import fixture_path, load_reference
 
 GGUF_CASES = [(m, k) for m in ("tiny-bitnet", "tiny-llama") for k in ("f32", "i2_s", "tl2")]
