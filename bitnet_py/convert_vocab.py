@@ -4,7 +4,7 @@ SentencePiece: the ModelProto is parsed here (protobuf wire format; field 1 = re
 {1: piece, 2: score, 3: type}), so the `sentencepiece` package is not needed. Token types map 1:1 to GGUF's
 (NORMAL 1, UNKNOWN 2, CONTROL 3, USER_DEFINED 4, UNUSED 5, BYTE 6). Special ids come from config.json's
 `*_token_id` (as bitnet.cpp's converter does; there is no tokenizer.json to look them up in), add_bos/add_eos from
-tokenizer_config.json. BPE: `bitnet_py.tokenizer.metadata_from_hf_tokenizer`. Both are padded with `[PAD<i>]`
+tokenizer_config.json. BPE: `bitnet_py.tokenizer_hf.metadata_from_hf_tokenizer`. Both are padded with `[PAD<i>]`
 UNUSED tokens up to the model's vocab_size, and keys are returned in bitnet.cpp's order.
 """
 from __future__ import annotations
