@@ -8,10 +8,13 @@ matched first.
 from __future__ import annotations
 
 import logging
+from array import array
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from .gguf.constants import Keys, TokenType
+from .gguf.string_array import StringArray
 from .tokenizer_bpe import BPEEncoder, bpe_token_bytes
 from .tokenizer_spm import SPM_SPACE, SPMEncoder
 
@@ -39,8 +42,16 @@ def _optional_id(meta: dict, key: str, n_vocab: int) -> int | None:
     return v
 
 
+def _find_texts(tokens: Sequence[str], texts: Iterable[str]) -> dict[str, int]:
+    """{text: last id with that text} for those of `texts` in the vocabulary."""
+    if isinstance(tokens, StringArray):
+        return tokens.find(texts)
+    wanted = set(texts)
+    return {t: i for i, t in enumerate(tokens) if t in wanted}
+
+
 class Tokenizer:
-    def __init__(self, *, model: str, tokens: list[str], token_types, scores=None, merges=None,
+    def __init__(self, *, model: str, tokens: Sequence[str], token_types, scores=None, merges=None,
                  pre: str = "default", bos_id: int | None = None, eos_id: int | None = None,
                  eot_id: int | None = None, eom_id: int | None = None, unk_id: int | None = None,
                  pad_id: int | None = None, add_bos: bool = False, add_eos: bool = False,
@@ -49,12 +60,13 @@ class Tokenizer:
             raise ValueError("the vocabulary (tokenizer.ggml.tokens) is empty")
         self.model = model
         self.pre = pre
-        self.tokens: list[str] = list(tokens)
+        # the vocabulary as given: a GGUF StringArray stays in the file's map (decoded per lookup)
+        self.tokens: Sequence[str] = tokens if isinstance(tokens, StringArray) else list(tokens)
         self.vocab_size: int = len(self.tokens)
         types = np.asarray(token_types if token_types is not None else [TokenType.NORMAL] * self.vocab_size)
         if types.shape != (self.vocab_size,):
             raise ValueError(f"tokenizer.ggml.token_type has shape {types.shape}, vocab has {self.vocab_size}")
-        self.token_types: list[int] = [int(t) for t in types]
+        self.token_types = array("i", types.astype(np.int32).tobytes())  # int32[n_vocab]; items are ints
         self.bos_id, self.eos_id, self.eot_id, self.eom_id = bos_id, eos_id, eot_id, eom_id
         self.unk_id, self.pad_id = unk_id, pad_id
         self.add_bos = bool(add_bos)
@@ -64,26 +76,28 @@ class Tokenizer:
         if model == "gpt2":
             if merges is None:
                 raise ValueError("a gpt2 (BPE) vocabulary needs tokenizer.ggml.merges")
-            self._encoder = BPEEncoder(self.tokens, list(merges), pre)
+            self._encoder = BPEEncoder(self.tokens, merges, pre)
         elif model == "llama":
             self._encoder = SPMEncoder(self.tokens, scores, unk_id)
         else:
             raise ValueError(f"unsupported tokenizer.ggml.model {model!r} (supported: 'gpt2', 'llama')")
 
         if self.eot_id is None:
-            by_text = {t: i for i, t in enumerate(self.tokens) if t in _EOT_CANDIDATES}
+            by_text = _find_texts(self.tokens, _EOT_CANDIDATES)
             self.eot_id = next((by_text[t] for t in _EOT_CANDIDATES if t in by_text), None)
         stops = {i for i in (self.eos_id, self.eot_id, self.eom_id) if i is not None}
-        stops.update(i for i, t in enumerate(self.tokens)
-                     if t in END_OF_TURN_TEXTS and self.token_types[i] in (TokenType.CONTROL, TokenType.USER_DEFINED))
+        # only CONTROL / UNKNOWN / USER_DEFINED entries can stop or be matched in text: decode just those
+        special_ids = np.flatnonzero(np.isin(types, (*_SPECIAL_TYPES, int(TokenType.USER_DEFINED)))).tolist()
+        special = [(i, self.tokens[i], self.token_types[i]) for i in special_ids]
+        stops.update(i for i, t, ttype in special
+                     if t in END_OF_TURN_TEXTS and ttype in (TokenType.CONTROL, TokenType.USER_DEFINED))
         self.stop_ids: frozenset[int] = frozenset(stops)
 
         # special tokens that can be matched in text, longest first: (text, id, needs parse_special)
-        matchable = [(t, i, self.token_types[i] in _SPECIAL_TYPES) for i, t in enumerate(self.tokens)
-                     if t and self.token_types[i] in (*_SPECIAL_TYPES, int(TokenType.USER_DEFINED))]
+        matchable = [(t, i, ttype in _SPECIAL_TYPES) for i, t, ttype in special if t]
         matchable.sort(key=lambda e: -len(e[0].encode("utf-8")))
         self._matchable = matchable
-        self._pieces: list[bytes | None] = [None] * self.vocab_size
+        self._pieces: dict[int, bytes] = {}  # token_bytes cache, filled on use
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
@@ -100,7 +114,7 @@ class Tokenizer:
         if model == "gpt2" and pre in ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral"):
             default_add_bos = True
         return cls(
-            model=str(model), tokens=list(tokens), token_types=meta.get(Keys.TOKEN_TYPE),
+            model=str(model), tokens=tokens, token_types=meta.get(Keys.TOKEN_TYPE),
             scores=meta.get(Keys.SCORES), merges=meta.get(Keys.MERGES), pre=str(pre),
             bos_id=_optional_id(meta, Keys.BOS_ID, n), eos_id=_optional_id(meta, Keys.EOS_ID, n),
             eot_id=_optional_id(meta, Keys.EOT_ID, n), eom_id=_optional_id(meta, Keys.EOM_ID, n),
@@ -184,7 +198,7 @@ class Tokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes of one token, like llama.cpp's llama_token_to_piece(special=True)."""
         tid = self._check_id(token_id)
-        piece = self._pieces[tid]
+        piece = self._pieces.get(tid)
         if piece is None:
             piece = self._make_piece(tid)
             self._pieces[tid] = piece

@@ -10,6 +10,7 @@ this reproduces bitnet.cpp's tokens.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 
 from tokenizers import Regex
 from tokenizers import Tokenizer as HFTokenizer
@@ -75,7 +76,7 @@ def split_merge(merge: str) -> tuple[str, str]:
 class BPEEncoder:
     """Encodes plain text (no special-token matching: the caller splits those off) into token ids."""
 
-    def __init__(self, tokens: list[str], merges: list[str], pre: str):
+    def __init__(self, tokens: Sequence[str], merges: Iterable[str], pre: str):
         if pre not in PRE_TOKENIZERS:
             raise ValueError(
                 f"unsupported tokenizer.ggml.pre {pre!r} for a gpt2 (BPE) vocabulary; "
@@ -84,17 +85,21 @@ class BPEEncoder:
         regexes, ignore_merges = PRE_TOKENIZERS[pre]
         self.pre = pre
         self.ignore_merges = ignore_merges
+        texts = list(tokens)  # decoded once (the GGUF vocabulary may be a lazy StringArray)
         vocab: dict[str, int] = {}
-        for i, t in enumerate(tokens):
+        for i, t in enumerate(texts):
             vocab[t] = i  # a repeated text maps to its last id, as llama.cpp's text->id map does
+        # pairs reuse the vocabulary's str objects, so the ~280k tuples add no strings of their own
         pairs = []
         dropped = 0
         for m in merges:
             left, right = split_merge(m)
-            if left in vocab and right in vocab and left + right in vocab:
-                pairs.append((left, right))
+            li, ri = vocab.get(left), vocab.get(right)
+            if li is not None and ri is not None and left + right in vocab:
+                pairs.append((texts[li], texts[ri]))
             else:
                 dropped += 1
+        del texts
         if dropped:
             log.warning("ignoring %d BPE merges whose pieces or result are not in the vocabulary", dropped)
         model = models.BPE(vocab=vocab, merges=pairs, ignore_merges=ignore_merges, fuse_unk=False,

@@ -3,6 +3,7 @@
 Reads what bitnet.cpp writes (I2_S = 36, TL2 = 39, which the `gguf` package cannot parse) as well as
 upstream types. Every size and offset is checked against the file before anything is mapped, so a
 truncated or lying file fails here with a GGUFError, never later with a crash or a huge allocation.
+Long string arrays (vocabulary, merges) are validated at open but decoded only on access (`StringArray`).
 """
 from __future__ import annotations
 
@@ -16,12 +17,16 @@ import numpy as np
 from .constants import (GGML_BLOCK_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_SCALAR_DTYPES,
                         GGUF_SUPPORTED_VERSIONS, I2S_TAIL_BYTES, TL2_TAIL_BYTES, GGMLType,
                         GGUFValueType, Keys)
+from .string_array import StringArray, scan_string_array
 
 MAX_TENSORS = 1 << 20
 MAX_KV = 1 << 20
 MAX_DIMS = 4
 MAX_STRING = 1 << 28
 MAX_ELEMENTS = 1 << 40
+# String arrays with at least this many elements (the vocabulary and merges of real models) stay in the map as
+# a StringArray, decoded on access; shorter ones become lists.
+LAZY_STRING_ARRAY_MIN = 4096
 
 
 class GGUFError(ValueError):
@@ -107,21 +112,16 @@ class _Cursor:
         start = self.take(n, what)
         return bytes(self.buf[start:start + n]).decode("utf-8", errors="replace")
 
-    def string_array(self, count: int, what: str) -> list[str]:
-        """count strings (u64 length + UTF-8 bytes each), read straight from the map (no copy of the file)."""
-        out = []
-        buf, size, pos = self.buf, self.size, self.pos
-        from_bytes = int.from_bytes
-        for _ in range(count):
-            if pos + 8 > size:
-                raise GGUFError(f"file truncated while reading {what}")
-            n = from_bytes(buf[pos:pos + 8], "little")
-            if n > MAX_STRING or pos + 8 + n > size:
-                raise GGUFError(f"file truncated while reading {what}")
-            out.append(str(buf[pos + 8:pos + 8 + n], "utf-8", "replace"))
-            pos += 8 + n
-        self.pos = pos
-        return out
+    def string_array(self, count: int, what: str) -> list[str] | StringArray:
+        """count strings (u64 length + UTF-8 bytes each), every length checked against the file; long arrays
+        come back as a StringArray over the map, short ones as a list."""
+        try:
+            starts = scan_string_array(self.buf, self.pos, count, self.size, MAX_STRING)
+        except ValueError as e:
+            raise GGUFError(f"{e} while reading {what}") from None
+        self.pos = int(starts[-1])
+        strings = StringArray(self.buf, starts)
+        return strings if count >= LAZY_STRING_ARRAY_MIN else list(strings)
 
 
 def _read_value(cur: _Cursor, vtype: int, key: str) -> Any:
