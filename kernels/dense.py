@@ -13,6 +13,7 @@ from .config import JIT, JIT_PARALLEL, JIT_REDUCE, JIT_REDUCE_PARALLEL
 from .simd import HAVE_AVX2, HAVE_F16C
 
 ROWS_PER_TASK = 64
+F16_ROWS_PER_TASK = 32  # f16_matmul: 32 rows of a 2560-wide head = 160 KiB, kept in L2 across token pairs
 _TWO_POW_112 = np.float32(2.0 ** 112)
 
 
@@ -40,28 +41,50 @@ def f16_matmul_bits(w_bits, x, out):
 
 
 if HAVE_F16C:
-    from .simd import f16_to_f32
+    from .simd import f16_dot1, f16_dot2, f16_to_f32
 
     @njit(**JIT_REDUCE)
-    def _dot_f16(w_row, x_row):
-        """w_row: u16[K] float16 bits; x_row: f32[K] -> float32 dot."""
+    def _f16_tail(w_bits, m, x, t, k0):
+        """sum over k >= k0 of w[m, k] * x[t, k] (the K % 32 values after the SIMD lines)."""
         acc = np.float32(0.0)
-        for k in range(x_row.shape[0]):
-            acc += f16_to_f32(w_row[k]) * x_row[k]
+        for k in range(k0, x.shape[1]):
+            acc += f16_to_f32(w_bits[m, k]) * x[t, k]
         return acc
 
-    @njit(**JIT_REDUCE_PARALLEL)
+    @njit(**JIT_PARALLEL)
     def f16_matmul(w_bits, x, out):
-        """w_bits: u16[M, K] (float16 bits); x: f32[T, K] (f16-representable values) -> out: f32[T, M].
-        Hardware float16 conversion straight from the weights (no row buffer)."""
+        """w_bits: u16[M, K] (float16 bits, C order); x: f32[T, K] (f16-representable values, C order)
+        -> out: f32[T, M]. Hardware float16 conversion straight from the weights (no row buffer), each weight
+        line converted once per two tokens; a token's result does not depend on T."""
         M, K = w_bits.shape
         T = x.shape[0]
-        n_tasks = (M + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+        n_lines = K // 32
+        wf = w_bits.reshape(-1)
+        xf = x.reshape(-1)
+        n_tasks = (M + F16_ROWS_PER_TASK - 1) // F16_ROWS_PER_TASK
         for task in prange(n_tasks):
-            m_end = min(M, (task + 1) * ROWS_PER_TASK)
-            for m in range(task * ROWS_PER_TASK, m_end):
-                for t in range(T):
-                    out[t, m] = _dot_f16(w_bits[m], x[t])
+            m_lo = task * F16_ROWS_PER_TASK
+            m_hi = min(M, m_lo + F16_ROWS_PER_TASK)
+            # token pairs outside, rows inside: a pair's activations stay in L1 while the task's rows (read
+            # from memory for the first pair) come from L2 for the next ones
+            t = 0
+            while t + 2 <= T:
+                for m in range(m_lo, m_hi):
+                    d0 = d1 = np.float32(0.0)
+                    if n_lines:
+                        d0, d1 = f16_dot2(wf, m * K, xf, t * K, K, n_lines)
+                    if n_lines * 32 < K:
+                        d0 += _f16_tail(w_bits, m, x, t, n_lines * 32)
+                        d1 += _f16_tail(w_bits, m, x, t + 1, n_lines * 32)
+                    out[t, m] = d0
+                    out[t + 1, m] = d1
+                t += 2
+            if t < T:
+                for m in range(m_lo, m_hi):
+                    d0 = f16_dot1(wf, m * K, xf, t * K, K, n_lines) if n_lines else np.float32(0.0)
+                    if n_lines * 32 < K:
+                        d0 += _f16_tail(w_bits, m, x, t, n_lines * 32)
+                    out[t, m] = d0
 else:
     f16_matmul = f16_matmul_bits
 

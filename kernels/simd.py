@@ -12,10 +12,16 @@ calling `@njit` function; everything around them stays ordinary Numba code.
   caller subtracts sum(q). Returns an int32 (dot1) or a tuple of int32.
 - `i8_dot(a, a0, b, b0, n_chunks)`: exact int32 dot of 32*n_chunks int8 values of flat arrays a (from a0)
   and b (from b0): sign-extended to i16, `vpmaddwd`, i32 lanes (|sum| < 2^31 for n_chunks < 2^16).
+- `f16_dot{1,2}(w, w0, x, x0, x_stride, n_lines)`: float32 dot products of 32*n_lines float16 weights (u16
+  bits, flat `w` from `w0`) with 1/2 float32 rows of flat `x` (row t at `x0 + t*x_stride`); each weight line is
+  converted once for both rows. Four 8-lane accumulators per row (lane j of vector k sums elements 32i+8k+j),
+  then summed (0+1)+(2+3) and halved 8->4->2->1: the same operations for every row count, so a row's result does
+  not depend on how many rows share the call. Multiply-add contracts to FMA where the host has it.
 - `f16_to_f32(bits)`: u16 float16 bits -> float32 value (exact; `fpext half`, vectorizes to vcvtph2ps).
 
-Overflow: per 128-value block and row, |partial| <= 128 * 2 * 128 = 32768 fits the i32 lanes; i16 lanes
-hold at most 4 pair sums of |2 * 128| * 2 = 2048.
+Overflow: per 128-value block and row, |partial| <= 128 * 2 * 128 = 32768 fits the i32 lanes; an i16 lane
+holds the pair sums of BLOCKS_PER_STEP blocks, at most 2 * 4 * 2 * 2 * 128 = 4096 (vpmaddubsw's saturation at
+32767 is never reached).
 """
 from llvmlite import binding as llvm_binding
 from llvmlite import ir
@@ -29,6 +35,11 @@ except Exception:  # pragma: no cover - exotic hosts
     pass
 HAVE_AVX2 = "avx2" in _FEATURES
 HAVE_F16C = "f16c" in _FEATURES or "neon" in _FEATURES or "fp-armv8" in _FEATURES
+
+# i2s_dot: blocks per loop step (2 x 32 bytes = one 64-byte cache line of weights; their products are summed
+# in i16 lanes before one widening), and how far ahead of the current weights to prefetch
+BLOCKS_PER_STEP = 2
+PREFETCH_BYTES = 2048
 
 _I8 = ir.IntType(8)
 _I16 = ir.IntType(16)
@@ -66,6 +77,14 @@ def _reduce_add(builder, vec):
     return builder.extract_element(vec, ir.Constant(_I32, 0))
 
 
+def _prefetch(builder, ptr):
+    """Software prefetch of the cache line at ptr (read, high locality): the weights of a matmul are
+    streamed once from a memory map of 4 KiB pages, where the hardware prefetchers stop at each page end."""
+    fn = _get_or_insert(builder.module, "llvm.prefetch.p0i8",
+                        ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]))
+    builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+
+
 def _make_i2s_dot(n_rows):
     @intrinsic
     def i2s_dot(typingctx, packed, w0, q, q0, q_stride, n_blocks):
@@ -76,6 +95,10 @@ def _make_i2s_dot(n_rows):
             packed_v, w0_v, q_v, q0_v, stride_v, nb_v = args
             pty, wty, qty, q0ty, sty, nbty = signature.args
             i64 = ir.IntType(64)
+
+            def c64(v):
+                return ir.Constant(i64, v)
+
             w0_v = context.cast(builder, w0_v, wty, types.int64)
             q0_v = context.cast(builder, q0_v, q0ty, types.int64)
             stride_v = context.cast(builder, stride_v, sty, types.int64)
@@ -85,41 +108,82 @@ def _make_i2s_dot(n_rows):
                                      ir.FunctionType(_V16I16, [_V32I8, _V32I8]))
             maddwd = _get_or_insert(module, "llvm.x86.avx2.pmadd.wd", ir.FunctionType(_V8I32, [_V16I16, _V16I16]))
             wbase = _data_ptr(context, builder, pty, packed_v, w0_v)
-            qbases = [_data_ptr(context, builder, qty, q_v,
-                                builder.add(q0_v, builder.mul(stride_v, ir.Constant(i64, t))))
+            qbases = [_data_ptr(context, builder, qty, q_v, builder.add(q0_v, builder.mul(stride_v, c64(t))))
                       for t in range(n_rows)]
             ones16 = _splat(_I16, 1, 16)
             three = _splat(_I8, 3, 32)
             zero = ir.Constant(_V8I32, None)
+
+            def blocks(first, count, accs):
+                """Blocks first .. first+count-1: products summed in i16 lanes, then widened once."""
+                s16 = [None] * n_rows
+                for u in range(count):
+                    blk = builder.add(first, c64(u)) if u else first
+                    woff = builder.mul(blk, c64(32))
+                    if u == 0:
+                        _prefetch(builder, builder.gep(wbase, [builder.add(woff, c64(PREFETCH_BYTES))]))
+                    wb = builder.load(builder.bitcast(builder.gep(wbase, [woff]), _V32I8.as_pointer()), align=1)
+                    codes = [builder.and_(builder.lshr(wb, _splat(_I8, s, 32)), three) if s
+                             else builder.and_(wb, three) for s in (6, 4, 2, 0)]
+                    for t in range(n_rows):
+                        qb = builder.gep(qbases[t], [builder.mul(blk, c64(128))])
+                        for j in range(4):
+                            qp = builder.bitcast(builder.gep(qb, [c64(32 * j)]), _V32I8.as_pointer())
+                            prod = builder.call(maddubs, [codes[j], builder.load(qp, align=1)])
+                            s16[t] = prod if s16[t] is None else builder.add(s16[t], prod)
+                return [builder.add(accs[t], builder.call(maddwd, [s16[t], ones16])) for t in range(n_rows)]
+
+            def phis(incoming):
+                out = []
+                for t in range(n_rows):
+                    p = builder.phi(_V8I32)
+                    for value, block in incoming:
+                        p.add_incoming(value[t], block)
+                    out.append(p)
+                return out
+
+            # main loop: BLOCKS_PER_STEP blocks per iteration (one cache line of weights), then single blocks
+            n_steps = builder.sdiv(nb_v, c64(BLOCKS_PER_STEP))
+            tail_start = builder.mul(n_steps, c64(BLOCKS_PER_STEP))
+            zeros = [zero] * n_rows
             entry = builder.block
-            loop = builder.append_basic_block("i2s_loop")
+            main = builder.append_basic_block("i2s_main")
+            after_main = builder.append_basic_block("i2s_after_main")
+            tail = builder.append_basic_block("i2s_tail")
             done = builder.append_basic_block("i2s_done")
-            builder.branch(loop)
-            builder.position_at_end(loop)
+            builder.cbranch(builder.icmp_signed(">", n_steps, c64(0)), main, after_main)
+
+            builder.position_at_end(main)
             i = builder.phi(i64)
             accs = [builder.phi(_V8I32) for _ in range(n_rows)]
-            wp = builder.bitcast(builder.gep(wbase, [builder.mul(i, ir.Constant(i64, 32))]), _V32I8.as_pointer())
-            wb = builder.load(wp, align=1)
-            codes = [builder.and_(builder.lshr(wb, _splat(_I8, s, 32)), three) if s else builder.and_(wb, three)
-                     for s in (6, 4, 2, 0)]
-            new_accs = []
+            new = blocks(builder.mul(i, c64(BLOCKS_PER_STEP)), BLOCKS_PER_STEP, accs)
+            i_next = builder.add(i, c64(1))
+            i.add_incoming(c64(0), entry)
+            i.add_incoming(i_next, main)
             for t in range(n_rows):
-                qb = builder.gep(qbases[t], [builder.mul(i, ir.Constant(i64, 128))])
-                s16 = None
-                for j in range(4):
-                    qp = builder.bitcast(builder.gep(qb, [ir.Constant(i64, 32 * j)]), _V32I8.as_pointer())
-                    prod = builder.call(maddubs, [codes[j], builder.load(qp, align=1)])
-                    s16 = prod if s16 is None else builder.add(s16, prod)
-                new_accs.append(builder.add(accs[t], builder.call(maddwd, [s16, ones16])))
-            i_next = builder.add(i, ir.Constant(i64, 1))
-            i.add_incoming(ir.Constant(i64, 0), entry)
-            i.add_incoming(i_next, loop)
-            for a, na in zip(accs, new_accs):
-                a.add_incoming(zero, entry)
-                a.add_incoming(na, loop)
-            builder.cbranch(builder.icmp_signed("<", i_next, nb_v), loop, done)
+                accs[t].add_incoming(zero, entry)
+                accs[t].add_incoming(new[t], main)
+            builder.cbranch(builder.icmp_signed("<", i_next, n_steps), main, after_main)
+
+            builder.position_at_end(after_main)
+            mid = phis([(zeros, entry), (new, main)])
+            builder.cbranch(builder.icmp_signed("<", tail_start, nb_v), tail, done)
+
+            builder.position_at_end(tail)
+            j = builder.phi(i64)
+            taccs = [builder.phi(_V8I32) for _ in range(n_rows)]
+            tnew = blocks(j, 1, taccs)
+            j_next = builder.add(j, c64(1))
+            j.add_incoming(tail_start, after_main)
+            j.add_incoming(j_next, tail)
+            for t in range(n_rows):
+                taccs[t].add_incoming(mid[t], after_main)
+                taccs[t].add_incoming(tnew[t], tail)
+            builder.cbranch(builder.icmp_signed("<", j_next, nb_v), tail, done)
+
             builder.position_at_end(done)
-            sums = [_reduce_add(builder, na) for na in new_accs]
+            final = phis([(mid, after_main), (tnew, tail)])
+            sums = [_reduce_add(builder, f) for f in final]
             if n_rows == 1:
                 return sums[0]
             return context.make_tuple(builder, signature.return_type, sums)
@@ -175,6 +239,83 @@ def i8_dot(typingctx, a, a0, b, b0, n_chunks):
         return _reduce_add(builder, builder.add(new_accs[0], new_accs[1]))
 
     return sig, codegen
+
+
+def _make_f16_dot(n_rows):
+    @intrinsic
+    def f16_dot(typingctx, w, w0, x, x0, x_stride, n_lines):
+        ret = types.float32 if n_rows == 1 else types.UniTuple(types.float32, n_rows)
+        sig = ret(w, w0, x, x0, x_stride, n_lines)
+
+        def codegen(context, builder, signature, args):
+            w_v, w0_v, x_v, x0_v, stride_v, n_v = args
+            wty, w0ty, xty, x0ty, sty, nty = signature.args
+            i64 = ir.IntType(64)
+            f32 = ir.FloatType()
+            v8f32 = ir.VectorType(f32, 8)
+            v8i16 = ir.VectorType(_I16, 8)
+            v8f16 = ir.VectorType(ir.HalfType(), 8)
+
+            def c64(v):
+                return ir.Constant(i64, v)
+
+            w0_v = context.cast(builder, w0_v, w0ty, types.int64)
+            x0_v = context.cast(builder, x0_v, x0ty, types.int64)
+            stride_v = context.cast(builder, stride_v, sty, types.int64)
+            n_v = context.cast(builder, n_v, nty, types.int64)
+            wbase = _data_ptr(context, builder, wty, w_v, w0_v)  # u16 elements
+            xbases = [_data_ptr(context, builder, xty, x_v, builder.add(x0_v, builder.mul(stride_v, c64(t))))
+                      for t in range(n_rows)]
+            zero = ir.Constant(v8f32, None)
+            entry = builder.block
+            loop = builder.append_basic_block("f16_loop")
+            done = builder.append_basic_block("f16_done")
+            builder.branch(loop)
+            builder.position_at_end(loop)
+            i = builder.phi(i64)
+            accs = [[builder.phi(v8f32) for _ in range(4)] for _ in range(n_rows)]
+            base = builder.mul(i, c64(32))  # 32 halves = one 64-byte line
+            wi8 = builder.bitcast(wbase, _I8.as_pointer())
+            _prefetch(builder, builder.gep(wi8, [builder.add(builder.mul(base, c64(2)), c64(PREFETCH_BYTES))]))
+            new = [[None] * 4 for _ in range(n_rows)]
+            for j in range(4):
+                wp = builder.bitcast(builder.gep(wbase, [builder.add(base, c64(8 * j))]), v8i16.as_pointer())
+                wf = builder.fpext(builder.bitcast(builder.load(wp, align=2), v8f16), v8f32)
+                for t in range(n_rows):
+                    xp = builder.bitcast(builder.gep(xbases[t], [builder.add(base, c64(8 * j))]), v8f32.as_pointer())
+                    prod = builder.fmul(wf, builder.load(xp, align=4), flags=["contract"])
+                    new[t][j] = builder.fadd(accs[t][j], prod, flags=["contract"])
+            i_next = builder.add(i, c64(1))
+            i.add_incoming(c64(0), entry)
+            i.add_incoming(i_next, loop)
+            for t in range(n_rows):
+                for j in range(4):
+                    accs[t][j].add_incoming(zero, entry)
+                    accs[t][j].add_incoming(new[t][j], loop)
+            builder.cbranch(builder.icmp_signed("<", i_next, n_v), loop, done)
+            builder.position_at_end(done)
+            sums = []
+            for t in range(n_rows):
+                v = builder.fadd(builder.fadd(new[t][0], new[t][1]), builder.fadd(new[t][2], new[t][3]))
+                n = 8
+                while n > 1:  # lanes (0..n/2) + (n/2..n), the same order for every row count
+                    half = n // 2
+                    lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, half), list(range(half))))
+                    hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, half), list(range(half, n))))
+                    v = builder.fadd(lo, hi)
+                    n = half
+                sums.append(builder.extract_element(v, ir.Constant(_I32, 0)))
+            if n_rows == 1:
+                return sums[0]
+            return context.make_tuple(builder, signature.return_type, sums)
+
+        return sig, codegen
+
+    return f16_dot
+
+
+f16_dot1 = _make_f16_dot(1)
+f16_dot2 = _make_f16_dot(2)
 
 
 @intrinsic

@@ -219,6 +219,20 @@ def test_f16_matmul_fast_and_bits(T, M, K):
     assert (f16_matmul is not f16_matmul_bits) == HAVE_F16C
 
 
+@pytest.mark.parametrize("K", [2560, 100])
+def test_f16_matmul_rows_do_not_depend_on_batch(K):
+    # a token's logits must be bit-identical whether it is alone or in a batch (server: alone == batch of 8)
+    M, T = 97, 7
+    w = _bits((RNG.standard_normal((M, K)) * 0.05).astype(np.float32))
+    x = _f16(RNG.standard_normal((T, K)).astype(np.float32))
+    batched = np.empty((T, M), np.float32)
+    f16_matmul(w, x, batched)
+    for t in range(T):
+        alone = np.empty((1, M), np.float32)
+        f16_matmul(w, np.ascontiguousarray(x[t:t + 1]), alone)
+        assert np.array_equal(alone[0].view(np.uint32), batched[t].view(np.uint32))
+
+
 def test_f16_to_f32_every_half():
     if not HAVE_F16C:
         pytest.skip("host converts float16 with bit operations only")
