@@ -123,28 +123,38 @@ def _i8_dot_plain(wq, m, xq, t):
 
 
 if HAVE_AVX2:
-    from .simd import i8_dot
+    from .simd import i8_dot_abs
 
-    @njit(**JIT)
-    def _i8_dot(wq, m, xq, t):
-        K = wq.shape[1]
+    @njit(**JIT_PARALLEL)
+    def i8_matmul(wq, row_scales, xq, x_scales, out):
+        """wq: i8[M, K] (C order); row_scales: f32[M]; xq: i8[T, K] with x ~= xq / x_scales (per-token absmax,
+        as the ternary path) -> out: f32[T, M] = float32(exact int dot) * row_scale / x_scale.
+        SIMD: sign-transfer + u8 x i8 multiply-add, weights prefetched."""
+        M, K = wq.shape
+        T = xq.shape[0]
         n = K // 32
-        acc = i8_dot(wq.reshape(-1), m * K, xq.reshape(-1), t * K, n) if n else 0
-        for k in range(n * 32, K):
-            acc += np.int32(wq[m, k]) * np.int32(xq[t, k])
-        return acc
+        xa = np.empty((T, K), np.uint8)  # |x| (128 for -128)
+        for t in range(T):
+            for k in range(K):
+                xa[t, k] = np.uint8(abs(np.int32(xq[t, k])))
+        wf, xf, xaf = wq.reshape(-1), xq.reshape(-1), xa.reshape(-1)
+        n_tasks = (M + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+        for task in prange(n_tasks):
+            for m in range(task * ROWS_PER_TASK, min(M, (task + 1) * ROWS_PER_TASK)):
+                for t in range(T):
+                    acc = i8_dot_abs(wf, m * K, xf, xaf, t * K, n) if n else 0
+                    for k in range(n * 32, K):
+                        acc += np.int32(wq[m, k]) * np.int32(xq[t, k])
+                    out[t, m] = np.float32(acc) * row_scales[m] / x_scales[t]
 else:
-    _i8_dot = _i8_dot_plain
-
-
-@njit(**JIT_PARALLEL)
-def i8_matmul(wq, row_scales, xq, x_scales, out):
-    """wq: i8[M, K] (C order); row_scales: f32[M]; xq: i8[T, K] with x ~= xq / x_scales (per-token absmax,
-    as the ternary path) -> out: f32[T, M] = float32(exact int dot) * row_scale / x_scale."""
-    M = wq.shape[0]
-    T = xq.shape[0]
-    n_tasks = (M + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    for task in prange(n_tasks):
-        for m in range(task * ROWS_PER_TASK, min(M, (task + 1) * ROWS_PER_TASK)):
-            for t in range(T):
-                out[t, m] = np.float32(_i8_dot(wq, m, xq, t)) * row_scales[m] / x_scales[t]
+    @njit(**JIT_PARALLEL)
+    def i8_matmul(wq, row_scales, xq, x_scales, out):
+        """wq: i8[M, K] (C order); row_scales: f32[M]; xq: i8[T, K] with x ~= xq / x_scales (per-token absmax,
+        as the ternary path) -> out: f32[T, M] = float32(exact int dot) * row_scale / x_scale."""
+        M = wq.shape[0]
+        T = xq.shape[0]
+        n_tasks = (M + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+        for task in prange(n_tasks):
+            for m in range(task * ROWS_PER_TASK, min(M, (task + 1) * ROWS_PER_TASK)):
+                for t in range(T):
+                    out[t, m] = np.float32(_i8_dot_plain(wq, m, xq, t)) * row_scales[m] / x_scales[t]
