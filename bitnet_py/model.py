@@ -37,7 +37,7 @@ from .weights import DenseWeight, ModelWeights, TernaryWeight, embedding_rows, i
 
 log = logging.getLogger(__name__)
 
-PARALLEL_ROWS = 16  # row-wise kernels (norms, quantization) go multi-threaded from this many tokens
+PARALLEL_ROWS = 4  # row-wise kernels (norms, quantization) go multi-threaded from this many tokens
 HEAD_ACT_FLOOR = 1e-5  # int8 head: activation absmax floor (as I2_S)
 HEAD_TYPES = ("f16", "int8")
 

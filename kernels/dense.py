@@ -123,7 +123,7 @@ def _i8_dot_plain(wq, m, xq, t):
 
 
 if HAVE_AVX2:
-    from .simd import i8_dot_abs
+    from .simd import i8_dot_abs1, i8_dot_abs2
 
     @njit(**JIT_PARALLEL)
     def i8_matmul(wq, row_scales, xq, x_scales, out):
@@ -140,12 +140,26 @@ if HAVE_AVX2:
         wf, xf, xaf = wq.reshape(-1), xq.reshape(-1), xa.reshape(-1)
         n_tasks = (M + ROWS_PER_TASK - 1) // ROWS_PER_TASK
         for task in prange(n_tasks):
-            for m in range(task * ROWS_PER_TASK, min(M, (task + 1) * ROWS_PER_TASK)):
-                for t in range(T):
-                    acc = i8_dot_abs(wf, m * K, xf, xaf, t * K, n) if n else 0
+            m_lo = task * ROWS_PER_TASK
+            m_hi = min(M, m_lo + ROWS_PER_TASK)
+            # token pairs outside, rows inside: a pair's activations stay in L1, the task's rows in L2
+            t = 0
+            while t < T:
+                two = t + 2 <= T
+                for m in range(m_lo, m_hi):
+                    a0 = a1 = 0
+                    if n and two:
+                        a0, a1 = i8_dot_abs2(wf, m * K, xf, xaf, t * K, K, n)
+                    elif n:
+                        a0 = i8_dot_abs1(wf, m * K, xf, xaf, t * K, K, n)
                     for k in range(n * 32, K):
-                        acc += np.int32(wq[m, k]) * np.int32(xq[t, k])
-                    out[t, m] = np.float32(acc) * row_scales[m] / x_scales[t]
+                        a0 += np.int32(wq[m, k]) * np.int32(xq[t, k])
+                        if two:
+                            a1 += np.int32(wq[m, k]) * np.int32(xq[t + 1, k])
+                    out[t, m] = np.float32(a0) * row_scales[m] / x_scales[t]
+                    if two:
+                        out[t + 1, m] = np.float32(a1) * row_scales[m] / x_scales[t + 1]
+                t += 2
 else:
     @njit(**JIT_PARALLEL)
     def i8_matmul(wq, row_scales, xq, x_scales, out):

@@ -10,8 +10,10 @@ calling `@njit` function; everything around them stays ordinary Numba code.
   `n_blocks` I2_S blocks (32 bytes = 128 codes each, starting at byte `w0` of `packed`) with 1/2/4 int8
   activation rows (`q` flat i8, row t at `q0 + t*q_stride`), as sum(code * q) with code in {0, 1, 2}; the
   caller subtracts sum(q). Returns an int32 (dot1) or a tuple of int32.
-- `i8_dot_abs(w, w0, x, xabs, x0, n_chunks)`: exact int32 dot of 32*n_chunks int8 values (int8 head):
-  `vpsignb` moves the sign of x onto w, `vpmaddubsw` multiplies by |x| (|sum| < 2^31 for n_chunks < 2^15).
+- `i8_dot_abs{1,2}(w, w0, x, xabs, x0, x_stride, n_chunks)`: exact int32 dots of 32*n_chunks int8 weights
+  (flat `w` from `w0`) with 1/2 int8 rows of flat `x` (row t at `x0 + t*x_stride`; `xabs` = |x| as u8 at the
+  same offsets), for the int8 head: `vpsignb` moves the sign of x onto w, `vpmaddubsw` multiplies by |x| (pair
+  sums <= 2 * 128 * 127 never saturate), `vpmaddwd` widens; weights loaded once for both rows and prefetched.
 - `f16_dot{1,2}(w, w0, x, x0, x_stride, n_lines)`: float32 dot products of 32*n_lines float16 weights (u16
   bits, flat `w` from `w0`) with 1/2 float32 rows of flat `x` (row t at `x0 + t*x_stride`); each weight line is
   converted once for both rows. Four 8-lane accumulators per row (lane j of vector k sums elements 32i+8k+j),
@@ -198,55 +200,69 @@ i2s_dot2 = _make_i2s_dot(2)
 i2s_dot4 = _make_i2s_dot(4)
 
 
-@intrinsic
-def i8_dot_abs(typingctx, w, w0, x, xabs, x0, n_chunks):
-    """Exact int32 dot of 32*n_chunks int8 values: w (flat i8 from w0) with x (flat i8 from x0), given
-    xabs = |x| as u8 at the same offsets: sum(|x| * sign(x) * w) with `vpsignb` + `vpmaddubsw` (pair sums
-    <= 2 * 128 * 127 = 32512 never saturate) + `vpmaddwd`; prefetches the weights PREFETCH_BYTES ahead."""
-    sig = types.int32(w, w0, x, xabs, x0, n_chunks)
+def _make_i8_dot_abs(n_rows):
+    @intrinsic
+    def i8_dot_abs(typingctx, w, w0, x, xabs, x0, x_stride, n_chunks):
+        ret = types.int32 if n_rows == 1 else types.UniTuple(types.int32, n_rows)
+        sig = ret(w, w0, x, xabs, x0, x_stride, n_chunks)
 
-    def codegen(context, builder, signature, args):
-        w_v, w0_v, x_v, xa_v, x0_v, n_v = args
-        wty, w0ty, xty, xaty, x0ty, nty = signature.args
-        i64 = ir.IntType(64)
-        w0_v = context.cast(builder, w0_v, w0ty, types.int64)
-        x0_v = context.cast(builder, x0_v, x0ty, types.int64)
-        n_v = context.cast(builder, n_v, nty, types.int64)
-        module = builder.module
-        maddubs = _get_or_insert(module, "llvm.x86.avx2.pmadd.ub.sw", ir.FunctionType(_V16I16, [_V32I8, _V32I8]))
-        maddwd = _get_or_insert(module, "llvm.x86.avx2.pmadd.wd", ir.FunctionType(_V8I32, [_V16I16, _V16I16]))
-        psign = _get_or_insert(module, "llvm.x86.avx2.psign.b", ir.FunctionType(_V32I8, [_V32I8, _V32I8]))
-        wbase = _data_ptr(context, builder, wty, w_v, w0_v)
-        xbase = _data_ptr(context, builder, xty, x_v, x0_v)
-        xabase = _data_ptr(context, builder, xaty, xa_v, x0_v)
-        ones16 = _splat(_I16, 1, 16)
-        entry = builder.block
-        loop = builder.append_basic_block("i8s_loop")
-        done = builder.append_basic_block("i8s_done")
-        builder.branch(loop)
-        builder.position_at_end(loop)
-        i = builder.phi(i64)
-        acc = builder.phi(_V8I32)
-        off = builder.mul(i, ir.Constant(i64, 32))
+        def codegen(context, builder, signature, args):
+            w_v, w0_v, x_v, xa_v, x0_v, stride_v, n_v = args
+            wty, w0ty, xty, xaty, x0ty, sty, nty = signature.args
+            i64 = ir.IntType(64)
+            w0_v = context.cast(builder, w0_v, w0ty, types.int64)
+            x0_v = context.cast(builder, x0_v, x0ty, types.int64)
+            stride_v = context.cast(builder, stride_v, sty, types.int64)
+            n_v = context.cast(builder, n_v, nty, types.int64)
+            module = builder.module
+            maddubs = _get_or_insert(module, "llvm.x86.avx2.pmadd.ub.sw",
+                                     ir.FunctionType(_V16I16, [_V32I8, _V32I8]))
+            maddwd = _get_or_insert(module, "llvm.x86.avx2.pmadd.wd", ir.FunctionType(_V8I32, [_V16I16, _V16I16]))
+            psign = _get_or_insert(module, "llvm.x86.avx2.psign.b", ir.FunctionType(_V32I8, [_V32I8, _V32I8]))
+            wbase = _data_ptr(context, builder, wty, w_v, w0_v)
+            offs = [builder.add(x0_v, builder.mul(stride_v, ir.Constant(i64, t))) for t in range(n_rows)]
+            xbases = [_data_ptr(context, builder, xty, x_v, o) for o in offs]
+            xabases = [_data_ptr(context, builder, xaty, xa_v, o) for o in offs]
+            ones16 = _splat(_I16, 1, 16)
+            entry = builder.block
+            loop = builder.append_basic_block("i8s_loop")
+            done = builder.append_basic_block("i8s_done")
+            builder.branch(loop)
+            builder.position_at_end(loop)
+            i = builder.phi(i64)
+            accs = [builder.phi(_V8I32) for _ in range(n_rows)]
+            off = builder.mul(i, ir.Constant(i64, 32))
 
-        def load(base):
-            return builder.load(builder.bitcast(builder.gep(base, [off]), _V32I8.as_pointer()), align=1)
+            def load(base):
+                return builder.load(builder.bitcast(builder.gep(base, [off]), _V32I8.as_pointer()), align=1)
 
-        wi8 = builder.bitcast(wbase, _I8.as_pointer())
-        _prefetch(builder, builder.gep(wi8, [builder.add(off, ir.Constant(i64, PREFETCH_BYTES))]))
-        signed_w = builder.call(psign, [load(wbase), load(xbase)])
-        prod = builder.call(maddubs, [load(xabase), signed_w])
-        new_acc = builder.add(acc, builder.call(maddwd, [prod, ones16]))
-        i_next = builder.add(i, ir.Constant(i64, 1))
-        i.add_incoming(ir.Constant(i64, 0), entry)
-        i.add_incoming(i_next, loop)
-        acc.add_incoming(ir.Constant(_V8I32, None), entry)
-        acc.add_incoming(new_acc, loop)
-        builder.cbranch(builder.icmp_signed("<", i_next, n_v), loop, done)
-        builder.position_at_end(done)
-        return _reduce_add(builder, new_acc)
+            wi8 = builder.bitcast(wbase, _I8.as_pointer())
+            _prefetch(builder, builder.gep(wi8, [builder.add(off, ir.Constant(i64, PREFETCH_BYTES))]))
+            wv = load(wbase)
+            new = []
+            for t in range(n_rows):
+                prod = builder.call(maddubs, [load(xabases[t]), builder.call(psign, [wv, load(xbases[t])])])
+                new.append(builder.add(accs[t], builder.call(maddwd, [prod, ones16])))
+            i_next = builder.add(i, ir.Constant(i64, 1))
+            i.add_incoming(ir.Constant(i64, 0), entry)
+            i.add_incoming(i_next, loop)
+            for acc, na in zip(accs, new):
+                acc.add_incoming(ir.Constant(_V8I32, None), entry)
+                acc.add_incoming(na, loop)
+            builder.cbranch(builder.icmp_signed("<", i_next, n_v), loop, done)
+            builder.position_at_end(done)
+            sums = [_reduce_add(builder, na) for na in new]
+            if n_rows == 1:
+                return sums[0]
+            return context.make_tuple(builder, signature.return_type, sums)
 
-    return sig, codegen
+        return sig, codegen
+
+    return i8_dot_abs
+
+
+i8_dot_abs1 = _make_i8_dot_abs(1)
+i8_dot_abs2 = _make_i8_dot_abs(2)
 
 
 def _make_f16_dot(n_rows):
