@@ -128,3 +128,11 @@ def test_2b4t_size_vocabulary_read_lazily_tokenizes_like_the_lists(tmp_path):
     for i in rng.integers(0, 128256, 2000).tolist() + list(range(128000, 128256)):
         assert lazy.token_bytes(i) == eager.token_bytes(i)
         assert lazy.is_special(i) == eager.is_special(i)
+
+
+def test_lazy_array_written_back_round_trips(tmp_path, long_file):
+    # converters and tools copy a model's metadata into a new file: a StringArray must be writable
+    arr = GGUFFile(long_file).metadata["x.long"]
+    assert isinstance(arr, StringArray)
+    copy = GGUFFile(_write(tmp_path / "copy.gguf", {"x.long": arr}))
+    assert copy.metadata["x.long"] == LONG

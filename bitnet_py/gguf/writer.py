@@ -24,6 +24,7 @@ import numpy as np
 
 from .constants import GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_SCALAR_DTYPES, GGUFValueType, Keys
 from .reader import tensor_nbytes, type_name
+from .string_array import StringArray
 
 log = logging.getLogger(__name__)
 GGUF_WRITE_VERSION = 3
@@ -62,7 +63,7 @@ def _infer_scalar(v: Any) -> int:
         return GGUFValueType.FLOAT32
     if isinstance(v, str):
         return GGUFValueType.STRING
-    if isinstance(v, (list, tuple, np.ndarray)):
+    if isinstance(v, (list, tuple, np.ndarray, StringArray)):
         return GGUFValueType.ARRAY
     raise GGUFWriteError(f"cannot store a {type(v).__name__} in GGUF metadata")
 
