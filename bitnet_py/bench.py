@@ -206,17 +206,20 @@ def run(args) -> dict:
                 continue
             toks = rng.integers(0, vocab, p)
             run_prefill(model, kv, tables, toks)  # warm-up (compiles this shape's kernels)
+            c0 = cpu_times()
             times = [run_prefill(model, kv, tables, toks) for _ in range(args.repetitions)]
             results.append(dict(test=f"pp{p}", threads=nt, n=p, load=os.getloadavg()[0],
-                                tok_s=stats([p / t for t in times])))
+                                steal_pct=steal_pct(c0, cpu_times()), tok_s=stats([p / t for t in times])))
             _progress(results[-1])
         for n in args.n_gen:
             if n == 0:
                 continue
             toks = rng.integers(0, vocab, n)
             run_decode(model, kv, tables, toks[:min(n, 4)])  # warm-up
+            c0 = cpu_times()
             times = [run_decode(model, kv, tables, toks) for _ in range(args.repetitions)]
-            r = dict(test=f"tg{n}", threads=nt, n=n, load=os.getloadavg()[0], tok_s=stats([n / t for t in times]))
+            r = dict(test=f"tg{n}", threads=nt, n=n, load=os.getloadavg()[0], steal_pct=steal_pct(c0, cpu_times()),
+                     tok_s=stats([n / t for t in times]))
             roof = bandwidth[nt] * 1e9 / db["total"]
             r["roofline_tok_s"] = roof
             r["roofline_pct"] = 100 * r["tok_s"]["median"] / roof
@@ -238,9 +241,31 @@ def run(args) -> dict:
                 decode_bytes=db, results=results, cpu=_cpu_name(), n_cpu=os.cpu_count())
 
 
+def cpu_times() -> tuple[int, int] | None:
+    """(steal, total) jiffies of all CPUs from /proc/stat (Linux), else None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def steal_pct(before, after) -> float | None:
+    """Share of CPU time the hypervisor gave to other guests between two cpu_times() readings: on shared
+    cloud hosts this explains runs that are slower for no reason in this process."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return 100.0 * (after[0] - before[0]) / (after[1] - before[1])
+
+
+def _fmt_steal(r: dict) -> str:
+    return "-" if r.get("steal_pct") is None else f"{r['steal_pct']:.0f} %"
+
+
 def _progress(r: dict) -> None:
-    print(f"  {r['test']} t={r['threads']}: {r['tok_s']['median']:.2f} tok/s (load avg {r['load']:.1f})",
-          file=sys.stderr, flush=True)
+    print(f"  {r['test']} t={r['threads']}: {r['tok_s']['median']:.2f} tok/s (load avg {r['load']:.1f}, "
+          f"steal {_fmt_steal(r)})", file=sys.stderr, flush=True)
 
 
 def _cpu_name() -> str:
@@ -259,14 +284,14 @@ def markdown(res: dict) -> str:
     lines = [f"model: `{res['model']}` ({res['arch']}, {res['type']}, {res['file_bytes'] / 2**30:.2f} GiB), "
              f"cpu: {res['cpu']} x{res['n_cpu']}, numba threading layer: {res['threading_layer']}, "
              f"ternary kernel: {res['kernel']}, head: {res['head_type']}", "",
-             "| test | threads | tok/s (mean ± sd) | median | load avg | roofline % | vs bitnet.cpp |",
-             "|---|---|---|---|---|---|---|"]
+             "| test | threads | tok/s (mean ± sd) | median | load avg | steal | roofline % | vs bitnet.cpp |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in res["results"]:
         s = r["tok_s"]
         roof = f"{r['roofline_pct']:.0f} % of {r['roofline_tok_s']:.1f}" if "roofline_pct" in r else "-"
         vs = f"{r['vs_bitnet_cpp']:.2f}x ({r['bitnet_cpp_tok_s']})" if "vs_bitnet_cpp" in r else "-"
         lines.append(f"| {r['test']} | {r['threads']} | {s['mean']:.2f} ± {s['sd']:.2f} | {s['median']:.2f} | "
-                     f"{r['load']:.1f} | {roof} | {vs} |")
+                     f"{r['load']:.1f} | {_fmt_steal(r)} | {roof} | {vs} |")
     db = res["decode_bytes"]
     lines += ["", f"- model load: {res['load_ms']:.0f} ms"]
     if res["jit"]:

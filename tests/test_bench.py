@@ -40,7 +40,7 @@ def test_bench_markdown_and_kernel_choice(capsys):
     assert bench.main(["-m", path, "-p", "4", "-n", "2", "-t", "1", "-r", "1", "--no-jit", "--kernel", "lut"]) == 0
     out = capsys.readouterr().out
     assert "| pp4 | 1 |" in out and "| tg2 | 1 |" in out and "ternary kernel: lut" in out
-    assert "bytes read per decoded token" in out and "peak RSS" in out
+    assert "bytes read per decoded token" in out and "peak RSS" in out and "| steal |" in out
 
 
 def test_bench_bad_input(capsys, tmp_path):
@@ -60,3 +60,11 @@ def test_bench_cli_with_jit_probe():
     for phase in ("cold", "cached"):
         assert set(jit[phase]) >= {"import_s", "load_s", "warmup_s", "ready_s", "process_s", "jit_s", "compute_s"}
         assert jit[phase]["ready_s"] >= jit[phase]["warmup_s"] > 0
+
+
+def test_steal_share_from_cpu_times():
+    # (steal, total) jiffies: 30 of 200 jiffies went to other guests
+    assert bench.steal_pct((10, 1000), (40, 1200)) == pytest.approx(15.0)
+    assert bench.steal_pct(None, (1, 2)) is None and bench.steal_pct((5, 100), (5, 100)) is None
+    now = bench.cpu_times()
+    assert now is None or (0 <= now[0] <= now[1])
