@@ -160,6 +160,9 @@ def load_weights(f: GGUFFile, cfg: ModelConfig, tiling: dict[tuple[int, int], TL
     return ModelWeights(embd, layers, _float_vector(f, "output_norm.weight", E), output)
 
 
+INT8_HEAD_CHUNK_ROWS = 8192  # rows of the f16 head quantized (then released from RSS) at a time
+
+
 def int8_head(f: GGUFFile, w: DenseWeight) -> DenseWeight:
     """The f16 output head quantized to int8 with per-row scales (head_type="int8"): half the bytes per
     decoded token, not bit-exact with bitnet.cpp. The f16 pages read here are released from this process's
@@ -169,8 +172,10 @@ def int8_head(f: GGUFFile, w: DenseWeight) -> DenseWeight:
         raise ValueError(f"the int8 head needs an F16 output head, this one is {w.source_type}")
     q = np.empty((w.m, w.k), np.int8)
     scales = np.empty(w.m, np.float32)
-    quantize_f16_rows_i8(w.f16_bits, q, scales)
-    _release_pages(f, w.f16_bits)
+    for lo in range(0, w.m, INT8_HEAD_CHUNK_ROWS):  # in chunks, so the f16 pages never all sit in RSS at once
+        hi = min(w.m, lo + INT8_HEAD_CHUNK_ROWS)
+        quantize_f16_rows_i8(w.f16_bits[lo:hi], q[lo:hi], scales[lo:hi])
+        _release_pages(f, w.f16_bits[lo:hi])
     return DenseWeight(w.m, w.k, None, None, "I8(F16)", q, scales)
 
 

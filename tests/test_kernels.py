@@ -325,6 +325,22 @@ def test_int8_head_model_close_to_f16():
         Model.load(path, head_type="int4")
 
 
+def test_int8_head_in_chunks_equals_one_pass(monkeypatch):
+    # the head is quantized in row chunks (peak RSS); chunk edges must not change a single value
+    from bitnet_py import weights
+    from bitnet_py.model import Model
+    from conftest import fixture_path
+    from kernels.dense import quantize_f16_rows_i8
+    path = str(fixture_path("tiny-bitnet", "ggml-model-i2_s.gguf"))
+    f16 = Model.load(path).weights.output.f16_bits
+    q, scales = np.empty(f16.shape, np.int8), np.empty(f16.shape[0], np.float32)
+    quantize_f16_rows_i8(f16, q, scales)
+    monkeypatch.setattr(weights, "INT8_HEAD_CHUNK_ROWS", 300)  # 2048 rows: 7 chunks, the last one short
+    m = Model.load(path)
+    head = weights.int8_head(m.gguf, m.weights.output)
+    assert np.array_equal(head.i8, q) and np.array_equal(head.i8_scales, scales)
+
+
 @pytest.mark.parametrize("round_probs", [False, True])
 @pytest.mark.parametrize("D", [64, 128, 72])
 def test_paged_attention_fast(round_probs, D):
