@@ -20,6 +20,7 @@ calling `@njit` function; everything around them stays ordinary Numba code.
   then summed (0+1)+(2+3) and halved 8->4->2->1: the same operations for every row count, so a row's result does
   not depend on how many rows share the call. Multiply-add contracts to FMA where the host has it.
 - `f16_to_f32(bits)`: u16 float16 bits -> float32 value (exact; `fpext half`, vectorizes to vcvtph2ps).
+- `i32_as_f32(bits)`: bit cast int32 -> float32 (builds 2^n in `kernels.expf`).
 
 Overflow: per 128-value block and row, |partial| <= 128 * 2 * 128 = 32768 fits the i32 lanes; an i16 lane
 holds the pair sums of BLOCKS_PER_STEP blocks, at most 2 * 4 * 2 * 2 * 128 = 4096 (vpmaddubsw's saturation at
@@ -340,6 +341,17 @@ def _make_f16_dot(n_rows):
 
 f16_dot1 = _make_f16_dot(1)
 f16_dot2 = _make_f16_dot(2)
+
+
+@intrinsic
+def i32_as_f32(typingctx, bits):
+    """The float32 whose bit pattern is the int32 `bits` (a bit cast; any host)."""
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
 
 
 @intrinsic

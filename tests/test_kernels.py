@@ -372,3 +372,29 @@ def test_paged_attention_fast(round_probs, D):
         slots = np.array([tables[seq[t], j // bs] * bs + j % bs for j in range(pos[t] + 1)])
         ref = naive.attention(q[t], k_cache[slots], v_cache[slots], pos[t] + 1, scale, rp[seq[t]])
         np.testing.assert_allclose(outs["fast", False][t], ref, rtol=1e-4, atol=2e-3 if rp[seq[t]] else 2e-5)
+
+
+def test_expf_nonpositive_within_one_ulp():
+    # kernels/expf.py (attention softmax) against exp in float64 over a dense sweep of its domain
+    from numba import njit
+
+    from kernels.expf import expf_nonpositive
+
+    @njit
+    def run(x, out):
+        for i in range(x.shape[0]):
+            out[i] = expf_nonpositive(x[i])
+
+    x = np.concatenate([np.linspace(-87.3, 0, 1_000_001, dtype=np.float32),
+                        -np.abs(RNG.standard_normal(200_000).astype(np.float32)) * 20,
+                        np.float32([0.0, -0.0, -1e-30, -1e-7, -87.29])])
+    out = np.empty_like(x)
+    run(x, out)
+    ok = x >= np.float32(-87.3)
+    ref = np.exp(x[ok].astype(np.float64))
+    ulps = np.abs(out[ok] - ref) / np.spacing(ref.astype(np.float32)).astype(np.float64)
+    assert ulps.max() < 1.0 and out[x == 0].tolist() == [1.0, 1.0]
+    below = np.float32([-87.31, -100.0, -1e30, -np.inf])
+    out_below = np.empty_like(below)
+    run(below, out_below)
+    assert out_below.tolist() == [0.0] * 4
