@@ -393,7 +393,7 @@ def test_expf_nonpositive_within_one_ulp():
     ok = x >= np.float32(-87.3)
     ref = np.exp(x[ok].astype(np.float64))
     ulps = np.abs(out[ok] - ref) / np.spacing(ref.astype(np.float32)).astype(np.float64)
-    assert ulps.max() < 1.0 and out[x == 0].tolist() == [1.0, 1.0]
+    assert ulps.max() < 1.0 and np.all(out[x == 0] == 1.0)
     below = np.float32([-87.31, -100.0, -1e30, -np.inf])
     out_below = np.empty_like(below)
     run(below, out_below)
