@@ -105,17 +105,35 @@ def decode_bytes(model, n_ctx: int) -> dict:
             "head_type": W.output.source_type if isinstance(W.output, DenseWeight) else "?"}
 
 
+def _decode_arrays(model) -> list[np.ndarray]:
+    """The weight arrays a decode step streams (ternary layers and the output head, as the model holds them:
+    mapped file pages, or the repacked / int8 copies) as u64 words."""
+    from .weights import TernaryWeight
+    W = model.weights
+    arrays = [w.packed for L in W.layers for w in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down)
+              if isinstance(w, TernaryWeight)]
+    head = W.output
+    arrays.append(next(a for a in (head.i8, head.f16_bits, head.f32) if a is not None))
+    words = []
+    for a in arrays:
+        b = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+        if b.size >= 8:
+            words.append(b[:b.size // 8 * 8].view(np.uint64))
+    return words
+
+
 def measure_bandwidth(model, repeats: int = 3) -> float:
-    """GB/s reading the model's mapped file (page cache) with the current thread count; best of `repeats`."""
+    """GB/s reading the weights a decode step reads, with the current thread count; best of `repeats`.
+    Only memory the model already uses is read, so the probe does not add to the peak RSS."""
     from kernels.membw import CHUNK, read_sum
-    data = model.gguf._data
-    words = data[:data.size // 8 * 8].view(np.uint64)
-    partial = np.zeros((words.size + CHUNK - 1) // CHUNK, np.uint64)
-    read_sum(words, partial)  # first touch + compile
+    words = _decode_arrays(model)
+    partials = [np.zeros((w.size + CHUNK - 1) // CHUNK, np.uint64) for w in words]
+    for w, part in zip(words, partials):
+        read_sum(w, part)  # first touch + compile
     best = 0.0
     for _ in range(repeats):
         t0 = time.perf_counter()
-        n = read_sum(words, partial)
+        n = sum(read_sum(w, part) for w, part in zip(words, partials))
         best = max(best, n / (time.perf_counter() - t0) / 1e9)
     return best
 
