@@ -6,7 +6,9 @@ as ggml's own f16 dot product does) instead of one sequential float32 chain, and
 from `kernels.expf` (<= 1 ulp from exact, vectorized; ggml's SIMD softmax also uses a polynomial) instead of
 libm. The double sum of the exponentials, the optional float16 rounding of probabilities and the p.v
 accumulation order are unchanged. Work is split per (token, KV head), so each float16 K/V row is widened once
-for all query heads of its group (GQA) instead of once per head.
+for all query heads of its group (GQA) instead of once per head; groups of 4 (2B-4T, Llama-3-8B) take
+register-blocked paths (four q.k sums per K element; p.v over 4 keys x 4 heads per vector of V) with the same
+p.v order.
 Only built where the host converts float16 in hardware (`HAVE_F16C`); model.py falls back otherwise.
 """
 
@@ -17,6 +19,8 @@ from .config import JIT, JIT_PARALLEL, JIT_REDUCE
 from .expf import expf_nonpositive
 from .f16 import round_to_f16
 from .simd import HAVE_F16C
+
+PV_KEYS = 4  # keys per register-blocked p.v step (GQA groups of 4)
 
 if HAVE_F16C:
     from .simd import f16_to_f32
@@ -34,6 +38,38 @@ if HAVE_F16C:
             acc += q[t, h, d] * row[d]
         return acc
 
+    @njit(**JIT_REDUCE)
+    def _qk4_f16(q, t, h0, k16, slot, kvh):
+        """Four query heads h0..h0+3 against one f16 K row, widened once per element (GQA group of 4)."""
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        for d in range(q.shape[2]):
+            kd = f16_to_f32(k16[slot, kvh, d])
+            a0 += q[t, h0, d] * kd
+            a1 += q[t, h0 + 1, d] * kd
+            a2 += q[t, h0 + 2, d] * kd
+            a3 += q[t, h0 + 3, d] * kd
+        return a0, a1, a2, a3
+
+    @njit(**JIT)
+    def _pv4_f16(scores, slots, j0, v16, kvh, acc):
+        """acc[g, d] += scores[g, j] * v[j, d] for the 4 keys j0..j0+3 and the 4 heads g of a group, keys in
+        order for every (g, d) (the reference order, no reassociation). Probabilities and slots are read into
+        registers first, so the d loop vectorizes and each V element is widened once for the 4 heads."""
+        s0, s1, s2, s3 = slots[j0], slots[j0 + 1], slots[j0 + 2], slots[j0 + 3]
+        p00, p01, p02, p03 = scores[0, j0], scores[0, j0 + 1], scores[0, j0 + 2], scores[0, j0 + 3]
+        p10, p11, p12, p13 = scores[1, j0], scores[1, j0 + 1], scores[1, j0 + 2], scores[1, j0 + 3]
+        p20, p21, p22, p23 = scores[2, j0], scores[2, j0 + 1], scores[2, j0 + 2], scores[2, j0 + 3]
+        p30, p31, p32, p33 = scores[3, j0], scores[3, j0 + 1], scores[3, j0 + 2], scores[3, j0 + 3]
+        for d in range(acc.shape[1]):
+            v0 = f16_to_f32(v16[s0, kvh, d])
+            v1 = f16_to_f32(v16[s1, kvh, d])
+            v2 = f16_to_f32(v16[s2, kvh, d])
+            v3 = f16_to_f32(v16[s3, kvh, d])
+            acc[0, d] = (((acc[0, d] + p00 * v0) + p01 * v1) + p02 * v2) + p03 * v3
+            acc[1, d] = (((acc[1, d] + p10 * v0) + p11 * v1) + p12 * v2) + p13 * v3
+            acc[2, d] = (((acc[2, d] + p20 * v0) + p21 * v1) + p22 * v2) + p23 * v3
+            acc[3, d] = (((acc[3, d] + p30 * v0) + p31 * v1) + p32 * v2) + p33 * v3
+
     @njit(**JIT_PARALLEL)
     def paged_attention_fast(q, k16, v16, k32, v32, use_f32, positions, seq_index, block_tables, block_size,
                              round_probs, scale, lut, out):
@@ -42,6 +78,7 @@ if HAVE_F16C:
         T, H, D = q.shape
         KVH = k32.shape[1] if use_f32 else k16.shape[1]
         group = H // KVH
+        fast4 = group == 4 and not use_f32  # 2B-4T, Llama-3-8B: four query heads per f16 K/V head
         for task in prange(T * KVH):
             t = task // KVH
             kvh = task % KVH
@@ -54,6 +91,13 @@ if HAVE_F16C:
             for j in range(n):
                 slot = np.int64(block_tables[s, j // block_size]) * block_size + j % block_size
                 slots[j] = slot
+                if fast4:
+                    a0, a1, a2, a3 = _qk4_f16(q, t, kvh * 4, k16, slot, kvh)
+                    scores[0, j] = a0 * scale
+                    scores[1, j] = a1 * scale
+                    scores[2, j] = a2 * scale
+                    scores[3, j] = a3 * scale
+                    continue
                 if use_f32:
                     for d in range(D):
                         row[d] = k32[slot, kvh, d]
@@ -78,7 +122,12 @@ if HAVE_F16C:
                         p = round_to_f16(p)
                     scores[g, j] = p
             acc = np.zeros((group, D), dtype=np.float32)
-            for j in range(n):
+            j_start = 0
+            if fast4:
+                while j_start + PV_KEYS <= n:
+                    _pv4_f16(scores, slots, j_start, v16, kvh, acc)
+                    j_start += PV_KEYS
+            for j in range(j_start, n):
                 slot = slots[j]
                 if use_f32:
                     for d in range(D):

@@ -343,10 +343,11 @@ def test_int8_head_in_chunks_equals_one_pass(monkeypatch):
 
 @pytest.mark.parametrize("round_probs", [False, True])
 @pytest.mark.parametrize("D", [64, 128, 72])
-def test_paged_attention_fast(round_probs, D):
+@pytest.mark.parametrize("H,KVH", [(8, 2), (6, 2)])  # GQA groups of 4 (register-blocked path) and 3 (generic)
+def test_paged_attention_fast(round_probs, D, H, KVH):
     """kernels/attention_fast.py against the numpy reference and against kernels/attention.py."""
     from kernels.attention_fast import paged_attention_fast
-    H, KVH, bs, n_blocks = 8, 2, 4, 40
+    bs, n_blocks = 4, 40
     k_cache = _f16(RNG.standard_normal((n_blocks * bs, KVH, D)).astype(np.float32))
     v_cache = _f16(RNG.standard_normal((n_blocks * bs, KVH, D)).astype(np.float32))
     tables = np.array([list(range(39, -1, -1)), [0, 3, 9] + [-1] * 37], np.int32)
