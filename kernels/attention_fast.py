@@ -26,10 +26,14 @@ if HAVE_F16C:
     from .simd import f16_to_f32
 
     @njit(**JIT)
-    def _widen_row(k16, slot, kvh, buf):
-        """k16[slot, kvh, :] (float16 bits) -> buf: f32[D] (exact)."""
-        for d in range(buf.shape[0]):
-            buf[d] = f16_to_f32(k16[slot, kvh, d])
+    def _load_row(c16, c32, use_f32, slot, kvh, buf):
+        """Cache row [slot, kvh, :] -> buf: f32[D], from the float32 cache or widened (exactly) from float16."""
+        if use_f32:
+            for d in range(buf.shape[0]):
+                buf[d] = c32[slot, kvh, d]
+        else:
+            for d in range(buf.shape[0]):
+                buf[d] = f16_to_f32(c16[slot, kvh, d])
 
     @njit(**JIT_REDUCE)
     def _dot(q, t, h, row):
@@ -98,11 +102,7 @@ if HAVE_F16C:
                     scores[2, j] = a2 * scale
                     scores[3, j] = a3 * scale
                     continue
-                if use_f32:
-                    for d in range(D):
-                        row[d] = k32[slot, kvh, d]
-                else:
-                    _widen_row(k16, slot, kvh, row)
+                _load_row(k16, k32, use_f32, slot, kvh, row)
                 for g in range(group):
                     scores[g, j] = _dot(q, t, kvh * group + g, row) * scale
             for g in range(group):
@@ -128,12 +128,7 @@ if HAVE_F16C:
                     _pv4_f16(scores, slots, j_start, v16, kvh, acc)
                     j_start += PV_KEYS
             for j in range(j_start, n):
-                slot = slots[j]
-                if use_f32:
-                    for d in range(D):
-                        row[d] = v32[slot, kvh, d]
-                else:
-                    _widen_row(v16, slot, kvh, row)
+                _load_row(v16, v32, use_f32, slots[j], kvh, row)
                 for g in range(group):
                     p = scores[g, j]
                     for d in range(D):

@@ -88,6 +88,13 @@ def _prefetch(builder, ptr):
     builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
 
 
+def _return_rows(context, builder, signature, values, n_rows):
+    """One value (n_rows == 1) or a tuple of n_rows values, as the intrinsic's signature says."""
+    if n_rows == 1:
+        return values[0]
+    return context.make_tuple(builder, signature.return_type, values)
+
+
 def _make_i2s_dot(n_rows):
     @intrinsic
     def i2s_dot(typingctx, packed, w0, q, q0, q_stride, n_blocks):
@@ -186,10 +193,7 @@ def _make_i2s_dot(n_rows):
 
             builder.position_at_end(done)
             final = phis([(mid, after_main), (tnew, tail)])
-            sums = [_reduce_add(builder, f) for f in final]
-            if n_rows == 1:
-                return sums[0]
-            return context.make_tuple(builder, signature.return_type, sums)
+            return _return_rows(context, builder, signature, [_reduce_add(builder, f) for f in final], n_rows)
 
         return sig, codegen
 
@@ -252,10 +256,7 @@ def _make_i8_dot_abs(n_rows):
                 acc.add_incoming(na, loop)
             builder.cbranch(builder.icmp_signed("<", i_next, n_v), loop, done)
             builder.position_at_end(done)
-            sums = [_reduce_add(builder, na) for na in new]
-            if n_rows == 1:
-                return sums[0]
-            return context.make_tuple(builder, signature.return_type, sums)
+            return _return_rows(context, builder, signature, [_reduce_add(builder, na) for na in new], n_rows)
 
         return sig, codegen
 
@@ -330,9 +331,7 @@ def _make_f16_dot(n_rows):
                     v = builder.fadd(lo, hi)
                     n = half
                 sums.append(builder.extract_element(v, ir.Constant(_I32, 0)))
-            if n_rows == 1:
-                return sums[0]
-            return context.make_tuple(builder, signature.return_type, sums)
+            return _return_rows(context, builder, signature, sums, n_rows)
 
         return sig, codegen
 
