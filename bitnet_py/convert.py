@@ -38,7 +38,7 @@ from .gguf.constants import (FTYPE_ALL_F32, FTYPE_MOSTLY_I2_S, FTYPE_MOSTLY_TL2,
                              GGUFValueType, Keys)
 from .gguf.ternary_pack import (DEFAULT_TORCH_THREADS, absmean_dequant, pack_i2s, pack_tl2, pack_tq2_0,
                                 quantize_i2s_rule)
-from .gguf.tl2_tiling import PRESETS, TL2Tile, default_tile, parse_kernel_config, tiling_to_metadata
+from .gguf.tl2_tiling import TL2Tile, parse_kernel_config, tile_for_writing, tiling_to_metadata
 from .gguf.writer import GGUFWriter, counted_parts
 
 log = logging.getLogger(__name__)
@@ -63,15 +63,6 @@ def _rows(kind: str, hp: HParams) -> int:
     return {"attn_q": hp.n_head * hp.head_dim, "attn_k": hp.n_head_kv * hp.head_dim,
             "attn_v": hp.n_head_kv * hp.head_dim, "attn_output": hp.n_embd, "ffn_gate": hp.n_ff,
             "ffn_up": hp.n_ff, "ffn_down": hp.n_embd}[kind]
-
-
-def _tile_for(m: int, k: int, config_tiles: dict) -> TL2Tile:
-    if (m, k) in config_tiles:
-        return config_tiles[(m, k)]
-    for preset in PRESETS.values():
-        if (m, k) in preset:
-            return preset[(m, k)]
-    return default_tile(m, k)
 
 
 def _check_ternary_shape(name: str, m: int, k: int, ttype: int, tile: TL2Tile | None) -> None:
@@ -108,7 +99,7 @@ class _Plan:
                     raise ValueError(f"{hf}: expected a 2-D weight, got shape {shape}")
                 typ = ttype
                 if typ == GGMLType.TL2:
-                    tile = _tile_for(shape[0], shape[1], config_tiles)
+                    tile = tile_for_writing(shape[0], shape[1], config_tiles)
                     self.tiles[(shape[0], shape[1])] = tile
                 _check_ternary_shape(hf, shape[0], shape[1], typ, tile)
             elif len(shape) == 2:

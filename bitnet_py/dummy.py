@@ -25,7 +25,7 @@ from .dummy_vocab import BITNET_2B_CHAT_TEMPLATE, LLAMA3_CHAT_TEMPLATE, syntheti
 from .gguf.constants import (FTYPE_ALL_F32, FTYPE_MOSTLY_F16, FTYPE_MOSTLY_I2_S, FTYPE_MOSTLY_TL2,
                              FTYPE_MOSTLY_TQ2_0, GGMLType, GGUFValueType, Keys)
 from .gguf.ternary_pack import pack_tl2, pack_tq2_0
-from .gguf.tl2_tiling import PRESETS, TL2Tile, default_tile, parse_kernel_config, tiling_to_metadata
+from .gguf.tl2_tiling import parse_kernel_config, tile_for_writing, tiling_to_metadata
 from .gguf.writer import GGUFWriter, counted_parts
 
 log = logging.getLogger(__name__)
@@ -97,15 +97,6 @@ def tensor_plan(layout: Layout) -> list[tuple[str, tuple[int, int] | tuple[int],
     return [(n, s, "ternary" if r == "t" else r) for n, s, r in plan]
 
 
-def _tile(m: int, k: int, config_tiles: dict) -> TL2Tile:
-    if (m, k) in config_tiles:
-        return config_tiles[(m, k)]
-    for preset in PRESETS.values():
-        if (m, k) in preset:
-            return preset[(m, k)]
-    return default_tile(m, k)
-
-
 def _check(name: str, shape, ttype: int, tile) -> None:
     m, k = shape
     if ttype == GGMLType.I2_S and k % 128:
@@ -163,7 +154,7 @@ def make_dummy(layout: str, qtype: str, out_path: str, seed: int = 0, progress: 
         if role == "ternary":
             typ = ttype
             if typ == GGMLType.TL2:
-                tile = tiles.setdefault(shape, _tile(*shape, config_tiles))
+                tile = tiles.setdefault(shape, tile_for_writing(*shape, config_tiles))
             _check(name, shape, typ, tile)
         plan.append((name, shape, role, typ, tile))
     meta = arch_metadata(spec, lay.hp, lay.name, ftype)

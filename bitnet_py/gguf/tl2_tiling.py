@@ -53,6 +53,17 @@ def default_tile(m: int, k: int) -> TL2Tile:
     raise ValueError(f"TL2 needs M divisible by 32, got M={m}")
 
 
+def tile_for_writing(m: int, k: int, config_tiles: dict[tuple[int, int], TL2Tile]) -> TL2Tile:
+    """The tiling a writer (converter, dummy generator) uses for an m x k weight: the user's kernel_config
+    entry, else the first setup_env.py preset that has the shape, else `default_tile`."""
+    if (m, k) in config_tiles:
+        return config_tiles[(m, k)]
+    for preset in PRESETS.values():
+        if (m, k) in preset:
+            return preset[(m, k)]
+    return default_tile(m, k)
+
+
 def parse_kernel_config(path: str | os.PathLike) -> dict[tuple[int, int], TL2Tile]:
     """Parse bitnet.cpp's kernel_config.ini ([Kernels_i] m, k, bm, bk, bmm)."""
     cp = configparser.ConfigParser()
