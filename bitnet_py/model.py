@@ -19,7 +19,7 @@ from kernels.activations import relu2_mul, silu_mul
 from kernels.attention import paged_attention
 from kernels.attention_fast import paged_attention_fast
 from kernels.dense import f16_matmul, i8_matmul
-from kernels.f16 import f16_lut
+from kernels.f16 import f16_lut, round_rows_f16, to_f16_bits
 from kernels.norms import rms_norm, rms_norm_parallel
 from kernels.quantize import quantize_rows_i8, quantize_rows_i8_parallel
 from kernels.rope import rope_apply, rope_tables
@@ -62,6 +62,13 @@ class QuantizedActivation:
     sums: np.ndarray  # i32[T]
 
 
+def f16_bits(x: np.ndarray) -> np.ndarray:
+    """f32[...] (C order) -> u16[...] float16 bits (numpy's astype(np.float16) rounding)."""
+    out = np.empty(x.shape, np.uint16)
+    to_f16_bits(x.reshape(-1), out.reshape(-1))
+    return out
+
+
 def quantize_activation(x: np.ndarray, floor: float) -> QuantizedActivation:
     T, K = x.shape
     qa = QuantizedActivation(np.empty((T, K), np.int8), np.empty(T, np.float32), np.empty(T, np.int32))
@@ -89,7 +96,9 @@ def linear(w: TernaryWeight | DenseWeight, x: np.ndarray, qa: QuantizedActivatio
         qa = quantize_activation(np.ascontiguousarray(x), HEAD_ACT_FLOOR)
         i8_matmul(w.i8, w.i8_scales, qa.q, qa.scales, out)
     elif w.f16_bits is not None:
-        x16 = x.astype(np.float16).astype(np.float32) if round_f16 else np.ascontiguousarray(x)
+        x16 = np.array(x, dtype=np.float32, order="C")
+        if round_f16:
+            round_rows_f16(x16.reshape(-1), x16.reshape(-1))
         f16_matmul(w.f16_bits, x16, out)
     else:
         np.matmul(x, w.f32.T, out=out)
@@ -220,9 +229,9 @@ class Model:
                 k16 = v16 = self._empty16
                 k32, v32 = kv.k[il], kv.v[il]
             else:
-                kv.k[il, slots] = k.astype(np.float16).view(np.uint16)
-                kv.v[il, slots] = v.astype(np.float16).view(np.uint16)
-                q = q.astype(np.float16).astype(np.float32)  # ggml converts Q to f16 for Q.K
+                kv.k[il, slots] = f16_bits(k)
+                kv.v[il, slots] = f16_bits(v)
+                round_rows_f16(q.reshape(-1), q.reshape(-1))  # ggml converts Q to f16 for Q.K
                 k16, v16 = kv.k[il], kv.v[il]
                 k32 = v32 = self._empty32
             attn = np.empty_like(q)

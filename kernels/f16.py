@@ -4,6 +4,9 @@
 - `f16_bits_to_f32(bits, out_u32)`: vectorizable bit conversion for long rows (output heads); `out_u32` is a
   uint32 view of the float32 destination.
 - `round_to_f16(x)`: float32 -> nearest float16 value (ties to even), as float32; finite inputs below 65504.
+- `to_f16_bits(x, out)`: f32[N] -> u16[N] float16 bits, and `round_rows_f16(x, out)`: f32[N] -> f32[N] values
+  rounded to float16 (KV cache stores, ggml's f16 rounding of Q), both exactly numpy's `astype(np.float16)`
+  (ties to even, overflow to inf). Hardware conversion where the host has it (10-30x numpy's), else numpy.
 """
 import math
 
@@ -11,6 +14,7 @@ import numpy as np
 from numba import njit
 
 from .config import JIT
+from .simd import HAVE_F16C
 
 _TWO_POW_112 = np.float32(2.0 ** 112)
 
@@ -41,3 +45,27 @@ def round_to_f16(x):
     magic = np.float32(math.ldexp(1.5, e + 13))  # adding it rounds to a multiple of 2^(e-10)
     r = (np.float32(a) + magic) - magic
     return r if x > 0 else -r
+
+
+if HAVE_F16C:
+    from .simd import f16_to_f32, f32_to_f16_bits
+
+    @njit(**JIT)
+    def to_f16_bits(x, out):
+        """x: f32[N] -> out: u16[N], float16 bits of the nearest float16 (flat, contiguous arrays)."""
+        for i in range(x.shape[0]):
+            out[i] = f32_to_f16_bits(x[i])
+
+    @njit(**JIT)
+    def round_rows_f16(x, out):
+        """x: f32[N] -> out: f32[N] (may alias x), each value rounded to the nearest float16."""
+        for i in range(x.shape[0]):
+            out[i] = f16_to_f32(f32_to_f16_bits(x[i]))
+else:
+    def to_f16_bits(x, out):
+        """x: f32[N] -> out: u16[N], float16 bits of the nearest float16 (numpy; no hardware conversion)."""
+        out[:] = x.astype(np.float16).view(np.uint16)
+
+    def round_rows_f16(x, out):
+        """x: f32[N] -> out: f32[N] (may alias x), each value rounded to the nearest float16 (numpy)."""
+        out[:] = x.astype(np.float16).astype(np.float32)

@@ -7,33 +7,40 @@ I2_S uses floor = 1e-5; TL2 uses no floor (floor = 0; an all-zero row then gives
 import numpy as np
 from numba import njit, prange
 
-from .config import JIT, JIT_PARALLEL
+from .config import JIT, JIT_MAX, JIT_PARALLEL
+
+
+@njit(**JIT_MAX)
+def _abs_max(x, t):
+    """max |x[t, :]| as float64 (the float32 maximum, converted exactly). A maximum does not depend on the
+    order of comparisons, so it may vectorize (JIT_MAX); NaNs are not expected."""
+    best = np.float32(0.0)
+    for k in range(x.shape[1]):
+        a = abs(x[t, k])
+        if a > best:
+            best = a
+    return np.float64(best)
 
 
 @njit(**JIT)
 def _quantize_row(x, floor, q, scales, sums, t):
     K = x.shape[1]
-    if True:
-        amax = 0.0
-        for k in range(K):
-            a = abs(np.float64(x[t, k]))
-            if a > amax:
-                amax = a
-        if amax < floor:
-            amax = floor
-        s = np.float32(127.0 / amax) if amax > 0.0 else np.float32(1.0)
-        total = 0
-        for k in range(K):
-            v = np.rint(x[t, k] * s)
-            if v > 127.0:
-                v = 127.0
-            elif v < -128.0:
-                v = -128.0
-            iv = np.int32(v)
-            q[t, k] = iv
-            total += iv
-        scales[t] = s
-        sums[t] = total
+    amax = _abs_max(x, t)
+    if amax < floor:
+        amax = floor
+    s = np.float32(127.0 / amax) if amax > 0.0 else np.float32(1.0)
+    total = 0
+    for k in range(K):
+        v = np.rint(x[t, k] * s)
+        if v > 127.0:
+            v = 127.0
+        elif v < -128.0:
+            v = -128.0
+        iv = np.int32(v)
+        q[t, k] = iv
+        total += iv
+    scales[t] = s
+    sums[t] = total
 
 
 @njit(**JIT)

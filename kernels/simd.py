@@ -20,6 +20,7 @@ calling `@njit` function; everything around them stays ordinary Numba code.
   then summed (0+1)+(2+3) and halved 8->4->2->1: the same operations for every row count, so a row's result does
   not depend on how many rows share the call. Multiply-add contracts to FMA where the host has it.
 - `f16_to_f32(bits)`: u16 float16 bits -> float32 value (exact; `fpext half`, vectorizes to vcvtph2ps).
+- `f32_to_f16_bits(x)`: float32 -> nearest float16 as u16 bits (`fptrunc`, vectorizes to vcvtps2ph).
 - `i32_as_f32(bits)`: bit cast int32 -> float32 (builds 2^n in `kernels.expf`).
 
 Overflow: per 128-value block and row, |partial| <= 128 * 2 * 128 = 32768 fits the i32 lanes; an i16 lane
@@ -41,7 +42,7 @@ HAVE_F16C = "f16c" in _FEATURES or "neon" in _FEATURES or "fp-armv8" in _FEATURE
 
 # i2s_dot: blocks per loop step (2 x 32 bytes = one 64-byte cache line of weights; their products are summed
 # in i16 lanes before one widening), and how far ahead of the current weights to prefetch
-BLOCKS_PER_STEP = 2
+BLOCKS_PER_STEP = {1: 2, 2: 2, 4: 2}
 PREFETCH_BYTES = 2048
 
 _I8 = ir.IntType(8)
@@ -95,7 +96,7 @@ def _return_rows(context, builder, signature, values, n_rows):
     return context.make_tuple(builder, signature.return_type, values)
 
 
-def _make_i2s_dot(n_rows):
+def _make_i2s_dot(n_rows, blocks_per_step):
     @intrinsic
     def i2s_dot(typingctx, packed, w0, q, q0, q_stride, n_blocks):
         ret = types.int32 if n_rows == 1 else types.UniTuple(types.int32, n_rows)
@@ -123,14 +124,15 @@ def _make_i2s_dot(n_rows):
             ones16 = _splat(_I16, 1, 16)
             three = _splat(_I8, 3, 32)
             zero = ir.Constant(_V8I32, None)
+            zero16 = ir.Constant(_V16I16, None)
 
-            def blocks(first, count, accs):
-                """Blocks first .. first+count-1: products summed in i16 lanes, then widened once."""
-                s16 = [None] * n_rows
+            def blocks(first, count, s16):
+                """Blocks first .. first+count-1: products added to the i16 lane sums s16 (one per row)."""
+                s16 = list(s16)
                 for u in range(count):
                     blk = builder.add(first, c64(u)) if u else first
                     woff = builder.mul(blk, c64(32))
-                    if u == 0:
+                    if u % 2 == 0:  # one prefetch per 64-byte line
                         _prefetch(builder, builder.gep(wbase, [builder.add(woff, c64(PREFETCH_BYTES))]))
                     wb = builder.load(builder.bitcast(builder.gep(wbase, [woff]), _V32I8.as_pointer()), align=1)
                     codes = [builder.and_(builder.lshr(wb, _splat(_I8, s, 32)), three) if s
@@ -141,32 +143,36 @@ def _make_i2s_dot(n_rows):
                             qp = builder.bitcast(builder.gep(qb, [c64(32 * j)]), _V32I8.as_pointer())
                             prod = builder.call(maddubs, [codes[j], builder.load(qp, align=1)])
                             s16[t] = prod if s16[t] is None else builder.add(s16[t], prod)
+                return s16
+
+            def widen(accs, s16):
                 return [builder.add(accs[t], builder.call(maddwd, [s16[t], ones16])) for t in range(n_rows)]
 
-            def phis(incoming):
+            def phis(ty, incoming):
                 out = []
                 for t in range(n_rows):
-                    p = builder.phi(_V8I32)
+                    p = builder.phi(ty)
                     for value, block in incoming:
                         p.add_incoming(value[t], block)
                     out.append(p)
                 return out
 
-            # main loop: BLOCKS_PER_STEP blocks per iteration (one cache line of weights), then single blocks
-            n_steps = builder.sdiv(nb_v, c64(BLOCKS_PER_STEP))
-            tail_start = builder.mul(n_steps, c64(BLOCKS_PER_STEP))
+            # main loop: blocks_per_step blocks per iteration summed in i16 lanes, widened once; then the
+            # remaining blocks one per iteration into i16 lane sums, widened once at the end
+            n_steps = builder.sdiv(nb_v, c64(blocks_per_step))
+            tail_start = builder.mul(n_steps, c64(blocks_per_step))
             zeros = [zero] * n_rows
             entry = builder.block
             main = builder.append_basic_block("i2s_main")
             after_main = builder.append_basic_block("i2s_after_main")
             tail = builder.append_basic_block("i2s_tail")
-            done = builder.append_basic_block("i2s_done")
+            after_tail = builder.append_basic_block("i2s_after_tail")
             builder.cbranch(builder.icmp_signed(">", n_steps, c64(0)), main, after_main)
 
             builder.position_at_end(main)
             i = builder.phi(i64)
             accs = [builder.phi(_V8I32) for _ in range(n_rows)]
-            new = blocks(builder.mul(i, c64(BLOCKS_PER_STEP)), BLOCKS_PER_STEP, accs)
+            new = widen(accs, blocks(builder.mul(i, c64(blocks_per_step)), blocks_per_step, [None] * n_rows))
             i_next = builder.add(i, c64(1))
             i.add_incoming(c64(0), entry)
             i.add_incoming(i_next, main)
@@ -176,23 +182,24 @@ def _make_i2s_dot(n_rows):
             builder.cbranch(builder.icmp_signed("<", i_next, n_steps), main, after_main)
 
             builder.position_at_end(after_main)
-            mid = phis([(zeros, entry), (new, main)])
-            builder.cbranch(builder.icmp_signed("<", tail_start, nb_v), tail, done)
+            mid = phis(_V8I32, [(zeros, entry), (new, main)])
+            builder.cbranch(builder.icmp_signed("<", tail_start, nb_v), tail, after_tail)
 
             builder.position_at_end(tail)
             j = builder.phi(i64)
-            taccs = [builder.phi(_V8I32) for _ in range(n_rows)]
-            tnew = blocks(j, 1, taccs)
+            t16 = [builder.phi(_V16I16) for _ in range(n_rows)]
+            tnew = blocks(j, 1, t16)
             j_next = builder.add(j, c64(1))
             j.add_incoming(tail_start, after_main)
             j.add_incoming(j_next, tail)
             for t in range(n_rows):
-                taccs[t].add_incoming(mid[t], after_main)
-                taccs[t].add_incoming(tnew[t], tail)
-            builder.cbranch(builder.icmp_signed("<", j_next, nb_v), tail, done)
+                t16[t].add_incoming(zero16, after_main)
+                t16[t].add_incoming(tnew[t], tail)
+            builder.cbranch(builder.icmp_signed("<", j_next, nb_v), tail, after_tail)
 
-            builder.position_at_end(done)
-            final = phis([(mid, after_main), (tnew, tail)])
+            builder.position_at_end(after_tail)
+            last16 = phis(_V16I16, [([zero16] * n_rows, after_main), (tnew, tail)])
+            final = widen(mid, last16)
             return _return_rows(context, builder, signature, [_reduce_add(builder, f) for f in final], n_rows)
 
         return sig, codegen
@@ -200,9 +207,9 @@ def _make_i2s_dot(n_rows):
     return i2s_dot
 
 
-i2s_dot1 = _make_i2s_dot(1)
-i2s_dot2 = _make_i2s_dot(2)
-i2s_dot4 = _make_i2s_dot(4)
+i2s_dot1 = _make_i2s_dot(1, BLOCKS_PER_STEP[1])
+i2s_dot2 = _make_i2s_dot(2, BLOCKS_PER_STEP[2])
+i2s_dot4 = _make_i2s_dot(4, BLOCKS_PER_STEP[4])
 
 
 def _make_i8_dot_abs(n_rows):
@@ -360,5 +367,17 @@ def f16_to_f32(typingctx, bits):
     def codegen(context, builder, signature, args):
         h = builder.bitcast(builder.trunc(args[0], _I16) if args[0].type != _I16 else args[0], ir.HalfType())
         return builder.fpext(h, ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def f32_to_f16_bits(typingctx, value):
+    """float32 -> its nearest float16 (ties to even, as numpy's astype), as u16 bits (`fptrunc`, vectorizes to
+    vcvtps2ph where the host has F16C)."""
+    sig = types.uint16(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), _I16)
 
     return sig, codegen

@@ -1,0 +1,85 @@
+"""Row-wise kernels against slow references: float16 conversion (numpy's astype), RMS norm (ggml's sequential
+double sum, whatever the rows are grouped in), activation quantization on rows with negative maxima."""
+import numpy as np
+import pytest
+
+import naive
+from kernels.f16 import round_rows_f16, to_f16_bits
+from kernels.norms import rms_norm, rms_norm_parallel
+from kernels.quantize import quantize_rows_i8, quantize_rows_i8_parallel
+
+RNG = np.random.default_rng(77)
+
+
+def _f16_sweep() -> np.ndarray:
+    """float32 values around every float16 regime: normals, subnormals, exact ties, overflow, signed zeros."""
+    halves = np.arange(0, 0x7C00, 7, dtype=np.uint16).view(np.float16).astype(np.float32)  # finite halves
+    next_up = np.nextafter(halves, np.float32(np.inf))
+    ties = (halves[:-1] + np.diff(halves) / 2).astype(np.float32)  # exact midpoints: ties to even
+    specials = np.float32([0.0, -0.0, 65504.0, 65519.0, 65520.0, 1e6, np.inf, -np.inf, 2 ** -25, 2 ** -26,
+                           3 * 2 ** -26, 6e-8, 1e-12])
+    v = np.concatenate([halves, next_up, ties, specials, RNG.standard_normal(5000).astype(np.float32) * 100])
+    return np.concatenate([v, -v])
+
+
+def test_f16_bits_and_rounding_equal_numpy():
+    x = _f16_sweep()
+    with np.errstate(over="ignore"):  # values beyond 65504 become inf, as they must
+        ref = x.astype(np.float16)
+    bits = np.empty(x.size, np.uint16)
+    to_f16_bits(x, bits)
+    assert np.array_equal(bits, ref.view(np.uint16))
+    rounded = np.empty_like(x)
+    round_rows_f16(x, rounded)
+    assert np.array_equal(rounded.view(np.uint32), ref.astype(np.float32).view(np.uint32))
+    round_rows_f16(x, x)  # in place
+    assert np.array_equal(x, rounded)
+
+
+def test_f16_nan_stays_nan():
+    x = np.float32([np.nan, 1.0])
+    bits = np.empty(2, np.uint16)
+    to_f16_bits(x, bits)
+    assert np.isnan(bits.view(np.float16)[0]) and bits.view(np.float16)[1] == 1.0
+
+
+def _rms_sequential(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """ggml's order, one Python float (double) add at a time."""
+    out = np.empty_like(x)
+    for t in range(x.shape[0]):
+        total = 0.0
+        for v in x[t]:
+            total += float(np.float32(v * v))
+        mean = np.float32(total / x.shape[1])
+        scale = np.float32(1.0) / np.float32(np.sqrt(np.float32(mean + np.float32(eps))))
+        out[t] = (x[t] * scale) * w
+    return out
+
+
+@pytest.mark.parametrize("T", [1, 3, 4, 5, 8, 9])
+def test_rms_norm_grouped_rows_keep_sequential_sums(T):
+    N = 1536
+    x = (RNG.standard_normal((T, N)) * np.exp(RNG.standard_normal((T, N)) * 3)).astype(np.float32)  # wide range
+    w = (1 + 0.25 * RNG.standard_normal(N)).astype(np.float32)
+    ref = _rms_sequential(x, w, 1e-6)
+    par, ser = np.empty_like(x), np.empty_like(x)
+    rms_norm_parallel(x, w, 1e-6, par)
+    rms_norm(x, w, 1e-6, ser)
+    assert np.array_equal(par, ref) and np.array_equal(ser, ref)
+    np.testing.assert_allclose(par, naive.rms_norm(x, w, 1e-6), rtol=2e-6, atol=1e-6)
+    rms_norm_parallel(x, w, 1e-6, x)  # in place
+    assert np.array_equal(x, ref)
+
+
+@pytest.mark.parametrize("T", [1, 6, 9])
+def test_quantize_rows_negative_maxima_and_zeros(T):
+    K = 640
+    x = RNG.standard_normal((T, K)).astype(np.float32)
+    x[:, 3] = -9.5  # the largest magnitude is negative
+    x[0, :] = -0.0 if T > 1 else x[0, :]
+    q, s, sums = np.empty((T, K), np.int8), np.empty(T, np.float32), np.empty(T, np.int32)
+    (quantize_rows_i8_parallel if T > 1 else quantize_rows_i8)(x, 1e-5, q, s, sums)
+    rq, rs, rsum = naive.quantize_rows_i8(x, 1e-5)
+    assert np.array_equal(q, rq) and np.array_equal(s, rs) and np.array_equal(sums, rsum)
+    first = 1 if T > 1 else 0  # row 0 is all zeros when T > 1
+    assert (q[first:, 3] == -127).all() and (T == 1 or not q[0].any())
