@@ -15,15 +15,14 @@ Only built where the host converts float16 in hardware (`HAVE_F16C`); model.py f
 import numpy as np
 from numba import njit, prange
 
-from .config import JIT, JIT_PARALLEL, JIT_REDUCE
+from .config import JIT, JIT_MAX, JIT_PARALLEL, JIT_REDUCE
 from .expf import expf_nonpositive
-from .f16 import round_to_f16
 from .simd import HAVE_F16C
 
 PV_KEYS = 4  # keys per register-blocked p.v step (GQA groups of 4)
 
 if HAVE_F16C:
-    from .simd import f16_to_f32
+    from .simd import f16_to_f32, f32_to_f16_bits
 
     @njit(**JIT)
     def _load_row(c16, c32, use_f32, slot, kvh, buf):
@@ -53,6 +52,53 @@ if HAVE_F16C:
             a2 += q[t, h0 + 2, d] * kd
             a3 += q[t, h0 + 3, d] * kd
         return a0, a1, a2, a3
+
+    @njit(**JIT_REDUCE)
+    def _qk4x2_f16(q, t, h0, k16, s0, s1, kvh):
+        """`_qk4_f16` for two K rows (slots s0, s1) at once: each q element loaded once for 8 sums, half the
+        per-key loop overhead and horizontal reductions."""
+        a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
+        for d in range(q.shape[2]):
+            k0 = f16_to_f32(k16[s0, kvh, d])
+            k1 = f16_to_f32(k16[s1, kvh, d])
+            q0, q1, q2, q3 = q[t, h0, d], q[t, h0 + 1, d], q[t, h0 + 2, d], q[t, h0 + 3, d]
+            a0 += q0 * k0
+            a1 += q1 * k0
+            a2 += q2 * k0
+            a3 += q3 * k0
+            b0 += q0 * k1
+            b1 += q1 * k1
+            b2 += q2 * k1
+            b3 += q3 * k1
+        return a0, a1, a2, a3, b0, b1, b2, b3
+
+    @njit(**JIT)
+    def _put4(scores, j, a0, a1, a2, a3, scale):
+        scores[0, j] = a0 * scale
+        scores[1, j] = a1 * scale
+        scores[2, j] = a2 * scale
+        scores[3, j] = a3 * scale
+
+    @njit(**JIT_MAX)
+    def _row_max(scores, g, n):
+        """max of scores[g, :n] (order-free, vectorizes)."""
+        best = np.float32(-np.inf)
+        for j in range(n):
+            if scores[g, j] > best:
+                best = scores[g, j]
+        return best
+
+    @njit(**JIT)
+    def _exp_sums4(scores, n):
+        """Double sums of scores[0..3, :n], each in key order (the reference order), the four chains
+        interleaved so that they overlap instead of waiting on one add latency after another."""
+        s0 = s1 = s2 = s3 = 0.0
+        for j in range(n):
+            s0 += np.float64(scores[0, j])
+            s1 += np.float64(scores[1, j])
+            s2 += np.float64(scores[2, j])
+            s3 += np.float64(scores[3, j])
+        return s0, s1, s2, s3
 
     @njit(**JIT)
     def _pv4_f16(scores, slots, j0, v16, kvh, acc):
@@ -93,33 +139,39 @@ if HAVE_F16C:
             slots = np.empty(n, dtype=np.int64)
             row = np.empty(D, dtype=np.float32)
             for j in range(n):
-                slot = np.int64(block_tables[s, j // block_size]) * block_size + j % block_size
-                slots[j] = slot
-                if fast4:
-                    a0, a1, a2, a3 = _qk4_f16(q, t, kvh * 4, k16, slot, kvh)
-                    scores[0, j] = a0 * scale
-                    scores[1, j] = a1 * scale
-                    scores[2, j] = a2 * scale
-                    scores[3, j] = a3 * scale
-                    continue
-                _load_row(k16, k32, use_f32, slot, kvh, row)
-                for g in range(group):
-                    scores[g, j] = _dot(q, t, kvh * group + g, row) * scale
-            for g in range(group):
-                best = np.float32(-np.inf)
+                slots[j] = np.int64(block_tables[s, j // block_size]) * block_size + j % block_size
+            j = 0
+            if fast4:
+                while j + 2 <= n:
+                    a0, a1, a2, a3, b0, b1, b2, b3 = _qk4x2_f16(q, t, kvh * 4, k16, slots[j], slots[j + 1], kvh)
+                    _put4(scores, j, a0, a1, a2, a3, scale)
+                    _put4(scores, j + 1, b0, b1, b2, b3, scale)
+                    j += 2
+                if j < n:
+                    a0, a1, a2, a3 = _qk4_f16(q, t, kvh * 4, k16, slots[j], kvh)
+                    _put4(scores, j, a0, a1, a2, a3, scale)
+            else:
                 for j in range(n):
-                    if scores[g, j] > best:
-                        best = scores[g, j]
+                    _load_row(k16, k32, use_f32, slots[j], kvh, row)
+                    for g in range(group):
+                        scores[g, j] = _dot(q, t, kvh * group + g, row) * scale
+            totals = np.zeros(group, dtype=np.float64)
+            for g in range(group):
+                best = _row_max(scores, g, n)
                 for j in range(n):  # vectorizes (kernels.expf), unlike a libm call per score
                     scores[g, j] = expf_nonpositive(scores[g, j] - best)
-                total = 0.0
-                for j in range(n):
-                    total += np.float64(scores[g, j])
-                inv = np.float32(1.0 / total)
+            if group == 4:
+                totals[0], totals[1], totals[2], totals[3] = _exp_sums4(scores, n)
+            else:
+                for g in range(group):
+                    for j in range(n):
+                        totals[g] += np.float64(scores[g, j])
+            for g in range(group):
+                inv = np.float32(1.0 / totals[g])
                 for j in range(n):
                     p = scores[g, j] * inv
                     if rp:
-                        p = round_to_f16(p)
+                        p = f16_to_f32(f32_to_f16_bits(p))  # = round_to_f16(p), in hardware
                     scores[g, j] = p
             acc = np.zeros((group, D), dtype=np.float32)
             j_start = 0
