@@ -15,7 +15,7 @@ from functools import cached_property
 
 import numpy as np
 
-from kernels.activations import relu2_mul, silu_mul
+from kernels.activations import relu2_mul, relu2_mul_parallel, silu_mul, silu_mul_parallel
 from kernels.attention import paged_attention
 from kernels.attention_fast import paged_attention_fast
 from kernels.dense import f16_matmul, i8_matmul
@@ -147,7 +147,9 @@ class Model:
         self._lut = f16_lut()
         self._empty16 = np.zeros((0, c.n_kv_head, c.head_dim), np.uint16)
         self._empty32 = np.zeros((0, c.n_kv_head, c.head_dim), np.float32)
-        self._act = relu2_mul if c.traits.ffn_act == "relu2" else silu_mul
+        relu2 = c.traits.ffn_act == "relu2"
+        self._act = relu2_mul if relu2 else silu_mul
+        self._act_parallel = relu2_mul_parallel if relu2 else silu_mul_parallel
         self._attention = paged_attention_fast if kernel_config.FAST_ATTENTION else paged_attention
         self._fuse_qkv = [fusable([L.wq, L.wk, L.wv]) for L in weights.layers]
         self._fuse_ffn = [fusable([L.w_gate, L.w_up]) for L in weights.layers]
@@ -246,7 +248,7 @@ class Model:
             else:
                 qa = shared_quantization([L.w_gate, L.w_up], h)
                 gate, up = linear(L.w_gate, h, qa), linear(L.w_up, h, qa)
-            self._act(gate, up, gate)
+            (self._act_parallel if T >= PARALLEL_ROWS else self._act)(gate, up, gate)
             if L.ffn_sub_norm is not None:
                 norm(gate, L.ffn_sub_norm, c.rms_eps, gate)
             x += linear(L.w_down, gate)

@@ -83,3 +83,16 @@ def test_quantize_rows_negative_maxima_and_zeros(T):
     assert np.array_equal(q, rq) and np.array_equal(s, rs) and np.array_equal(sums, rsum)
     first = 1 if T > 1 else 0  # row 0 is all zeros when T > 1
     assert (q[first:, 3] == -127).all() and (T == 1 or not q[0].any())
+
+
+def test_parallel_activations_equal_serial_and_reference():
+    from kernels.activations import relu2_mul, relu2_mul_parallel, silu_mul, silu_mul_parallel
+    g = (RNG.standard_normal((7, 896)) * 3).astype(np.float32)
+    u = RNG.standard_normal((7, 896)).astype(np.float32)
+    for serial, parallel, ref, tol in ((silu_mul, silu_mul_parallel, naive.silu_mul, 1e-5),
+                                       (relu2_mul, relu2_mul_parallel, naive.relu2_mul, 1e-6)):
+        a, b = np.empty_like(g), g.copy()
+        serial(g, u, a)
+        parallel(b, u, b)  # in place, as the model calls it
+        assert np.array_equal(a, b)
+        np.testing.assert_allclose(a, ref(g, u), rtol=tol, atol=tol / 10)
