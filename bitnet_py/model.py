@@ -17,7 +17,7 @@ import numpy as np
 
 from kernels.activations import relu2_mul, relu2_mul_parallel, silu_mul, silu_mul_parallel
 from kernels.attention import paged_attention
-from kernels.attention_fast import paged_attention_fast
+from kernels.attention_split import paged_attention_auto
 from kernels.dense import f16_matmul, i8_matmul
 from kernels.f16 import f16_lut, round_rows_f16, to_f16_bits
 from kernels.norms import rms_norm, rms_norm_parallel
@@ -150,7 +150,7 @@ class Model:
         relu2 = c.traits.ffn_act == "relu2"
         self._act = relu2_mul if relu2 else silu_mul
         self._act_parallel = relu2_mul_parallel if relu2 else silu_mul_parallel
-        self._attention = paged_attention_fast if kernel_config.FAST_ATTENTION else paged_attention
+        self._attention = paged_attention_auto if kernel_config.FAST_ATTENTION else paged_attention
         self._fuse_qkv = [fusable([L.wq, L.wk, L.wv]) for L in weights.layers]
         self._fuse_ffn = [fusable([L.w_gate, L.w_up]) for L in weights.layers]
 

@@ -42,42 +42,41 @@ if HAVE_F16C:
         return acc
 
     @njit(**JIT_REDUCE)
-    def _qk4_f16(q, t, h0, k16, slot, kvh):
-        """Four query heads h0..h0+3 against one f16 K row, widened once per element (GQA group of 4)."""
-        a0 = a1 = a2 = a3 = np.float32(0.0)
-        for d in range(q.shape[2]):
-            kd = f16_to_f32(k16[slot, kvh, d])
-            a0 += q[t, h0, d] * kd
-            a1 += q[t, h0 + 1, d] * kd
-            a2 += q[t, h0 + 2, d] * kd
-            a3 += q[t, h0 + 3, d] * kd
-        return a0, a1, a2, a3
-
-    @njit(**JIT_REDUCE)
-    def _qk4x2_f16(q, t, h0, k16, s0, s1, kvh):
-        """`_qk4_f16` for two K rows (slots s0, s1) at once: each q element loaded once for 8 sums, half the
-        per-key loop overhead and horizontal reductions."""
-        a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
-        for d in range(q.shape[2]):
-            k0 = f16_to_f32(k16[s0, kvh, d])
-            k1 = f16_to_f32(k16[s1, kvh, d])
-            q0, q1, q2, q3 = q[t, h0, d], q[t, h0 + 1, d], q[t, h0 + 2, d], q[t, h0 + 3, d]
-            a0 += q0 * k0
-            a1 += q1 * k0
-            a2 += q2 * k0
-            a3 += q3 * k0
-            b0 += q0 * k1
-            b1 += q1 * k1
-            b2 += q2 * k1
-            b3 += q3 * k1
-        return a0, a1, a2, a3, b0, b1, b2, b3
-
-    @njit(**JIT)
-    def _put4(scores, j, a0, a1, a2, a3, scale):
-        scores[0, j] = a0 * scale
-        scores[1, j] = a1 * scale
-        scores[2, j] = a2 * scale
-        scores[3, j] = a3 * scale
+    def _qk_g4(q, t, h0, k16, kvh, slots, j0, j1, scale, sc):
+        """sc[g, j] = scale * (q[t, h0 + g] . K[slots[j], kvh]) for the 4 heads of a GQA group and keys
+        j0 <= j < j1 (j0 even), keys in pairs from j0 (each q element loaded once for 8 sums) and an odd last
+        key alone. One call per range: a call per key costs more than its arithmetic (argument reference
+        counting)."""
+        D = q.shape[2]
+        j = j0
+        while j + 2 <= j1:
+            s0, s1 = slots[j], slots[j + 1]
+            a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
+            for d in range(D):
+                k0 = f16_to_f32(k16[s0, kvh, d])
+                k1 = f16_to_f32(k16[s1, kvh, d])
+                q0, q1, q2, q3 = q[t, h0, d], q[t, h0 + 1, d], q[t, h0 + 2, d], q[t, h0 + 3, d]
+                a0 += q0 * k0
+                a1 += q1 * k0
+                a2 += q2 * k0
+                a3 += q3 * k0
+                b0 += q0 * k1
+                b1 += q1 * k1
+                b2 += q2 * k1
+                b3 += q3 * k1
+            sc[0, j], sc[1, j], sc[2, j], sc[3, j] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
+            sc[0, j + 1], sc[1, j + 1], sc[2, j + 1], sc[3, j + 1] = b0 * scale, b1 * scale, b2 * scale, b3 * scale
+            j += 2
+        if j < j1:
+            s0 = slots[j]
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for d in range(D):
+                k0 = f16_to_f32(k16[s0, kvh, d])
+                a0 += q[t, h0, d] * k0
+                a1 += q[t, h0 + 1, d] * k0
+                a2 += q[t, h0 + 2, d] * k0
+                a3 += q[t, h0 + 3, d] * k0
+            sc[0, j], sc[1, j], sc[2, j], sc[3, j] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
 
     @njit(**JIT_MAX)
     def _row_max(scores, g, n):
@@ -101,24 +100,54 @@ if HAVE_F16C:
         return s0, s1, s2, s3
 
     @njit(**JIT)
-    def _pv4_f16(scores, slots, j0, v16, kvh, acc):
-        """acc[g, d] += scores[g, j] * v[j, d] for the 4 keys j0..j0+3 and the 4 heads g of a group, keys in
-        order for every (g, d) (the reference order, no reassociation). Probabilities and slots are read into
+    def _exp_shifted(scores, g, n):
+        """scores[g, :n] -> exp(scores - max) (the max-shifted exponentials of one head's scores)."""
+        best = _row_max(scores, g, n)
+        for j in range(n):  # vectorizes (kernels.expf), unlike a libm call per score
+            scores[g, j] = expf_nonpositive(scores[g, j] - best)
+
+    @njit(**JIT)
+    def _normalize(scores, g, n, total, rp):
+        """scores[g, :n] /= total (as a float32 multiply by 1/total), rounded to float16 if rp."""
+        inv = np.float32(1.0 / total)
+        for j in range(n):
+            p = scores[g, j] * inv
+            if rp:
+                p = f16_to_f32(f32_to_f16_bits(p))  # = round_to_f16(p), in hardware
+            scores[g, j] = p
+
+    @njit(**JIT)
+    def _pv_g4(sc, slots, n, v16, kvh, acc, d0):
+        """acc[g, i] += sum over keys j < n of sc[g, j] * V[slots[j], kvh, d0 + i], for the 4 heads g of a GQA
+        group and i < acc.shape[1] (a slice of the head dimension, or all of it). Keys in order for every
+        (g, d) (the reference order, no reassociation), 4 keys per step: probabilities and slots are read into
         registers first, so the d loop vectorizes and each V element is widened once for the 4 heads."""
-        s0, s1, s2, s3 = slots[j0], slots[j0 + 1], slots[j0 + 2], slots[j0 + 3]
-        p00, p01, p02, p03 = scores[0, j0], scores[0, j0 + 1], scores[0, j0 + 2], scores[0, j0 + 3]
-        p10, p11, p12, p13 = scores[1, j0], scores[1, j0 + 1], scores[1, j0 + 2], scores[1, j0 + 3]
-        p20, p21, p22, p23 = scores[2, j0], scores[2, j0 + 1], scores[2, j0 + 2], scores[2, j0 + 3]
-        p30, p31, p32, p33 = scores[3, j0], scores[3, j0 + 1], scores[3, j0 + 2], scores[3, j0 + 3]
-        for d in range(acc.shape[1]):
-            v0 = f16_to_f32(v16[s0, kvh, d])
-            v1 = f16_to_f32(v16[s1, kvh, d])
-            v2 = f16_to_f32(v16[s2, kvh, d])
-            v3 = f16_to_f32(v16[s3, kvh, d])
-            acc[0, d] = (((acc[0, d] + p00 * v0) + p01 * v1) + p02 * v2) + p03 * v3
-            acc[1, d] = (((acc[1, d] + p10 * v0) + p11 * v1) + p12 * v2) + p13 * v3
-            acc[2, d] = (((acc[2, d] + p20 * v0) + p21 * v1) + p22 * v2) + p23 * v3
-            acc[3, d] = (((acc[3, d] + p30 * v0) + p31 * v1) + p32 * v2) + p33 * v3
+        W = acc.shape[1]
+        u0 = np.uint64(d0)  # unsigned element index: no negative-index wraparound test per load (which would
+        j0 = 0              # keep the d loop from vectorizing when d0 is not a known constant)
+        while j0 + PV_KEYS <= n:
+            s0, s1, s2, s3 = slots[j0], slots[j0 + 1], slots[j0 + 2], slots[j0 + 3]
+            p00, p01, p02, p03 = sc[0, j0], sc[0, j0 + 1], sc[0, j0 + 2], sc[0, j0 + 3]
+            p10, p11, p12, p13 = sc[1, j0], sc[1, j0 + 1], sc[1, j0 + 2], sc[1, j0 + 3]
+            p20, p21, p22, p23 = sc[2, j0], sc[2, j0 + 1], sc[2, j0 + 2], sc[2, j0 + 3]
+            p30, p31, p32, p33 = sc[3, j0], sc[3, j0 + 1], sc[3, j0 + 2], sc[3, j0 + 3]
+            for i in range(W):
+                d = u0 + np.uint64(i)
+                v0 = f16_to_f32(v16[s0, kvh, d])
+                v1 = f16_to_f32(v16[s1, kvh, d])
+                v2 = f16_to_f32(v16[s2, kvh, d])
+                v3 = f16_to_f32(v16[s3, kvh, d])
+                acc[0, i] = (((acc[0, i] + p00 * v0) + p01 * v1) + p02 * v2) + p03 * v3
+                acc[1, i] = (((acc[1, i] + p10 * v0) + p11 * v1) + p12 * v2) + p13 * v3
+                acc[2, i] = (((acc[2, i] + p20 * v0) + p21 * v1) + p22 * v2) + p23 * v3
+                acc[3, i] = (((acc[3, i] + p30 * v0) + p31 * v1) + p32 * v2) + p33 * v3
+            j0 += PV_KEYS
+        for j in range(j0, n):
+            s0 = slots[j]
+            for g in range(4):
+                p = sc[g, j]
+                for i in range(W):
+                    acc[g, i] += p * f16_to_f32(v16[s0, kvh, u0 + np.uint64(i)])
 
     @njit(**JIT_PARALLEL)
     def paged_attention_fast(q, k16, v16, k32, v32, use_f32, positions, seq_index, block_tables, block_size,
@@ -140,16 +169,8 @@ if HAVE_F16C:
             row = np.empty(D, dtype=np.float32)
             for j in range(n):
                 slots[j] = np.int64(block_tables[s, j // block_size]) * block_size + j % block_size
-            j = 0
             if fast4:
-                while j + 2 <= n:
-                    a0, a1, a2, a3, b0, b1, b2, b3 = _qk4x2_f16(q, t, kvh * 4, k16, slots[j], slots[j + 1], kvh)
-                    _put4(scores, j, a0, a1, a2, a3, scale)
-                    _put4(scores, j + 1, b0, b1, b2, b3, scale)
-                    j += 2
-                if j < n:
-                    a0, a1, a2, a3 = _qk4_f16(q, t, kvh * 4, k16, slots[j], kvh)
-                    _put4(scores, j, a0, a1, a2, a3, scale)
+                _qk_g4(q, t, kvh * 4, k16, kvh, slots, 0, n, scale, scores)
             else:
                 for j in range(n):
                     _load_row(k16, k32, use_f32, slots[j], kvh, row)
@@ -157,9 +178,7 @@ if HAVE_F16C:
                         scores[g, j] = _dot(q, t, kvh * group + g, row) * scale
             totals = np.zeros(group, dtype=np.float64)
             for g in range(group):
-                best = _row_max(scores, g, n)
-                for j in range(n):  # vectorizes (kernels.expf), unlike a libm call per score
-                    scores[g, j] = expf_nonpositive(scores[g, j] - best)
+                _exp_shifted(scores, g, n)
             if group == 4:
                 totals[0], totals[1], totals[2], totals[3] = _exp_sums4(scores, n)
             else:
@@ -167,18 +186,12 @@ if HAVE_F16C:
                     for j in range(n):
                         totals[g] += np.float64(scores[g, j])
             for g in range(group):
-                inv = np.float32(1.0 / totals[g])
-                for j in range(n):
-                    p = scores[g, j] * inv
-                    if rp:
-                        p = f16_to_f32(f32_to_f16_bits(p))  # = round_to_f16(p), in hardware
-                    scores[g, j] = p
+                _normalize(scores, g, n, totals[g], rp)
             acc = np.zeros((group, D), dtype=np.float32)
             j_start = 0
             if fast4:
-                while j_start + PV_KEYS <= n:
-                    _pv4_f16(scores, slots, j_start, v16, kvh, acc)
-                    j_start += PV_KEYS
+                _pv_g4(scores, slots, n, v16, kvh, acc, 0)
+                j_start = n
             for j in range(j_start, n):
                 _load_row(v16, v32, use_f32, slots[j], kvh, row)
                 for g in range(group):

@@ -1,0 +1,102 @@
+"""Attention for few long sequences (decode at long contexts): the work of kernels.attention_fast split in
+three parallel phases so that all threads share it, with the same arithmetic per score, probability and
+output element (bit-identical results, tested).
+
+kernels.attention_fast runs one task per (token, KV head): a decode step of one sequence of 2B-4T has 5 tasks,
+so 2 threads run 3 + 2 of them, and 90 threads leave 85 idle. Here, for float16 caches and GQA groups of 4:
+1. scores: one task per (token, KV head, chunk of KEY_CHUNK keys); q.k as attention_fast (`_qk_g4`: keys in
+   pairs from the first, the same pairing since chunks start at even keys);
+2. softmax: one task per (token, query head): max, exponentials, the double sum in key order, normalization;
+3. p.v: one task per (token, KV head, slice of D_CHUNK dims of the head): `_pv_g4` as in attention_fast (the
+   same order of keys for every output element).
+`paged_attention_auto` picks this path when (token, KV head) tasks are scarce and contexts long, else
+attention_fast; the choice never changes results. The split costs more in total (three parallel regions,
+scores through memory): on one thread, ctx 4096, 30 layers, 65 ms against attention_fast's 42 ms, and on this
+2-vCPU machine 39 against 28 ms. It pays where attention_fast leaves threads idle: from 2 threads per task
+(a decode step of one 2B-4T sequence on 10 or more threads). Not timed here on such a machine.
+"""
+import numba
+import numpy as np
+from numba import njit, prange
+
+from .config import JIT_PARALLEL
+from .simd import HAVE_F16C
+
+KEY_CHUNK = 256  # keys per q.k task (even: q.k pairs keys)
+D_CHUNK = 32  # head dimensions per p.v task
+SPLIT_MIN_KEYS = 256  # split only when some token sees at least this many keys ...
+SPLIT_THREADS_PER_TASK = 2  # ... and there are at least this many threads per (token, KV head) task
+SPLIT_MAX_SCORE_BYTES = 64 << 20  # ... and the scores of all tokens fit in this many bytes
+
+if HAVE_F16C:
+    from .attention_fast import _exp_shifted, _normalize, _pv_g4, _qk_g4, paged_attention_fast
+
+    @njit(**JIT_PARALLEL)
+    def paged_attention_split_g4(q, k16, v16, positions, seq_index, block_tables, block_size, round_probs,
+                                 scale, out):
+        """q: f32[T, H, D] (H = 4 * KVH); k16, v16: u16[n_slots, KVH, D] float16 bits; positions, seq_index:
+        i32[T]; block_tables: i32[S, max_blocks]; round_probs: bool[S]; scale: f32 -> out: f32[T, H, D]."""
+        T, H, D = q.shape
+        KVH = k16.shape[1]
+        n_max = 0
+        chunk_offs = np.zeros(T + 1, np.int64)  # token t's key chunks: [chunk_offs[t], chunk_offs[t + 1])
+        for t in range(T):
+            n = positions[t] + 1
+            n_max = max(n_max, n)
+            chunk_offs[t + 1] = chunk_offs[t] + (n + KEY_CHUNK - 1) // KEY_CHUNK
+        chunk_token = np.empty(chunk_offs[T], np.int64)
+        for t in range(T):
+            for c in range(chunk_offs[t], chunk_offs[t + 1]):
+                chunk_token[c] = t
+        slots = np.empty((T, n_max), np.int64)
+        scores = np.empty((T, H, n_max), np.float32)  # C order: scores[t][h0:h0 + 4] stays contiguous
+        for c in prange(chunk_offs[T]):  # 0. slots of each chunk's keys
+            t = chunk_token[c]
+            s, n = seq_index[t], positions[t] + 1
+            j0 = (c - chunk_offs[t]) * KEY_CHUNK
+            for j in range(j0, min(n, j0 + KEY_CHUNK)):
+                slots[t, j] = np.int64(block_tables[s, j // block_size]) * block_size + j % block_size
+        for task in prange(chunk_offs[T] * KVH):  # 1. q.k
+            c, kvh = task // KVH, task % KVH
+            t = chunk_token[c]
+            n = positions[t] + 1
+            j0 = (c - chunk_offs[t]) * KEY_CHUNK
+            sc = scores[t][kvh * 4:kvh * 4 + 4]
+            _qk_g4(q, t, kvh * 4, k16, kvh, slots[t], j0, min(n, j0 + KEY_CHUNK), scale, sc)
+        for task in prange(T * H):  # 2. softmax per query head
+            t, h = task // H, task % H
+            n = positions[t] + 1
+            sc = scores[t][h:h + 1]
+            _exp_shifted(sc, 0, n)
+            total = 0.0
+            for j in range(n):
+                total += np.float64(sc[0, j])
+            _normalize(sc, 0, n, total, round_probs[seq_index[t]])
+        n_dc = (D + D_CHUNK - 1) // D_CHUNK
+        for task in prange(T * KVH * n_dc):  # 3. p.v per slice of the head dimension
+            t, rest = task // (KVH * n_dc), task % (KVH * n_dc)
+            kvh, dc = rest // n_dc, rest % n_dc
+            n = positions[t] + 1
+            d0 = dc * D_CHUNK
+            acc = np.zeros((4, min(D, d0 + D_CHUNK) - d0), np.float32)
+            _pv_g4(scores[t][kvh * 4:kvh * 4 + 4], slots[t], n, v16, kvh, acc, d0)
+            for g in range(4):
+                for i in range(acc.shape[1]):
+                    out[t, kvh * 4 + g, d0 + i] = acc[g, i]
+
+    def paged_attention_auto(q, k16, v16, k32, v32, use_f32, positions, seq_index, block_tables, block_size,
+                             round_probs, scale, lut, out):
+        """Same contract as kernels.attention.paged_attention: the split kernel for float16 caches, GQA groups
+        of 4, few (token, KV head) tasks per thread and long contexts; attention_fast otherwise."""
+        T, H, _ = q.shape
+        kvh = k16.shape[1] if not use_f32 else k32.shape[1]
+        n_max = int(positions.max()) + 1 if T else 0
+        if (not use_f32 and H == 4 * kvh and T * kvh * SPLIT_THREADS_PER_TASK <= numba.get_num_threads()
+                and SPLIT_MIN_KEYS <= n_max and T * H * n_max * 4 <= SPLIT_MAX_SCORE_BYTES):
+            paged_attention_split_g4(q, k16, v16, positions, seq_index, block_tables, block_size, round_probs,
+                                     scale, out)
+        else:
+            paged_attention_fast(q, k16, v16, k32, v32, use_f32, positions, seq_index, block_tables, block_size,
+                                 round_probs, scale, lut, out)
+else:
+    from .attention_fast import paged_attention_fast as paged_attention_auto  # noqa: F401

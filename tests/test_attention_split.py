@@ -1,0 +1,82 @@
+"""kernels/attention_split.py: bit-identical to kernels/attention_fast.py (same arithmetic per element, work
+split differently), close to the numpy reference, and chosen by paged_attention_auto only where it should."""
+import numpy as np
+import pytest
+
+import naive
+from kernels.simd import HAVE_F16C
+
+pytestmark = pytest.mark.skipif(not HAVE_F16C, reason="the split kernel needs hardware float16 conversion")
+
+RNG = np.random.default_rng(2024)
+
+
+def _case(D, KVH, positions, seqs, bs=16):
+    H = 4 * KVH
+    n_blocks = sum((int(max(p for p, s in zip(positions, seqs) if s == i)) // bs + 1) for i in set(seqs))
+    k = RNG.standard_normal((n_blocks * bs, KVH, D)).astype(np.float16)
+    v = RNG.standard_normal((n_blocks * bs, KVH, D)).astype(np.float16)
+    perm = RNG.permutation(n_blocks).astype(np.int32)  # blocks scattered over the cache
+    tables, used = [], 0
+    for i in range(max(seqs) + 1):
+        need = int(max(p for p, s in zip(positions, seqs) if s == i)) // bs + 1
+        tables.append(list(perm[used:used + need]))
+        used += need
+    width = max(len(r) for r in tables)
+    tables = np.array([r + [-1] * (width - len(r)) for r in tables], np.int32)
+    q = RNG.standard_normal((len(positions), H, D)).astype(np.float16).astype(np.float32)
+    return q, k, v, np.array(positions, np.int32), np.array(seqs, np.int32), tables, bs
+
+
+@pytest.mark.parametrize("D", [128, 64, 80])
+@pytest.mark.parametrize("positions,seqs", [
+    ([4095], [0]),  # one long decode step
+    ([300, 511, 0], [0, 1, 2]),  # odd and even key counts, a chunk boundary, a first token
+    ([254, 255, 256, 257], [0, 0, 0, 0]),  # consecutive tokens of one sequence across the chunk boundary
+])
+@pytest.mark.parametrize("round_probs", [True, False])
+def test_split_equals_fast_bit_for_bit(D, positions, seqs, round_probs):
+    from kernels.attention_fast import paged_attention_fast
+    from kernels.attention_split import paged_attention_split_g4
+    q, k, v, pos, seq, tables, bs = _case(D, 2, positions, seqs)
+    rp = np.array([round_probs, not round_probs, round_probs])[:tables.shape[0]]
+    scale = np.float32(1 / np.sqrt(D))
+    e32 = np.zeros((0, 2, D), np.float32)
+    fast, split = np.full_like(q, np.nan), np.full_like(q, np.nan)
+    paged_attention_fast(q, k.view(np.uint16), v.view(np.uint16), e32, e32, False, pos, seq, tables, bs, rp,
+                         scale, np.zeros(1, np.float32), fast)
+    paged_attention_split_g4(q, k.view(np.uint16), v.view(np.uint16), pos, seq, tables, bs, rp, scale, split)
+    assert np.array_equal(split.view(np.uint32), fast.view(np.uint32))
+    for t in range(len(pos)):
+        slots = np.array([tables[seq[t], j // bs] * bs + j % bs for j in range(pos[t] + 1)])
+        ref = naive.attention(q[t], k[slots].astype(np.float32), v[slots].astype(np.float32), pos[t] + 1, scale,
+                              rp[seq[t]])
+        np.testing.assert_allclose(split[t], ref, rtol=1e-4, atol=2e-3 if rp[seq[t]] else 2e-5)
+
+
+def test_auto_picks_split_only_for_few_long_tasks(monkeypatch):
+    import kernels.attention_split as split_mod
+    calls = []
+    monkeypatch.setattr(split_mod.numba, "get_num_threads", lambda: 16)
+    monkeypatch.setattr(split_mod, "paged_attention_split_g4", lambda *a: calls.append("split"))
+    monkeypatch.setattr(split_mod, "paged_attention_fast", lambda *a: calls.append("fast"))
+    D, e16 = 64, np.zeros((0, 2, 64), np.uint16)
+    k16 = np.zeros((512, 2, D), np.uint16)
+    e32, k32 = np.zeros((0, 2, D), np.float32), np.zeros((512, 2, D), np.float32)
+    tables = np.arange(32, dtype=np.int32)[None, :]
+
+    def run(T, last_pos, use_f32=False, H=8):
+        q = np.zeros((T, H, D), np.float32)
+        pos = np.arange(last_pos - T + 1, last_pos + 1, dtype=np.int32)
+        args = (e16, e16, k32, k32) if use_f32 else (k16, k16, e32, e32)
+        split_mod.paged_attention_auto(q, *args, use_f32, pos, np.zeros(T, np.int32), tables, 16,
+                                       np.array([True]), np.float32(0.1), None, q)
+        return calls.pop()
+
+    assert run(1, 400) == "split"  # one decode step, long context: 2 (token, KV head) tasks for 16 threads
+    assert run(4, 400) == "split"  # 8 tasks: half the threads would idle in attention_fast
+    assert run(5, 400) == "fast"
+    assert run(1, 100) == "fast"  # short context
+    assert run(64, 400) == "fast"  # prefill: (token, KV head) tasks are plenty
+    assert run(1, 400, use_f32=True) == "fast"  # float32 cache: attention_fast's generic path
+    assert run(1, 400, H=6) == "fast"  # GQA group of 3
