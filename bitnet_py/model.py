@@ -13,11 +13,12 @@ import time
 from dataclasses import dataclass
 from functools import cached_property
 
+import numba
 import numpy as np
 
 from kernels.activations import relu2_mul, relu2_mul_parallel, silu_mul, silu_mul_parallel
 from kernels.attention import paged_attention
-from kernels.attention_split import paged_attention_auto
+from kernels.attention_split import choose_attention
 from kernels.dense import f16_matmul, i8_matmul
 from kernels.f16 import f16_lut, round_rows_f16, to_f16_bits
 from kernels.norms import rms_norm, rms_norm_parallel
@@ -150,7 +151,6 @@ class Model:
         relu2 = c.traits.ffn_act == "relu2"
         self._act = relu2_mul if relu2 else silu_mul
         self._act_parallel = relu2_mul_parallel if relu2 else silu_mul_parallel
-        self._attention = paged_attention_auto if kernel_config.FAST_ATTENTION else paged_attention
         self._fuse_qkv = [fusable([L.wq, L.wk, L.wv]) for L in weights.layers]
         self._fuse_ffn = [fusable([L.w_gate, L.w_up]) for L in weights.layers]
 
@@ -210,6 +210,9 @@ class Model:
         # sequence's results do not depend on what else is in the batch
         round_probs = (np.bincount(seq, minlength=tables.shape[0]) == 1) & (not f32)  # bool[S]
         scale = np.float32(1.0 / np.sqrt(c.head_dim))
+        attention = (choose_attention(T, c.n_head, c.n_kv_head, f32, int(pos.max()) + 1 if T else 0,
+                                      numba.get_num_threads())
+                     if kernel_config.FAST_ATTENTION else paged_attention)  # one choice for all layers
         x = embedding_rows(self.gguf, W.token_embd, tokens)  # f32[T, E]
         x = np.array(x, dtype=np.float32, order="C")
         h = np.empty_like(x)
@@ -237,7 +240,7 @@ class Model:
                 k16, v16 = kv.k[il], kv.v[il]
                 k32 = v32 = self._empty32
             attn = np.empty_like(q)
-            self._attention(q, k16, v16, k32, v32, f32, pos, seq, tables, bs, round_probs, scale, self._lut, attn)
+            attention(q, k16, v16, k32, v32, f32, pos, seq, tables, bs, round_probs, scale, self._lut, attn)
             a = attn.reshape(T, c.q_dim)
             if L.attn_sub_norm is not None:
                 norm(a, L.attn_sub_norm, c.rms_eps, a)

@@ -9,7 +9,7 @@ so 2 threads run 3 + 2 of them, and 90 threads leave 85 idle. Here, for float16 
 2. softmax: one task per (token, query head): max, exponentials, the double sum in key order, normalization;
 3. p.v: one task per (token, KV head, slice of D_CHUNK dims of the head): `_pv_g4` as in attention_fast (the
    same order of keys for every output element).
-`paged_attention_auto` picks this path when (token, KV head) tasks are scarce and contexts long, else
+`choose_attention` (once per step) picks this path when (token, KV head) tasks are scarce and contexts long, else
 attention_fast; the choice never changes results. The split costs more in total (three parallel regions,
 scores through memory): on one thread, ctx 4096, 30 layers, 65 ms against attention_fast's 42 ms, and on this
 2-vCPU machine 39 against 28 ms. It pays where attention_fast leaves threads idle: from 2 threads per task
@@ -32,10 +32,10 @@ if HAVE_F16C:
     from .attention_fast import _exp_shifted, _normalize, _pv_g4, _qk_g4, paged_attention_fast
 
     @njit(**JIT_PARALLEL)
-    def paged_attention_split_g4(q, k16, v16, positions, seq_index, block_tables, block_size, round_probs,
-                                 scale, out):
-        """q: f32[T, H, D] (H = 4 * KVH); k16, v16: u16[n_slots, KVH, D] float16 bits; positions, seq_index:
-        i32[T]; block_tables: i32[S, max_blocks]; round_probs: bool[S]; scale: f32 -> out: f32[T, H, D]."""
+    def paged_attention_split_g4(q, k16, v16, k32, v32, use_f32, positions, seq_index, block_tables, block_size,
+                                 round_probs, scale, lut, out):
+        """Same contract as kernels.attention.paged_attention, for float16 caches (use_f32 False; k32, v32 and
+        lut unused) and H = 4 * KVH: q: f32[T, H, D]; k16, v16: u16[n_slots, KVH, D] float16 bits."""
         T, H, D = q.shape
         KVH = k16.shape[1]
         n_max = 0
@@ -84,19 +84,26 @@ if HAVE_F16C:
                 for i in range(acc.shape[1]):
                     out[t, kvh * 4 + g, d0 + i] = acc[g, i]
 
+    def choose_attention(n_tokens, n_head, n_kv_head, use_f32, n_keys_max, n_threads):
+        """The kernel for a step (one choice for all layers; both give the same results): the split kernel for
+        float16 caches, GQA groups of 4, long contexts and (token, KV head) tasks that would leave threads
+        idle; attention_fast otherwise."""
+        if (not use_f32 and n_head == 4 * n_kv_head and n_keys_max >= SPLIT_MIN_KEYS
+                and n_tokens * n_kv_head * SPLIT_THREADS_PER_TASK <= n_threads
+                and n_tokens * n_head * n_keys_max * 4 <= SPLIT_MAX_SCORE_BYTES):
+            return paged_attention_split_g4
+        return paged_attention_fast
+
     def paged_attention_auto(q, k16, v16, k32, v32, use_f32, positions, seq_index, block_tables, block_size,
                              round_probs, scale, lut, out):
-        """Same contract as kernels.attention.paged_attention: the split kernel for float16 caches, GQA groups
-        of 4, few (token, KV head) tasks per thread and long contexts; attention_fast otherwise."""
+        """Same contract as kernels.attention.paged_attention; the kernel `choose_attention` picks."""
         T, H, _ = q.shape
-        kvh = k16.shape[1] if not use_f32 else k32.shape[1]
-        n_max = int(positions.max()) + 1 if T else 0
-        if (not use_f32 and H == 4 * kvh and T * kvh * SPLIT_THREADS_PER_TASK <= numba.get_num_threads()
-                and SPLIT_MIN_KEYS <= n_max and T * H * n_max * 4 <= SPLIT_MAX_SCORE_BYTES):
-            paged_attention_split_g4(q, k16, v16, positions, seq_index, block_tables, block_size, round_probs,
-                                     scale, out)
-        else:
-            paged_attention_fast(q, k16, v16, k32, v32, use_f32, positions, seq_index, block_tables, block_size,
-                                 round_probs, scale, lut, out)
+        kvh = k32.shape[1] if use_f32 else k16.shape[1]
+        kernel = choose_attention(T, H, kvh, use_f32, int(positions.max()) + 1 if T else 0, numba.get_num_threads())
+        kernel(q, k16, v16, k32, v32, use_f32, positions, seq_index, block_tables, block_size, round_probs, scale,
+               lut, out)
 else:
     from .attention_fast import paged_attention_fast as paged_attention_auto  # noqa: F401
+
+    def choose_attention(n_tokens, n_head, n_kv_head, use_f32, n_keys_max, n_threads):
+        return paged_attention_auto

@@ -2,7 +2,11 @@
 
 Environment:
 - NUMBA_CACHE_DIR: where compiled kernels are cached (Numba's own variable; default `__pycache__` next to the
-  kernel files). A second start loads them from there instead of compiling.
+  kernel files). A second start loads them from there instead of compiling. The cache goes into a subfolder
+  named after a hash of every kernels/*.py source (`kernel-cache-<hash>`): Numba keys each cached function on
+  its own file only, yet kernels inline intrinsics and helpers from other files (simd.py, attention_fast.py);
+  without the hash, editing one of those (or a `git pull` that touches only it) would keep running stale
+  compiled code. Folders of older sources are left in place (delete them freely).
 - BITNET_PY_NO_CACHE=1: disables the on-disk cache.
 - BITNET_PY_TERNARY_KERNEL: `auto` (default: per-shape choice in kernels/select.py), `mad` (multiply-add:
   SIMD where the host has AVX2, else plain loops), `plain` (plain multiply-add loops), `lut` (table lookup).
@@ -18,12 +22,32 @@ Environment:
 Only "safe" fast-math flags are used where float results must match the reference order of operations:
 `STRICT` kernels (activation quantization, norms) get none, reductions over exact integers don't care.
 """
+import hashlib
 import os
+from pathlib import Path
+
+import numba
 
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     os.environ["GOMP_SPINCOUNT"] = "10000"  # read when libgomp starts (first parallel kernel call)
 
 CACHE = os.environ.get("BITNET_PY_NO_CACHE", "") not in ("1", "true", "yes")
+_KERNEL_DIR = Path(__file__).resolve().parent
+
+
+def source_hash(directory: Path) -> str:
+    """Hash of the names and contents of the *.py files in directory."""
+    digest = hashlib.sha256()
+    for path in sorted(directory.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+SOURCE_HASH = source_hash(_KERNEL_DIR)
+CACHE_DIR = os.path.join(os.environ.get("NUMBA_CACHE_DIR") or str(_KERNEL_DIR / "__pycache__"),
+                         f"kernel-cache-{SOURCE_HASH}")
+if CACHE:
+    numba.config.CACHE_DIR = CACHE_DIR  # read when each @njit(cache=True) below is decorated
 TERNARY_KERNEL = os.environ.get("BITNET_PY_TERNARY_KERNEL", "auto")
 FAST_ATTENTION = os.environ.get("BITNET_PY_FAST_ATTENTION", "1") not in ("0", "false", "no")
 FUSE = os.environ.get("BITNET_PY_FUSE", "1") not in ("0", "false", "no")

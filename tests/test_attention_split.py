@@ -45,7 +45,8 @@ def test_split_equals_fast_bit_for_bit(D, positions, seqs, round_probs):
     fast, split = np.full_like(q, np.nan), np.full_like(q, np.nan)
     paged_attention_fast(q, k.view(np.uint16), v.view(np.uint16), e32, e32, False, pos, seq, tables, bs, rp,
                          scale, np.zeros(1, np.float32), fast)
-    paged_attention_split_g4(q, k.view(np.uint16), v.view(np.uint16), pos, seq, tables, bs, rp, scale, split)
+    paged_attention_split_g4(q, k.view(np.uint16), v.view(np.uint16), e32, e32, False, pos, seq, tables, bs, rp,
+                             scale, np.zeros(1, np.float32), split)
     assert np.array_equal(split.view(np.uint32), fast.view(np.uint32))
     for t in range(len(pos)):
         slots = np.array([tables[seq[t], j // bs] * bs + j % bs for j in range(pos[t] + 1)])
@@ -80,3 +81,46 @@ def test_auto_picks_split_only_for_few_long_tasks(monkeypatch):
     assert run(64, 400) == "fast"  # prefill: (token, KV head) tasks are plenty
     assert run(1, 400, use_f32=True) == "fast"  # float32 cache: attention_fast's generic path
     assert run(1, 400, H=6) == "fast"  # GQA group of 3
+
+
+def test_bench_attention_script_prints_checked_table(capsys):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--cases", "decode512", "-r", "1", "-t", "1"]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| decode512 |")]
+    assert len(row) == 1 and row[0].count("x)") == 3  # fast, split, auto with their speed-ups over plain
+
+
+def test_model_logits_identical_with_the_split_kernel(tmp_path, monkeypatch):
+    """A 2-layer GQA-4 model (dummy `tiny` layout): a decode step at 300 keys gives bit-identical logits whether
+    the model picks attention_fast (1 thread) or the split kernel (64 threads)."""
+    import kernels.attention_split as split_mod
+    from bitnet_py import model as model_mod
+    from bitnet_py.dummy import make_dummy
+    path = tmp_path / "tiny.gguf"
+    make_dummy("tiny", "i2_s", str(path), seed=3, progress=False)
+    m = model_mod.Model.load(str(path))
+    prompt = np.arange(300, dtype=np.int32) % 2000 + 5
+    tables = np.arange(20, dtype=np.int32)[None, :]
+
+    def batch(tokens, start):
+        T = len(tokens)
+        return model_mod.Batch(tokens=tokens, positions=np.arange(start, start + T, dtype=np.int32),
+                               seq_index=np.zeros(T, np.int32), block_tables=tables,
+                               logit_rows=np.array([T - 1], np.int32))
+
+    picked = []
+    real_choose = split_mod.choose_attention
+    monkeypatch.setattr(model_mod, "choose_attention", lambda *a: picked.append(real_choose(*a)) or picked[-1])
+    logits = {}
+    for threads in (1, 64):  # one KV head: 1 thread -> attention_fast, 64 -> split
+        monkeypatch.setattr(model_mod.numba, "get_num_threads", lambda n=threads: n)
+        kv = m.new_kv_cache(20, 16)
+        m.forward(batch(prompt, 0), kv)
+        logits[threads] = m.forward(batch(np.array([7], np.int32), 300), kv)
+    assert picked[-1] is split_mod.paged_attention_split_g4 and picked[1] is split_mod.paged_attention_fast
+    assert np.array_equal(logits[1], logits[64])
