@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.tl2_repack import pack_i2s, tl2_decode
+from kernels.tl2_repack import pack_i2s, tl2_to_i2s_packed
 
 from .config import ModelConfig
 from .gguf.constants import DEQUANT_TYPES, I2S_BLOCK, TL2_ROWPERM, GGMLType
@@ -77,10 +77,8 @@ def tl2_to_i2s(raw: np.ndarray, m: int, k: int, tile: TL2Tile) -> tuple[np.ndarr
     """TL2 bytes -> (I2_S-packed u8[m*k/4], scale); compiled loops (same decoding as unpack_tl2)."""
     if m % tile.bm or tile.bm % 32 or tile.bk % 24:
         raise GGUFError(f"TL2 tiling BM={tile.bm}, BK={tile.bk} does not fit weight {m}x{k}")
-    w = np.empty((m, k), np.int8)
-    tl2_decode(raw, m, k, tile.bm, tile.bk, np.array(TL2_ROWPERM, np.int64), w)
     packed = np.empty(m * k // 4, np.uint8)
-    pack_i2s(w, packed)
+    tl2_to_i2s_packed(raw, m, k, tile.bm, tile.bk, np.array(TL2_ROWPERM, np.int64), packed)
     return packed, raw[tl2_region(m, k):tl2_region(m, k) + 4].view("<f4")[0]
 
 

@@ -1,76 +1,97 @@
-"""TL2 bytes -> I2_S-packed bytes at load time (the kernels only read the I2_S layout).
+"""TL2 bytes (and decoded ternary matrices) -> I2_S-packed bytes at load time (the kernels only read I2_S).
 
 Same decoding as `bitnet_py.gguf.ternary_unpack.unpack_tl2` (layout in ../shared/fixtures/README.md), written
-as loops so that a 2B-4T file repacks in about a second instead of minutes of numpy fancy indexing.
+as loops: one task per 32-row group of a row tile, each row decoded into a row buffer (nibbles through 16-entry
+tables, each 16-bit sign word read once for its 8 triples) and packed straight away, so no int8 copy of the
+whole matrix is made. A 2B-4T file repacks in about a second.
 """
 import numpy as np
 from numba import njit, prange
 
-from .config import JIT_PARALLEL
+from .config import JIT, JIT_PARALLEL
 
 
-@njit(**JIT_PARALLEL)
-def tl2_decode(raw, m, k, bm, bk, rowperm, w):
-    """raw: u8 TL2 region; rowperm: i64[4]; -> w: i8[m, k] ternary values. Row tiles split over threads."""
-    three_k = (k // bk) * bk
-    two_k = k - three_k
-    g_n = bm // 32
-    mb_n = m // bm
-    kb_n = three_k // bk
-    t_n = bk // 6
-    q_n = bk // 24
-    sign_off = m * three_k // 6
-    two_off = sign_off + m * three_k // 24
-    for mb in prange(mb_n):
-        for g in range(g_n):
-            for r in range(32):
-                row = mb * bm + g * 32 + rowperm[r // 8] * 8 + r % 8
-                rr = rowperm[r // 8] * 8 + r % 8  # natural row within the 32-row group (sign layout)
-                for kb in range(kb_n):
-                    tile = (mb * kb_n + kb) * g_n + g
-                    for t in range(t_n):
-                        byte = np.int32(raw[(tile * t_n + t) * 32 + r])
-                        for half in range(2):
-                            v = (byte >> 4) if half == 0 else (byte & 15)
-                            triple = 2 * t + half
-                            qq = triple // 8
-                            i = 2 * (triple % 8) + rr // 16
-                            c = rr % 16
-                            o = sign_off + (tile * q_n + qq) * 32 + 2 * c
-                            u16 = np.int32(raw[o]) | (np.int32(raw[o + 1]) << 8)
-                            neg = (u16 >> (15 - i)) & 1
-                            w0 = (v + 13) // 9 - 1
-                            rest = v - 9 * w0
-                            w1 = (rest + 4) // 3 - 1
-                            w2 = rest - 3 * w1
-                            if neg:
-                                w0, w1, w2 = -w0, -w1, -w2
-                            col = kb * bk + 3 * triple
-                            w[row, col] = w0
-                            w[row, col + 1] = w1
-                            w[row, col + 2] = w2
-                for kb2 in range(two_k // 32):
-                    for t in range(8):
-                        byte = np.int32(raw[two_off + (((mb * (two_k // 32) + kb2) * g_n + g) * 8 + t) * 32 + r])
-                        for half in range(2):
-                            v = (byte >> 4) if half == 0 else (byte & 15)
-                            w0 = v // 3 - 1
-                            w1 = v - 3 * (w0 + 1) - 1
-                            col = three_k + kb2 * 32 + 2 * (2 * t + half)
-                            w[row, col] = w0
-                            w[row, col + 1] = w1
+@njit(**JIT)
+def _pack_row(w_row, out, o0):
+    """w_row: i8[K] ternary (K % 128 == 0) -> out[o0 : o0 + K/4] in I2_S layout (code = w + 1; in each 32-byte
+    block, byte p holds values p, p+32, p+64, p+96 at shifts 6, 4, 2, 0)."""
+    for b in range(w_row.shape[0] // 128):
+        for p in range(32):
+            c0 = np.uint8(w_row[b * 128 + p] + 1)
+            c1 = np.uint8(w_row[b * 128 + 32 + p] + 1)
+            c2 = np.uint8(w_row[b * 128 + 64 + p] + 1)
+            c3 = np.uint8(w_row[b * 128 + 96 + p] + 1)
+            out[o0 + b * 32 + p] = (c0 << 6) | (c1 << 4) | (c2 << 2) | c3
 
 
 @njit(**JIT_PARALLEL)
 def pack_i2s(w, out):
-    """w: i8[m, k] ternary (k % 128 == 0) -> out: u8[m*k/4] in I2_S layout."""
+    """w: i8[m, k] ternary (k % 128 == 0) -> out: u8[m*k/4] in I2_S layout (TQ1_0 / TQ2_0 load path)."""
     m, k = w.shape
     for row in prange(m):
-        for b in range(k // 128):
-            o = (row * k + b * 128) // 4
-            for p in range(32):
-                c0 = np.uint8(w[row, b * 128 + p] + 1)
-                c1 = np.uint8(w[row, b * 128 + 32 + p] + 1)
-                c2 = np.uint8(w[row, b * 128 + 64 + p] + 1)
-                c3 = np.uint8(w[row, b * 128 + 96 + p] + 1)
-                out[o + p] = (c0 << 6) | (c1 << 4) | (c2 << 2) | c3
+        _pack_row(w[row], out, row * (k // 4))
+
+
+@njit(**JIT)
+def _nibble_tables():
+    """-> (i8[2, 16, 3], i8[16, 2]): weights of a three-weight nibble (base-3 digits with an offset), without
+    and with the sign bit applied, and of a two-weight nibble."""
+    three = np.zeros((2, 16, 3), np.int8)
+    two = np.zeros((16, 2), np.int8)
+    for v in range(16):
+        w0 = (v + 13) // 9 - 1
+        rest = v - 9 * w0
+        w1 = (rest + 4) // 3 - 1
+        three[0, v, 0], three[0, v, 1], three[0, v, 2] = w0, w1, rest - 3 * w1
+        three[1, v, 0], three[1, v, 1], three[1, v, 2] = -w0, -w1, -(rest - 3 * w1)
+        u0 = v // 3 - 1
+        two[v, 0], two[v, 1] = u0, v - 3 * (u0 + 1) - 1
+    return three, two
+
+
+@njit(**JIT_PARALLEL)
+def tl2_to_i2s_packed(raw, m, k, bm, bk, rowperm, out):
+    """raw: u8 TL2 region of an m x k weight tiled BM x BK; rowperm: i64[4] -> out: u8[m*k/4] in I2_S layout
+    (k % 128 == 0). One task per 32-row group."""
+    three_k = (k // bk) * bk
+    two_k = k - three_k
+    g_n = bm // 32
+    kb_n = three_k // bk
+    t_n = bk // 6  # bytes per row and tile: two 3-weight nibbles each
+    q_n = bk // 24  # sign words per row and tile: 8 triples (4 bytes) each
+    sign_off = m * three_k // 6
+    two_off = sign_off + m * three_k // 24
+    three, two = _nibble_tables()
+    for task in prange((m // bm) * g_n):
+        mb, g = task // g_n, task % g_n
+        w_row = np.empty(k, np.int8)
+        for r in range(32):
+            rr = rowperm[r // 8] * 8 + r % 8  # natural row within the 32-row group
+            for kb in range(kb_n):
+                tile = (mb * kb_n + kb) * g_n + g
+                for qq in range(q_n):
+                    o = sign_off + (tile * q_n + qq) * 32 + 2 * (rr % 16)
+                    # bit 15 - (2 * triple' + rr // 16) of the sign word belongs to triple' of these 8
+                    signs = (np.int32(raw[o]) | (np.int32(raw[o + 1]) << 8)) >> (1 - rr // 16)
+                    base = kb * bk + 24 * qq
+                    for tt in range(4):
+                        byte = np.int32(raw[(tile * t_n + qq * 4 + tt) * 32 + r])
+                        hi, lo = byte >> 4, byte & 15
+                        neg_hi = (signs >> (14 - 4 * tt)) & 1
+                        neg_lo = (signs >> (12 - 4 * tt)) & 1
+                        col = base + 6 * tt
+                        w_row[col] = three[neg_hi, hi, 0]
+                        w_row[col + 1] = three[neg_hi, hi, 1]
+                        w_row[col + 2] = three[neg_hi, hi, 2]
+                        w_row[col + 3] = three[neg_lo, lo, 0]
+                        w_row[col + 4] = three[neg_lo, lo, 1]
+                        w_row[col + 5] = three[neg_lo, lo, 2]
+            for kb2 in range(two_k // 32):
+                for t in range(8):
+                    byte = np.int32(raw[two_off + (((mb * (two_k // 32) + kb2) * g_n + g) * 8 + t) * 32 + r])
+                    for half in range(2):
+                        v = (byte >> 4) if half == 0 else (byte & 15)
+                        col = three_k + kb2 * 32 + 2 * (2 * t + half)
+                        w_row[col] = two[v, 0]
+                        w_row[col + 1] = two[v, 1]
+            _pack_row(w_row, out, (mb * bm + g * 32 + rr) * (k // 4))
