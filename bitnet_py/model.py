@@ -20,7 +20,8 @@ from kernels.activations import relu2_mul, relu2_mul_parallel, silu_mul, silu_mu
 from kernels.attention import paged_attention
 from kernels.attention_split import choose_attention
 from kernels.dense import f16_matmul, i8_matmul
-from kernels.f16 import f16_lut, round_rows_f16, to_f16_bits
+from kernels.f16 import f16_lut, round_rows_f16
+from kernels.kv_store import rope_store_f16
 from kernels.norms import rms_norm, rms_norm_parallel
 from kernels.quantize import quantize_rows_i8, quantize_rows_i8_parallel
 from kernels.rope import rope_apply, rope_tables
@@ -61,13 +62,6 @@ class QuantizedActivation:
     q: np.ndarray  # i8[T, K]
     scales: np.ndarray  # f32[T]
     sums: np.ndarray  # i32[T]
-
-
-def f16_bits(x: np.ndarray) -> np.ndarray:
-    """f32[...] (C order) -> u16[...] float16 bits (numpy's astype(np.float16) rounding)."""
-    out = np.empty(x.shape, np.uint16)
-    to_f16_bits(x.reshape(-1), out.reshape(-1))
-    return out
 
 
 def quantize_activation(x: np.ndarray, floor: float) -> QuantizedActivation:
@@ -226,18 +220,16 @@ class Model:
             q = q.reshape(T, c.n_head, c.head_dim)
             k = k.reshape(T, c.n_kv_head, c.head_dim)
             v = v.reshape(T, c.n_kv_head, c.head_dim)
-            rope_apply(q, pos, self._cos, self._sin, c.traits.rope_neox, c.rope_dims)
-            rope_apply(k, pos, self._cos, self._sin, c.traits.rope_neox, c.rope_dims)
             if f32:
+                rope_apply(q, pos, self._cos, self._sin, c.traits.rope_neox, c.rope_dims)
+                rope_apply(k, pos, self._cos, self._sin, c.traits.rope_neox, c.rope_dims)
                 kv.k[il, slots] = k
                 kv.v[il, slots] = v
                 k16 = v16 = self._empty16
                 k32, v32 = kv.k[il], kv.v[il]
-            else:
-                kv.k[il, slots] = f16_bits(k)
-                kv.v[il, slots] = f16_bits(v)
-                round_rows_f16(q.reshape(-1), q.reshape(-1))  # ggml converts Q to f16 for Q.K
+            else:  # rope, f16 K/V into the cache, Q rounded to f16 (ggml converts Q to f16 for Q.K)
                 k16, v16 = kv.k[il], kv.v[il]
+                rope_store_f16(q, k, v, pos, self._cos, self._sin, c.traits.rope_neox, c.rope_dims, slots, k16, v16)
                 k32 = v32 = self._empty32
             attn = np.empty_like(q)
             attention(q, k16, v16, k32, v32, f32, pos, seq, tables, bs, round_probs, scale, self._lut, attn)

@@ -96,3 +96,26 @@ def test_parallel_activations_equal_serial_and_reference():
         parallel(b, u, b)  # in place, as the model calls it
         assert np.array_equal(a, b)
         np.testing.assert_allclose(a, ref(g, u), rtol=tol, atol=tol / 10)
+
+
+@pytest.mark.parametrize("neox", [True, False])
+def test_rope_store_f16_equals_the_separate_steps(neox):
+    from kernels.kv_store import rope_store_f16
+    from kernels.rope import rope_apply, rope_tables
+    T, H, KVH, D = 5, 8, 2, 64
+    cos, sin = rope_tables(64, D, 10000.0)
+    q = RNG.standard_normal((T, H, D)).astype(np.float32) * 3
+    k = RNG.standard_normal((T, KVH, D)).astype(np.float32) * 3
+    v = RNG.standard_normal((T, KVH, D)).astype(np.float32) * 3
+    pos = np.array([0, 1, 7, 8, 40], np.int32)
+    slots = np.array([9, 3, 30, 0, 17], np.int64)  # scattered cache rows
+    rq, rk = q.copy(), k.copy()
+    rope_apply(rq, pos, cos, sin, neox, D)
+    rope_apply(rk, pos, cos, sin, neox, D)
+    ref_k, ref_v = np.zeros((32, KVH, D), np.uint16), np.zeros((32, KVH, D), np.uint16)
+    ref_k[slots], ref_v[slots] = rk.astype(np.float16).view(np.uint16), v.astype(np.float16).view(np.uint16)
+    kc, vc = np.zeros_like(ref_k), np.zeros_like(ref_v)
+    rope_store_f16(q, k, v, pos, cos, sin, neox, D, slots, kc, vc)
+    assert np.array_equal(kc, ref_k) and np.array_equal(vc, ref_v)
+    assert np.array_equal(q, rq.astype(np.float16).astype(np.float32))  # Q rotated, then rounded to f16
+    assert np.array_equal(k, rk)  # K rotated in place
