@@ -4,9 +4,9 @@
 - `f16_bits_to_f32(bits, out_u32)`: vectorizable bit conversion for long rows (output heads); `out_u32` is a
   uint32 view of the float32 destination.
 - `round_to_f16(x)`: float32 -> nearest float16 value (ties to even), as float32; finite inputs below 65504.
-- `to_f16_bits(x, out)`: f32[N] -> u16[N] float16 bits, and `round_rows_f16(x, out)`: f32[N] -> f32[N] values
-  rounded to float16 (KV cache stores, ggml's f16 rounding of Q), both exactly numpy's `astype(np.float16)`
-  (ties to even, overflow to inf). Hardware conversion where the host has it (10-30x numpy's), else numpy.
+- `round_rows_f16(x, out)`: f32[N] -> f32[N] values rounded to float16 (the f16 head's input), exactly numpy's
+  `.astype(np.float16).astype(np.float32)` (ties to even, overflow to inf). Hardware conversion where the host
+  has it (10-30x numpy's), else numpy. KV stores and Q rounding: kernels/kv_store.py.
 """
 import math
 
@@ -51,21 +51,11 @@ if HAVE_F16C:
     from .simd import f16_to_f32, f32_to_f16_bits
 
     @njit(**JIT)
-    def to_f16_bits(x, out):
-        """x: f32[N] -> out: u16[N], float16 bits of the nearest float16 (flat, contiguous arrays)."""
-        for i in range(x.shape[0]):
-            out[i] = f32_to_f16_bits(x[i])
-
-    @njit(**JIT)
     def round_rows_f16(x, out):
         """x: f32[N] -> out: f32[N] (may alias x), each value rounded to the nearest float16."""
         for i in range(x.shape[0]):
             out[i] = f16_to_f32(f32_to_f16_bits(x[i]))
 else:
-    def to_f16_bits(x, out):
-        """x: f32[N] -> out: u16[N], float16 bits of the nearest float16 (numpy; no hardware conversion)."""
-        out[:] = x.astype(np.float16).view(np.uint16)
-
     def round_rows_f16(x, out):
         """x: f32[N] -> out: f32[N] (may alias x), each value rounded to the nearest float16 (numpy)."""
         out[:] = x.astype(np.float16).astype(np.float32)

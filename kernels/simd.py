@@ -42,7 +42,7 @@ HAVE_F16C = "f16c" in _FEATURES or "neon" in _FEATURES or "fp-armv8" in _FEATURE
 
 # i2s_dot: blocks per loop step (2 x 32 bytes = one 64-byte cache line of weights; their products are summed
 # in i16 lanes before one widening), and how far ahead of the current weights to prefetch
-BLOCKS_PER_STEP = {1: 2, 2: 2, 4: 2}
+BLOCKS_PER_STEP = 2
 PREFETCH_BYTES = 2048
 
 _I8 = ir.IntType(8)
@@ -207,9 +207,9 @@ def _make_i2s_dot(n_rows, blocks_per_step):
     return i2s_dot
 
 
-i2s_dot1 = _make_i2s_dot(1, BLOCKS_PER_STEP[1])
-i2s_dot2 = _make_i2s_dot(2, BLOCKS_PER_STEP[2])
-i2s_dot4 = _make_i2s_dot(4, BLOCKS_PER_STEP[4])
+i2s_dot1 = _make_i2s_dot(1, BLOCKS_PER_STEP)
+i2s_dot2 = _make_i2s_dot(2, BLOCKS_PER_STEP)
+i2s_dot4 = _make_i2s_dot(4, BLOCKS_PER_STEP)
 
 
 def _make_i8_dot_abs(n_rows):
