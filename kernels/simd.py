@@ -64,6 +64,11 @@ def _splat(ty, value, n):
     return ir.Constant(ir.VectorType(ty, n), [ir.Constant(ty, value)] * n)
 
 
+def _as_i64(context, builder, values, tys):
+    """Integer arguments of an intrinsic (offsets, strides, counts) as i64 values."""
+    return [context.cast(builder, v, t, types.int64) for v, t in zip(values, tys)]
+
+
 def _data_ptr(context, builder, arrty, arr, offset):
     ary = context.make_array(arrty)(context, builder, arr)
     return builder.gep(ary.data, [offset])
@@ -110,10 +115,8 @@ def _make_i2s_dot(n_rows, blocks_per_step):
             def c64(v):
                 return ir.Constant(i64, v)
 
-            w0_v = context.cast(builder, w0_v, wty, types.int64)
-            q0_v = context.cast(builder, q0_v, q0ty, types.int64)
-            stride_v = context.cast(builder, stride_v, sty, types.int64)
-            nb_v = context.cast(builder, nb_v, nbty, types.int64)
+            w0_v, q0_v, stride_v, nb_v = _as_i64(context, builder, (w0_v, q0_v, stride_v, nb_v),
+                                                 (wty, q0ty, sty, nbty))
             module = builder.module
             maddubs = _get_or_insert(module, "llvm.x86.avx2.pmadd.ub.sw",
                                      ir.FunctionType(_V16I16, [_V32I8, _V32I8]))
@@ -222,10 +225,8 @@ def _make_i8_dot_abs(n_rows):
             w_v, w0_v, x_v, xa_v, x0_v, stride_v, n_v = args
             wty, w0ty, xty, xaty, x0ty, sty, nty = signature.args
             i64 = ir.IntType(64)
-            w0_v = context.cast(builder, w0_v, w0ty, types.int64)
-            x0_v = context.cast(builder, x0_v, x0ty, types.int64)
-            stride_v = context.cast(builder, stride_v, sty, types.int64)
-            n_v = context.cast(builder, n_v, nty, types.int64)
+            w0_v, x0_v, stride_v, n_v = _as_i64(context, builder, (w0_v, x0_v, stride_v, n_v),
+                                                (w0ty, x0ty, sty, nty))
             module = builder.module
             maddubs = _get_or_insert(module, "llvm.x86.avx2.pmadd.ub.sw",
                                      ir.FunctionType(_V16I16, [_V32I8, _V32I8]))
@@ -292,10 +293,8 @@ def _make_f16_dot(n_rows):
             def c64(v):
                 return ir.Constant(i64, v)
 
-            w0_v = context.cast(builder, w0_v, w0ty, types.int64)
-            x0_v = context.cast(builder, x0_v, x0ty, types.int64)
-            stride_v = context.cast(builder, stride_v, sty, types.int64)
-            n_v = context.cast(builder, n_v, nty, types.int64)
+            w0_v, x0_v, stride_v, n_v = _as_i64(context, builder, (w0_v, x0_v, stride_v, n_v),
+                                                (w0ty, x0ty, sty, nty))
             wbase = _data_ptr(context, builder, wty, w_v, w0_v)  # u16 elements
             xbases = [_data_ptr(context, builder, xty, x_v, builder.add(x0_v, builder.mul(stride_v, c64(t))))
                       for t in range(n_rows)]
