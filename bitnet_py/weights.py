@@ -17,6 +17,7 @@ from .gguf.constants import DEQUANT_TYPES, I2S_BLOCK, TL2_ROWPERM, GGMLType
 from .gguf.reader import GGUFError, GGUFFile, TensorInfo
 from .gguf.ternary_unpack import i2s_scale, tl2_region, unpack_tq1_0, unpack_tq2_0
 from .gguf.tl2_tiling import TL2Tile
+from .repack_cache import RepackCache, cache_enabled
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,12 @@ def tl2_to_i2s(raw: np.ndarray, m: int, k: int, tile: TL2Tile) -> tuple[np.ndarr
         raise GGUFError(f"TL2 tiling BM={tile.bm}, BK={tile.bk} does not fit weight {m}x{k}")
     packed = np.empty(m * k // 4, np.uint8)
     tl2_to_i2s_packed(raw, m, k, tile.bm, tile.bk, np.array(TL2_ROWPERM, np.int64), packed)
-    return packed, raw[tl2_region(m, k):tl2_region(m, k) + 4].view("<f4")[0]
+    return packed, tl2_scale(raw, m, k)
+
+
+def tl2_scale(raw: np.ndarray, m: int, k: int) -> np.float32:
+    """The per-tensor scale stored after a TL2 tensor's packed bytes."""
+    return raw[tl2_region(m, k):tl2_region(m, k) + 4].view("<f4")[0]
 
 
 def _float_vector(f: GGUFFile, name: str, n: int) -> np.ndarray:
@@ -95,7 +101,9 @@ def _dequantize(f: GGUFFile, info: TensorInfo) -> np.ndarray:
     return dequantize(f.raw(info.name), int(info.type_id)).reshape(m, k).astype(np.float32)
 
 
-def load_linear(f: GGUFFile, name: str, m: int, k: int, tiling: dict[tuple[int, int], TL2Tile]):
+def load_linear(f: GGUFFile, name: str, m: int, k: int, tiling: dict[tuple[int, int], TL2Tile],
+                repacked: RepackCache | None = None):
+    """One weight matrix; `repacked` supplies (and collects) TL2 tensors already repacked to I2_S."""
     info = f.info(name)
     if info.np_shape != (m, k):
         raise GGUFError(f"{f.path}: tensor {name} has shape {list(info.np_shape)}, expected [{m}, {k}]")
@@ -106,8 +114,13 @@ def load_linear(f: GGUFFile, name: str, m: int, k: int, tiling: dict[tuple[int, 
     if t == GGMLType.I2_S:
         return TernaryWeight(m, k, raw[:m * k // 4], i2s_scale(raw, m, k), None, I2S_ACT_FLOOR, "I2_S")
     if t == GGMLType.TL2:
+        cached = repacked.get(name, m * k // 4) if repacked is not None else None
+        if cached is not None:
+            return TernaryWeight(m, k, cached, tl2_scale(raw, m, k), None, TL2_ACT_FLOOR, "TL2")
         packed, scale = tl2_to_i2s(raw, m, k, tiling[(m, k)])
         _release_pages(f, raw)  # only the repacked copy is used from here on
+        if repacked is not None:
+            repacked.put(name, packed)
         return TernaryWeight(m, k, packed, scale, None, TL2_ACT_FLOOR, "TL2")
     if t in (GGMLType.TQ1_0, GGMLType.TQ2_0):
         unpack = unpack_tq2_0 if t == GGMLType.TQ2_0 else unpack_tq1_0
@@ -128,22 +141,29 @@ def load_linear(f: GGUFFile, name: str, m: int, k: int, tiling: dict[tuple[int, 
 
 
 def load_weights(f: GGUFFile, cfg: ModelConfig, tiling: dict[tuple[int, int], TL2Tile]) -> ModelWeights:
+    """All weights of the model. TL2 tensors come from the repack cache (bitnet_py.repack_cache) when it
+    holds this file; otherwise they are repacked and the cache is written."""
     E, F, Q, KV = cfg.n_embd, cfg.n_ff, cfg.q_dim, cfg.kv_dim
+    repacked = RepackCache(f.path, tiling) if tiling and cache_enabled() else None
+
+    def linear(name: str, m: int, k: int):
+        return load_linear(f, name, m, k, tiling, repacked)
+
     layers = []
     for i in range(cfg.n_layer):
         p = f"blk.{i}."
         sub = cfg.traits.sub_norms
         layers.append(LayerWeights(
             attn_norm=_float_vector(f, p + "attn_norm.weight", E),
-            wq=load_linear(f, p + "attn_q.weight", Q, E, tiling),
-            wk=load_linear(f, p + "attn_k.weight", KV, E, tiling),
-            wv=load_linear(f, p + "attn_v.weight", KV, E, tiling),
-            wo=load_linear(f, p + "attn_output.weight", E, Q, tiling),
+            wq=linear(p + "attn_q.weight", Q, E),
+            wk=linear(p + "attn_k.weight", KV, E),
+            wv=linear(p + "attn_v.weight", KV, E),
+            wo=linear(p + "attn_output.weight", E, Q),
             attn_sub_norm=_float_vector(f, p + "attn_sub_norm.weight", Q) if sub else None,
             ffn_norm=_float_vector(f, p + "ffn_norm.weight", E),
-            w_gate=load_linear(f, p + "ffn_gate.weight", F, E, tiling),
-            w_up=load_linear(f, p + "ffn_up.weight", F, E, tiling),
-            w_down=load_linear(f, p + "ffn_down.weight", E, F, tiling),
+            w_gate=linear(p + "ffn_gate.weight", F, E),
+            w_up=linear(p + "ffn_up.weight", F, E),
+            w_down=linear(p + "ffn_down.weight", E, F),
             ffn_sub_norm=_float_vector(f, p + "ffn_sub_norm.weight", F) if sub else None,
         ))
     embd = f.info("token_embd.weight")
@@ -151,10 +171,12 @@ def load_weights(f: GGUFFile, cfg: ModelConfig, tiling: dict[tuple[int, int], TL
         raise GGUFError(f"{f.path}: token_embd.weight has shape {list(embd.np_shape)}, expected "
                         f"[{cfg.n_vocab}, {E}]")
     head_name = "output.weight" if "output.weight" in f.tensors else "token_embd.weight"
-    output = load_linear(f, head_name, cfg.n_vocab, E, tiling)
+    output = linear(head_name, cfg.n_vocab, E)
     if not isinstance(output, DenseWeight):
         raise GGUFError(f"{f.path}: ternary output heads are not supported ({head_name} is "
                         f"{f.info(head_name).type_name})")
+    if repacked is not None:
+        repacked.save()
     return ModelWeights(embd, layers, _float_vector(f, "output_norm.weight", E), output)
 
 

@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+
+# TL2 loads decode every time unless a test turns the repack cache on (tests/test_repack_cache.py): tests of the
+# decoding itself must not read a cache file written by an earlier test or by the user
+os.environ["BITNET_PY_REPACK_CACHE"] = "0"
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures"

@@ -1,0 +1,161 @@
+"""On-disk cache of a TL2 file's weights repacked to I2_S bytes, memory-mapped on later loads.
+
+The kernels read only I2_S's layout, so every load of a TL2 file decodes each ternary tensor into a new copy
+(1.7-2.3 s of a ~3 s load at the 2B-4T layout on 2 vCPUs, most of the rest being page faults on that copy).
+The first load writes the repacked bytes to one cache file; later loads map it instead (no decoding, no
+anonymous copy: the pages are shared page cache like an I2_S file's).
+
+File: ``$BITNET_PY_CACHE/repacked/<stem>-<path hash>-<key hash>.i2s`` (``BITNET_PY_CACHE`` as in hub.py,
+default ``~/.cache/bitnet-py``), where the key covers the source file's real path, size, mtime and inode, the
+TL2 tiling and FORMAT_VERSION: an edited, replaced or re-tiled model gets a new file (the old one of the
+same path is deleted). Layout: a HEADER_BYTES JSON header (``{"key", "tensors": {name: [offset, nbytes]}}``,
+NUL-padded) after MAGIC, then each tensor's bytes at a page-aligned offset. A header that does not match,
+or a file shorter than its table says, is ignored and rewritten. Files are written to a temporary name,
+fsynced and renamed, so a crash leaves either no cache file or a complete one.
+
+``BITNET_PY_REPACK_CACHE=0`` turns the cache off (the tests do, except the cache's own); a cache folder that
+cannot be written only logs a warning.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1  # bump when the repacked layout or this file format changes
+MAGIC = b"BNPY-I2S-REPACK\n"
+HEADER_BYTES = 1 << 16
+ALIGN = 4096
+ENV_SWITCH = "BITNET_PY_REPACK_CACHE"
+
+
+def cache_enabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "1").lower() not in ("0", "false", "no", "off")
+
+
+def cache_folder() -> Path:
+    env = os.environ.get("BITNET_PY_CACHE")
+    base = Path(env).expanduser() if env else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bitnet-py"
+    return base / "repacked"
+
+
+def _digest(text: str, n: int) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _dead_writer(path: Path) -> bool:
+    """Whether path is the temporary file of a writer process that no longer runs."""
+    parts = path.name.split(".")
+    if len(parts) < 3 or parts[-1] != "tmp" or not parts[-2].isdigit():
+        return False
+    try:
+        os.kill(int(parts[-2]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+class RepackCache:
+    """The cache file of one source GGUF and tiling: `get(name)` -> mapped u8 array or None (a miss);
+    `put(name, packed)` collects this load's repacked tensors; `save()` writes them if anything missed."""
+
+    def __init__(self, source: str | os.PathLike, tiling: dict, folder: Path | None = None):
+        real = os.path.realpath(source)
+        st = os.stat(real)
+        tiles = sorted((m, k, t.bm, t.bk) for (m, k), t in tiling.items())
+        self.key = json.dumps({"version": FORMAT_VERSION, "path": real, "size": st.st_size,
+                               "mtime_ns": st.st_mtime_ns, "inode": st.st_ino, "tiling": tiles})
+        self.folder = folder or cache_folder()
+        self._prefix = f"{Path(real).stem}-{_digest(real, 8)}-"
+        self.path = self.folder / f"{self._prefix}{_digest(self.key, 16)}.i2s"
+        self._mapped: dict[str, np.ndarray] = self._open()
+        self._new: dict[str, np.ndarray] = {}
+
+    @property
+    def hit(self) -> bool:
+        return bool(self._mapped)
+
+    def _open(self) -> dict[str, np.ndarray]:
+        try:
+            with open(self.path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size < HEADER_BYTES:
+                    return {}
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError:
+            return {}
+        try:
+            head = bytes(mm[:HEADER_BYTES])
+            if not head.startswith(MAGIC):
+                raise ValueError("bad magic")
+            meta = json.loads(head[len(MAGIC):].rstrip(b"\0"))
+            if meta.get("key") != self.key:
+                raise ValueError("key mismatch")
+            data = np.frombuffer(mm, dtype=np.uint8)
+            out = {}
+            for name, (offset, nbytes) in meta["tensors"].items():
+                if offset < HEADER_BYTES or offset + nbytes > size:
+                    raise ValueError(f"tensor {name} outside the file")
+                out[name] = data[offset:offset + nbytes]
+            return out
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("ignoring repack cache %s (%s); it will be rewritten", self.path, e)
+            return {}
+
+    def get(self, name: str, nbytes: int) -> np.ndarray | None:
+        arr = self._mapped.get(name)
+        return arr if arr is not None and arr.nbytes == nbytes else None
+
+    def put(self, name: str, packed: np.ndarray) -> None:
+        self._new[name] = packed
+
+    def save(self) -> None:
+        """Write a complete cache file when this load repacked anything (all tensors, mapped or new)."""
+        if not self._new:
+            return
+        tensors = {**self._mapped, **self._new}
+        table, offset = {}, HEADER_BYTES
+        for name, arr in tensors.items():
+            table[name] = [offset, int(arr.nbytes)]
+            offset = (offset + arr.nbytes + ALIGN - 1) // ALIGN * ALIGN
+        header = MAGIC + json.dumps({"key": self.key, "tensors": table}).encode()
+        if len(header) > HEADER_BYTES:
+            log.warning("repack cache not written: %d tensors do not fit its header", len(table))
+            return
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as fh:
+                fh.write(header.ljust(HEADER_BYTES, b"\0"))
+                for name, arr in tensors.items():
+                    fh.seek(table[name][0])
+                    fh.write(memoryview(np.ascontiguousarray(arr)))
+                fh.truncate(offset)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except OSError as e:
+            log.warning("repack cache not written to %s: %s (TL2 files will be repacked at every load)",
+                        self.folder, e)
+            _remove(tmp)
+            return
+        for old in self.folder.glob(f"{self._prefix}*"):  # earlier versions of the same source, dead writers' files
+            if old != self.path and (old.suffix == ".i2s" or _dead_writer(old)):
+                _remove(old)
+        log.info("wrote repack cache %s (%.0f MB)", self.path, offset / 1e6)

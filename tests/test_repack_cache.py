@@ -1,0 +1,156 @@
+"""The TL2 repack cache (bitnet_py/repack_cache.py): written on the first load, mapped on the next, rebuilt
+when the model file or tiling changes or the cache file is damaged, never fatal when it cannot be written."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import bitnet_py.weights as weights_module
+from bitnet_py.model import Batch, Model
+from bitnet_py.gguf.tl2_tiling import TL2Tile
+from bitnet_py.repack_cache import MAGIC, RepackCache
+from conftest import fixture_path
+
+
+@pytest.fixture
+def tl2_model(tmp_path, monkeypatch):
+    """A copy of bitnet.cpp's tiny TL2 file (with its tiling beside it) and an enabled, empty cache folder."""
+    model = tmp_path / "model" / "ggml-model-tl2.gguf"
+    model.parent.mkdir()
+    shutil.copy(fixture_path("tiny-bitnet", "ggml-model-tl2.gguf"), model)
+    shutil.copy(fixture_path("tl2-kernel_config.ini"), model.parent / "kernel_config.ini")
+    monkeypatch.setenv("BITNET_PY_REPACK_CACHE", "1")
+    monkeypatch.setenv("BITNET_PY_CACHE", str(tmp_path / "cache"))
+    return model
+
+
+def cache_files(tmp_path):
+    folder = tmp_path / "cache" / "repacked"
+    return sorted(folder.iterdir()) if folder.exists() else []
+
+
+def count_repacks(monkeypatch) -> list:
+    calls = []
+    real = weights_module.tl2_to_i2s_packed
+
+    def counting(*args):
+        calls.append(args[1:3])
+        return real(*args)
+    monkeypatch.setattr(weights_module, "tl2_to_i2s_packed", counting)
+    return calls
+
+
+def ternary_bytes(model: Model) -> dict[str, bytes]:
+    out = {}
+    for i, layer in enumerate(model.weights.layers):
+        for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
+            w = getattr(layer, name)
+            out[f"{i}.{name}"] = (bytes(w.packed), float(w.scale))
+    return out
+
+
+def logits(model: Model) -> np.ndarray:
+    kv = model.new_kv_cache(2, 16)
+    T = 5
+    batch = Batch(tokens=np.arange(1, T + 1, dtype=np.int32), positions=np.arange(T, dtype=np.int32),
+                  seq_index=np.zeros(T, np.int32), block_tables=np.array([[0, 1]], np.int32),
+                  logit_rows=np.arange(T, dtype=np.int32))
+    return model.forward(batch, kv)
+
+
+def test_second_load_maps_the_cache_and_computes_the_same(tl2_model, tmp_path, monkeypatch):
+    repacks = count_repacks(monkeypatch)
+    first = Model.load(str(tl2_model))
+    assert len(repacks) == 14  # 2 layers x 7 ternary weights
+    assert len(cache_files(tmp_path)) == 1
+    repacks.clear()
+    second = Model.load(str(tl2_model))
+    assert repacks == []  # nothing decoded: every tensor came from the cache file
+    assert not second.weights.layers[0].wq.packed.flags.writeable  # a view of the read-only mapped file
+    assert first.weights.layers[0].wq.packed.flags.writeable  # the first load's own repacked copy
+    monkeypatch.setenv("BITNET_PY_REPACK_CACHE", "0")
+    fresh = Model.load(str(tl2_model))  # cache off: decoded again (exact vs bitnet.cpp: test_weight_types.py)
+    assert ternary_bytes(second) == ternary_bytes(fresh) == ternary_bytes(first)
+    np.testing.assert_array_equal(logits(second), logits(fresh))
+
+
+def test_changed_model_file_is_repacked_and_replaces_the_old_cache(tl2_model, tmp_path, monkeypatch):
+    Model.load(str(tl2_model))
+    [old] = cache_files(tmp_path)
+    st = os.stat(tl2_model)
+    os.utime(tl2_model, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file was rewritten
+    repacks = count_repacks(monkeypatch)
+    Model.load(str(tl2_model))
+    assert len(repacks) == 14
+    [new] = cache_files(tmp_path)
+    assert new != old
+
+
+def test_cache_file_is_keyed_by_tiling(tl2_model):
+    tile = TL2Tile(256, 256, 128, 96)
+    a = RepackCache(tl2_model, {(256, 256): tile})
+    b = RepackCache(tl2_model, {(256, 256): TL2Tile(256, 256, 64, 96)})
+    assert a.path != b.path and a.path.parent == b.path.parent
+
+
+@pytest.mark.parametrize("damage", ["truncate", "magic", "json"])
+def test_damaged_cache_is_ignored_and_rewritten(tl2_model, tmp_path, monkeypatch, caplog, damage):
+    reference = ternary_bytes(Model.load(str(tl2_model)))
+    [path] = cache_files(tmp_path)
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[:len(data) - 5000]
+    elif damage == "magic":
+        data[:4] = b"XXXX"
+    else:
+        data[len(MAGIC):len(MAGIC) + 8] = b"{garbage"
+    path.write_bytes(bytes(data))
+    repacks = count_repacks(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="bitnet_py.repack_cache"):
+        model = Model.load(str(tl2_model))
+    assert len(repacks) == 14
+    assert "ignoring repack cache" in caplog.text
+    assert ternary_bytes(model) == reference
+    repacks.clear()
+    assert ternary_bytes(Model.load(str(tl2_model))) == reference
+    assert repacks == []  # the rewritten file is used
+
+
+def test_unwritable_cache_folder_only_warns(tl2_model, tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    monkeypatch.setenv("BITNET_PY_CACHE", str(blocker))
+    with caplog.at_level(logging.WARNING, logger="bitnet_py.repack_cache"):
+        model = Model.load(str(tl2_model))
+    assert "repack cache not written" in caplog.text
+    assert np.isfinite(logits(model)).all()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_cache_can_be_turned_off(tl2_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("BITNET_PY_REPACK_CACHE", "0")
+    Model.load(str(tl2_model))
+    assert cache_files(tmp_path) == []
+
+
+def test_dead_writers_temporary_files_are_removed(tl2_model, tmp_path):
+    Model.load(str(tl2_model))
+    [path] = cache_files(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    dead_tmp = path.with_name(f"{path.name}.{dead}.tmp")
+    live_tmp = path.with_name(f"{path.name}.{os.getppid()}.tmp")  # a running process: maybe still writing
+    dead_tmp.write_bytes(b"partial")
+    live_tmp.write_bytes(b"partial")
+    st = os.stat(tl2_model)
+    os.utime(tl2_model, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # forces a new cache file to be written
+    Model.load(str(tl2_model))
+    names = {p.name for p in cache_files(tmp_path)}
+    assert dead_tmp.name not in names and live_tmp.name in names
+    assert sum(n.endswith(".i2s") for n in names) == 1
