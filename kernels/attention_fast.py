@@ -6,9 +6,9 @@ as ggml's own f16 dot product does) instead of one sequential float32 chain, and
 from `kernels.expf` (<= 1 ulp from exact, vectorized; ggml's SIMD softmax also uses a polynomial) instead of
 libm. The double sum of the exponentials, the optional float16 rounding of probabilities and the p.v
 accumulation order are unchanged. Work is split per (token, KV head), so each float16 K/V row is widened once
-for all query heads of its group (GQA) instead of once per head; groups of 4 (2B-4T, Llama-3-8B) take
-register-blocked paths (four q.k sums per K element; p.v over 4 keys x 4 heads per vector of V) with the same
-p.v order.
+for all query heads of its group (GQA) instead of once per head; groups of 4 (2B-4T, Llama-3-8B) take the
+intrinsics of `kernels.simd_attention` (q.k: eight sums per pair of keys, reduced together; p.v: 4 heads x 16
+dims summed in registers across a block of keys) with the same p.v order.
 Only built where the host converts float16 in hardware (`HAVE_F16C`); model.py falls back otherwise.
 """
 
@@ -19,10 +19,11 @@ from .config import JIT, JIT_MAX, JIT_PARALLEL, JIT_REDUCE
 from .expf import expf_nonpositive
 from .simd import HAVE_F16C
 
-PV_KEYS = 4  # keys per register-blocked p.v step (GQA groups of 4)
+PV_KEY_BLOCK = 64  # keys per p.v block (their V rows stay in L1 for the block's 16-dim slices)
 
 if HAVE_F16C:
     from .simd import f16_to_f32, f32_to_f16_bits
+    from .simd_attention import pv4x16, qk4x2
 
     @njit(**JIT)
     def _load_row(c16, c32, use_f32, slot, kvh, buf):
@@ -41,41 +42,20 @@ if HAVE_F16C:
             acc += q[t, h, d] * row[d]
         return acc
 
-    @njit(**JIT_REDUCE)
+    @njit(**JIT)
     def _qk_g4(q, t, h0, k16, kvh, slots, j0, j1, scale, sc):
         """sc[g, j] = scale * (q[t, h0 + g] . K[slots[j], kvh]) for the 4 heads of a GQA group and keys
-        j0 <= j < j1 (j0 even), keys in pairs from j0 (each q element loaded once for 8 sums) and an odd last
-        key alone. One call per range: a call per key costs more than its arithmetic (argument reference
-        counting)."""
-        D = q.shape[2]
+        j0 <= j < j1 (j0 even), keys in pairs from j0 (`qk4x2`: each q element loaded once for 8 sums) and an
+        odd last key alone (the same sums for it). One call per range: a call per key costs more than its
+        arithmetic (argument reference counting)."""
         j = j0
         while j + 2 <= j1:
-            s0, s1 = slots[j], slots[j + 1]
-            a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
-            for d in range(D):
-                k0 = f16_to_f32(k16[s0, kvh, d])
-                k1 = f16_to_f32(k16[s1, kvh, d])
-                q0, q1, q2, q3 = q[t, h0, d], q[t, h0 + 1, d], q[t, h0 + 2, d], q[t, h0 + 3, d]
-                a0 += q0 * k0
-                a1 += q1 * k0
-                a2 += q2 * k0
-                a3 += q3 * k0
-                b0 += q0 * k1
-                b1 += q1 * k1
-                b2 += q2 * k1
-                b3 += q3 * k1
+            a0, a1, a2, a3, b0, b1, b2, b3 = qk4x2(q, t, h0, k16, kvh, slots[j], slots[j + 1])
             sc[0, j], sc[1, j], sc[2, j], sc[3, j] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
             sc[0, j + 1], sc[1, j + 1], sc[2, j + 1], sc[3, j + 1] = b0 * scale, b1 * scale, b2 * scale, b3 * scale
             j += 2
         if j < j1:
-            s0 = slots[j]
-            a0 = a1 = a2 = a3 = np.float32(0.0)
-            for d in range(D):
-                k0 = f16_to_f32(k16[s0, kvh, d])
-                a0 += q[t, h0, d] * k0
-                a1 += q[t, h0 + 1, d] * k0
-                a2 += q[t, h0 + 2, d] * k0
-                a3 += q[t, h0 + 3, d] * k0
+            a0, a1, a2, a3, _, _, _, _ = qk4x2(q, t, h0, k16, kvh, slots[j], slots[j])
             sc[0, j], sc[1, j], sc[2, j], sc[3, j] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
 
     @njit(**JIT_MAX)
@@ -120,34 +100,21 @@ if HAVE_F16C:
     def _pv_g4(sc, slots, n, v16, kvh, acc, d0):
         """acc[g, i] += sum over keys j < n of sc[g, j] * V[slots[j], kvh, d0 + i], for the 4 heads g of a GQA
         group and i < acc.shape[1] (a slice of the head dimension, or all of it). Keys in order for every
-        (g, d) (the reference order, no reassociation), 4 keys per step: probabilities and slots are read into
-        registers first, so the d loop vectorizes and each V element is widened once for the 4 heads."""
+        (g, d) (the reference order: a product, then its add; no reassociation), `pv4x16` over 16 dims at a
+        time with the sums in registers, in key blocks of PV_KEY_BLOCK so the block's V rows stay in cache
+        for all of its 16-dim slices; dims past a multiple of 16 key by key."""
         W = acc.shape[1]
-        u0 = np.uint64(d0)  # unsigned element index: no negative-index wraparound test per load (which would
-        j0 = 0              # keep the d loop from vectorizing when d0 is not a known constant)
-        while j0 + PV_KEYS <= n:
-            s0, s1, s2, s3 = slots[j0], slots[j0 + 1], slots[j0 + 2], slots[j0 + 3]
-            p00, p01, p02, p03 = sc[0, j0], sc[0, j0 + 1], sc[0, j0 + 2], sc[0, j0 + 3]
-            p10, p11, p12, p13 = sc[1, j0], sc[1, j0 + 1], sc[1, j0 + 2], sc[1, j0 + 3]
-            p20, p21, p22, p23 = sc[2, j0], sc[2, j0 + 1], sc[2, j0 + 2], sc[2, j0 + 3]
-            p30, p31, p32, p33 = sc[3, j0], sc[3, j0 + 1], sc[3, j0 + 2], sc[3, j0 + 3]
-            for i in range(W):
-                d = u0 + np.uint64(i)
-                v0 = f16_to_f32(v16[s0, kvh, d])
-                v1 = f16_to_f32(v16[s1, kvh, d])
-                v2 = f16_to_f32(v16[s2, kvh, d])
-                v3 = f16_to_f32(v16[s3, kvh, d])
-                acc[0, i] = (((acc[0, i] + p00 * v0) + p01 * v1) + p02 * v2) + p03 * v3
-                acc[1, i] = (((acc[1, i] + p10 * v0) + p11 * v1) + p12 * v2) + p13 * v3
-                acc[2, i] = (((acc[2, i] + p20 * v0) + p21 * v1) + p22 * v2) + p23 * v3
-                acc[3, i] = (((acc[3, i] + p30 * v0) + p31 * v1) + p32 * v2) + p33 * v3
-            j0 += PV_KEYS
-        for j in range(j0, n):
+        W16 = W - W % 16
+        for jb in range(0, n, PV_KEY_BLOCK):
+            je = min(n, jb + PV_KEY_BLOCK)
+            for c in range(0, W16, 16):
+                pv4x16(sc, slots, jb, je, v16, kvh, d0 + c, acc, c)
+        for j in range(n if W16 < W else 0):
             s0 = slots[j]
             for g in range(4):
                 p = sc[g, j]
-                for i in range(W):
-                    acc[g, i] += p * f16_to_f32(v16[s0, kvh, u0 + np.uint64(i)])
+                for i in range(W16, W):
+                    acc[g, i] += p * f16_to_f32(v16[s0, kvh, d0 + i])
 
     @njit(**JIT_PARALLEL)
     def paged_attention_fast(q, k16, v16, k32, v32, use_f32, positions, seq_index, block_tables, block_size,

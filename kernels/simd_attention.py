@@ -1,0 +1,171 @@
+"""Attention building blocks as LLVM IR intrinsics (float16 K/V cache, GQA groups of four query heads).
+
+Written by hand because the loops Numba hands to LLVM leave most of the time outside the arithmetic: a q.k dot
+of 128 dims is 16 vector FMAs per accumulator, and LLVM then reduces each of the eight accumulators on its own
+(seven shuffles and adds each); p.v keeps its sixteen output vectors in memory and reloads them for every key.
+
+- `qk4x2(q, t, h0, k16, kvh, s0, s1)`: the eight float32 dots q[t, h0 + g] . K[s, kvh] for g < 4 and the keys
+  at slots s0, s1, as a tuple (g0 s0, .., g3 s0, g0 s1, .., g3 s1). Each dot sums in the order of a vectorized
+  float32 loop: 8 lanes (lane l holds dims l, l+8, ...; one FMA per 8 dims), then lanes (l + l+4), then
+  (0+2, 1+3), then 0+1; the eight reductions share their shuffles (transposed) instead of running one by one.
+- `pv4x16(sc, slots, j0, j1, v16, kvh, d, acc, c)`: acc[g, c + i] += sc[g, j] * V[slots[j], kvh, d + i] for
+  g < 4, i < 16 and keys j0 <= j < j1 in key order, each product rounded before its add (no FMA): the same
+  float32 operations, in the same order, as one sequential loop over keys per output element. The sixteen
+  sums stay in registers for the whole key range.
+"""
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .simd import _I32, _as_i64
+
+_F32 = ir.FloatType()
+_V8F32 = ir.VectorType(_F32, 8)
+_V4F32 = ir.VectorType(_F32, 4)
+_V8F16 = ir.VectorType(ir.HalfType(), 8)
+_V8I16 = ir.VectorType(ir.IntType(16), 8)
+_I64 = ir.IntType(64)
+
+
+def _c64(v):
+    return ir.Constant(_I64, v)
+
+
+def _shuffle(builder, a, b, lanes):
+    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, len(lanes)), lanes))
+
+
+def _ptr(context, builder, arrty, arr, inds):
+    ary = context.make_array(arrty)(context, builder, arr)
+    return cgutils.get_item_pointer(context, builder, arrty, ary, inds, wraparound=False)
+
+
+def _load_f16x8(builder, ptr):
+    """8 float16 (u16 bits) at ptr -> <8 x float> (exact)."""
+    bits = builder.load(builder.bitcast(ptr, _V8I16.as_pointer()), align=2)
+    return builder.fpext(builder.bitcast(bits, _V8F16), _V8F32)
+
+
+def _reduce8_transposed(builder, accs):
+    """Eight <8 x float> accumulators -> their eight lane sums, each as ((l0+l4) + (l2+l6)) + ((l1+l5) + (l3+l7))
+    (LLVM's own reduction order for one vector), computed for all eight at once."""
+    halves = []
+    for a, b in ((0, 1), (2, 3), (4, 5), (6, 7)):  # [lo(a), lo(b)] + [hi(a), hi(b)]: lanes l + (l + 4)
+        lo = _shuffle(builder, accs[a], accs[b], [0, 1, 2, 3, 8, 9, 10, 11])
+        hi = _shuffle(builder, accs[a], accs[b], [4, 5, 6, 7, 12, 13, 14, 15])
+        halves.append(builder.fadd(lo, hi))
+    pairs = []
+    for x, y in ((0, 1), (2, 3)):  # per accumulator: (0+2, 1+3)
+        even = _shuffle(builder, halves[x], halves[y], [0, 1, 8, 9, 4, 5, 12, 13])
+        odd = _shuffle(builder, halves[x], halves[y], [2, 3, 10, 11, 6, 7, 14, 15])
+        pairs.append(builder.fadd(even, odd))
+    # pairs[0] = [a0 y0 y1, a2 y0 y1 | a1 y0 y1, a3 y0 y1]; pairs[1] likewise for accumulators 4..7
+    first = _shuffle(builder, pairs[0], pairs[1], [0, 2, 8, 10, 4, 6, 12, 14])
+    second = _shuffle(builder, pairs[0], pairs[1], [1, 3, 9, 11, 5, 7, 13, 15])
+    total = builder.fadd(first, second)  # [a0, a2, a4, a6, a1, a3, a5, a7]
+    order = [0, 4, 1, 5, 2, 6, 3, 7]
+    return [builder.extract_element(total, ir.Constant(_I32, order[i])) for i in range(8)]
+
+
+@intrinsic
+def qk4x2(typingctx, q, t, h0, k16, kvh, s0, s1):
+    sig = types.UniTuple(types.float32, 8)(q, t, h0, k16, kvh, s0, s1)
+
+    def codegen(context, builder, signature, args):
+        q_v, t_v, h0_v, k_v, kvh_v, s0_v, s1_v = args
+        qty, tty, hty, kty, kvty, s0ty, s1ty = signature.args
+        t_v, h0_v, kvh_v, s0_v, s1_v = _as_i64(context, builder, (t_v, h0_v, kvh_v, s0_v, s1_v),
+                                               (tty, hty, kvty, s0ty, s1ty))
+        qarr = context.make_array(qty)(context, builder, q_v)
+        D = builder.extract_value(qarr.shape, 2)
+        qrows = [_ptr(context, builder, qty, q_v, [t_v, builder.add(h0_v, _c64(g)), _c64(0)]) for g in range(4)]
+        krows = [_ptr(context, builder, kty, k_v, [s, kvh_v, _c64(0)]) for s in (s0_v, s1_v)]
+        n_chunks = builder.sdiv(D, _c64(8))
+        zero = ir.Constant(_V8F32, None)
+        entry = builder.block
+        loop = builder.append_basic_block("qk_loop")
+        done = builder.append_basic_block("qk_done")
+        builder.cbranch(builder.icmp_signed(">", n_chunks, _c64(0)), loop, done)
+        builder.position_at_end(loop)
+        i = builder.phi(_I64)
+        accs = [builder.phi(_V8F32) for _ in range(8)]
+        off = builder.mul(i, _c64(8))
+        ks = [_load_f16x8(builder, builder.gep(kr, [off])) for kr in krows]
+        qs = [builder.load(builder.bitcast(builder.gep(qr, [off]), _V8F32.as_pointer()), align=4) for qr in qrows]
+        new = []
+        for key in range(2):
+            for g in range(4):
+                prod = builder.fmul(qs[g], ks[key], flags=["contract"])
+                new.append(builder.fadd(accs[key * 4 + g], prod, flags=["contract"]))
+        i_next = builder.add(i, _c64(1))
+        i.add_incoming(_c64(0), entry)
+        i.add_incoming(i_next, loop)
+        for a, n in zip(accs, new):
+            a.add_incoming(zero, entry)
+            a.add_incoming(n, loop)
+        builder.cbranch(builder.icmp_signed("<", i_next, n_chunks), loop, done)
+        builder.position_at_end(done)
+        finals = []
+        for a_idx in range(8):
+            p = builder.phi(_V8F32)
+            p.add_incoming(zero, entry)
+            p.add_incoming(new[a_idx], loop)
+            finals.append(p)
+        sums = _reduce8_transposed(builder, finals)
+        return context.make_tuple(builder, signature.return_type, sums)
+
+    return sig, codegen
+
+
+@intrinsic
+def pv4x16(typingctx, sc, slots, j0, j1, v16, kvh, d, acc, c):
+    sig = types.void(sc, slots, j0, j1, v16, kvh, d, acc, c)
+
+    def codegen(context, builder, signature, args):
+        sc_v, sl_v, j0_v, j1_v, v_v, kvh_v, d_v, acc_v, c_v = args
+        scty, slty, j0ty, j1ty, vty, kvty, dty, accty, cty = signature.args
+        j0_v, j1_v, kvh_v, d_v, c_v = _as_i64(context, builder, (j0_v, j1_v, kvh_v, d_v, c_v),
+                                              (j0ty, j1ty, kvty, dty, cty))
+        acc_ptrs = []
+        for g in range(4):
+            row = _ptr(context, builder, accty, acc_v, [_c64(g), c_v])
+            acc_ptrs += [builder.bitcast(row, _V8F32.as_pointer()),
+                         builder.bitcast(builder.gep(row, [_c64(8)]), _V8F32.as_pointer())]
+        start = [builder.load(p, align=4) for p in acc_ptrs]
+        entry = builder.block
+        loop = builder.append_basic_block("pv_loop")
+        done = builder.append_basic_block("pv_done")
+        builder.cbranch(builder.icmp_signed("<", j0_v, j1_v), loop, done)
+        builder.position_at_end(loop)
+        j = builder.phi(_I64)
+        accs = [builder.phi(_V8F32) for _ in range(8)]
+        slot = builder.load(_ptr(context, builder, slty, sl_v, [j]))
+        vrow = _ptr(context, builder, vty, v_v, [slot, kvh_v, d_v])
+        vs = [_load_f16x8(builder, vrow), _load_f16x8(builder, builder.gep(vrow, [_c64(8)]))]
+        new = []
+        for g in range(4):
+            p = builder.load(_ptr(context, builder, scty, sc_v, [_c64(g), j]))
+            pv = builder.insert_element(ir.Constant(_V8F32, None), p, ir.Constant(_I32, 0))
+            pv = _shuffle(builder, pv, pv, [0] * 8)
+            for h in range(2):
+                new.append(builder.fadd(accs[2 * g + h], builder.fmul(pv, vs[h])))  # no contraction: as ref
+        j_next = builder.add(j, _c64(1))
+        j.add_incoming(j0_v, entry)
+        j.add_incoming(j_next, loop)
+        for a, s, n in zip(accs, start, new):
+            a.add_incoming(s, entry)
+            a.add_incoming(n, loop)
+        builder.cbranch(builder.icmp_signed("<", j_next, j1_v), loop, done)
+        builder.position_at_end(done)
+        finals = []
+        for a_idx in range(8):
+            final = builder.phi(_V8F32)
+            final.add_incoming(start[a_idx], entry)
+            final.add_incoming(new[a_idx], loop)
+            finals.append(final)
+        for final, p in zip(finals, acc_ptrs):
+            builder.store(final, p, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen

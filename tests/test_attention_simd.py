@@ -1,0 +1,96 @@
+"""kernels/simd_attention.py against slow numpy references: p.v bit for bit (same float32 operations in the
+same order), q.k exactly where the arithmetic is exact, and its lane-reduction tree bit for bit."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from numba import njit
+
+from kernels.simd import HAVE_F16C
+
+pytestmark = pytest.mark.skipif(not HAVE_F16C, reason="the attention intrinsics need hardware float16 conversion")
+
+if HAVE_F16C:
+    from kernels.simd_attention import pv4x16, qk4x2
+
+    @njit
+    def qk_all(q, t, h0, k16, kvh, slots, out):  # out: f32[4, n] (pairs of keys, the last one alone)
+        n = slots.shape[0]
+        for j in range(0, n, 2):
+            r = qk4x2(q, t, h0, k16, kvh, slots[j], slots[min(j + 1, n - 1)])
+            for g in range(4):
+                out[g, j] = r[g]
+                if j + 1 < n:
+                    out[g, j + 1] = r[4 + g]
+
+    @njit
+    def pv_range(sc, slots, j0, j1, v16, kvh, d, acc, c):
+        pv4x16(sc, slots, j0, j1, v16, kvh, d, acc, c)
+
+
+def f16_cache(rng, n_slots, kvh, dim, values):
+    return rng.choice(values, size=(n_slots, kvh, dim)).astype(np.float16).view(np.uint16)
+
+
+def test_qk_dots_are_exact_where_the_arithmetic_is_exact():
+    rng = np.random.default_rng(0)
+    steps = np.arange(-8, 9) / 8  # products and every partial sum are multiples of 1/64 below 2^12: exact
+    q = rng.choice(steps, size=(3, 12, 128)).astype(np.float32)
+    k16 = f16_cache(rng, 40, 3, 128, steps)
+    for n in (1, 2, 7, 40):
+        slots = rng.permutation(40)[:n].astype(np.int64)
+        out = np.full((4, n), np.nan, np.float32)
+        qk_all(q, 2, 4, k16, 1, slots, out)
+        k = k16.view(np.float16).astype(np.float64)
+        want = np.einsum("gd,jd->gj", q[2, 4:8].astype(np.float64), k[slots, 1])
+        np.testing.assert_array_equal(out, want.astype(np.float32))
+
+
+def test_qk_reduction_tree_is_the_documented_one():
+    """One 8-dim chunk: lane l is q[l] * k[l] rounded once, then ((l0+l4) + (l2+l6)) + ((l1+l5) + (l3+l7))."""
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        q = (rng.standard_normal((1, 4, 8)) * 10.0 ** rng.integers(-3, 4, (1, 4, 8))).astype(np.float32)
+        k16 = rng.standard_normal((2, 1, 8)).astype(np.float16).view(np.uint16)
+        out = np.empty((4, 2), np.float32)
+        qk_all(q, 0, 0, k16, 0, np.array([0, 1], np.int64), out)
+        for g in range(4):
+            for j in range(2):
+                lane = q[0, g] * k16[j, 0].view(np.float16).astype(np.float32)  # float32 products
+                want = ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]))
+                assert out[g, j] == want, (g, j)
+
+
+def test_qk_matches_float64_at_real_sizes():
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((1, 20, 128)).astype(np.float32)
+    k16 = rng.standard_normal((300, 5, 128)).astype(np.float16).view(np.uint16)
+    slots = rng.permutation(300).astype(np.int64)
+    out = np.empty((4, 300), np.float32)
+    qk_all(q, 0, 16, k16, 4, slots, out)
+    want = np.einsum("gd,jd->gj", q[0, 16:20].astype(np.float64), k16.view(np.float16)[slots, 4].astype(np.float64))
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
+def pv_reference(sc, slots, j0, j1, v16, kvh, d, acc, c):
+    """float32, key by key: acc += p * v with the product rounded before the add."""
+    v = v16.view(np.float16).astype(np.float32)
+    for j in range(j0, j1):
+        for g in range(4):
+            acc[g, c:c + 16] = acc[g, c:c + 16] + np.float32(sc[g, j]) * v[slots[j], kvh, d:d + 16]
+
+
+@pytest.mark.parametrize("j0,j1,d,c", [(0, 64, 0, 0), (5, 77, 48, 16), (10, 10, 0, 0), (3, 4, 112, 0)])
+def test_pv_is_bit_identical_to_sequential_float32(j0, j1, d, c):
+    rng = np.random.default_rng(j0 + j1 + d)
+    v16 = rng.standard_normal((90, 5, 128)).astype(np.float16).view(np.uint16)
+    big = np.abs(rng.standard_normal((7, 100))).astype(np.float32) / 50
+    sc = big[2:6]  # rows of a larger array (row stride 100)
+    slots = rng.permutation(90).astype(np.int64)
+    acc = rng.standard_normal((4, 32)).astype(np.float32)
+    want = acc.copy()
+    pv_reference(sc, slots, j0, j1, v16, 3, d, want, c)
+    untouched = acc[:, [i for i in range(32) if not c <= i < c + 16]].copy()
+    pv_range(sc, slots, j0, j1, v16, 3, d, acc, c)
+    np.testing.assert_array_equal(acc[:, c:c + 16], want[:, c:c + 16])
+    np.testing.assert_array_equal(acc[:, [i for i in range(32) if not c <= i < c + 16]], untouched)
