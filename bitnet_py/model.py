@@ -205,7 +205,7 @@ class Model:
         round_probs = (np.bincount(seq, minlength=tables.shape[0]) == 1) & (not f32)  # bool[S]
         scale = np.float32(1.0 / np.sqrt(c.head_dim))
         attention = (choose_attention(T, c.n_head, c.n_kv_head, f32, int(pos.max()) + 1 if T else 0,
-                                      numba.get_num_threads())
+                                      numba.get_num_threads(), float(pos.mean()) + 1 if T else 0.0)
                      if kernel_config.FAST_ATTENTION else paged_attention)  # one choice for all layers
         x = embedding_rows(self.gguf, W.token_embd, tokens)  # f32[T, E]
         x = np.array(x, dtype=np.float32, order="C")

@@ -9,8 +9,8 @@ so 2 threads run 3 + 2 of them, and 90 threads leave 85 idle. Here, for float16 
 2. softmax: one task per (token, query head): max, exponentials, the double sum in key order, normalization;
 3. p.v: one task per (token, KV head, slice of D_CHUNK dims of the head): `_pv_g4` as in attention_fast (the
    same order of keys for every output element).
-`choose_attention` (once per step) picks this path when (token, KV head) tasks are scarce and contexts long, else
-attention_fast; the choice never changes results. The split costs more in total (three parallel regions,
+`choose_attention` (once per step) picks this path when (token, KV head) tasks are scarce and contexts long, or
+for decode steps at very long contexts, else attention_fast; the choice never changes results. The split costs more in total (three parallel regions,
 scores through memory): on one thread, ctx 4096, 30 layers, 65 ms against attention_fast's 42 ms, and on this
 2-vCPU machine 39 against 28 ms. It pays where attention_fast leaves threads idle: from 2 threads per task
 (a decode step of one 2B-4T sequence on 10 or more threads). Not timed here on such a machine.
@@ -27,6 +27,8 @@ D_CHUNK = 32  # head dimensions per p.v task
 SPLIT_MIN_KEYS = 256  # split only when some token sees at least this many keys ...
 SPLIT_THREADS_PER_TASK = 2  # ... and there are at least this many threads per (token, KV head) task
 SPLIT_MAX_SCORE_BYTES = 64 << 20  # ... and the scores of all tokens fit in this many bytes
+SPLIT_LONG_KEYS = 3072  # also split decode steps (few tokens) whose tokens see this many keys on average ...
+SPLIT_LONG_MAX_TOKENS = 8  # ... with at most this many tokens in the step
 
 if HAVE_F16C:
     from .attention_fast import _exp_shifted, _normalize, _pv_g4, _qk_g4, paged_attention_fast
@@ -84,13 +86,16 @@ if HAVE_F16C:
                 for i in range(acc.shape[1]):
                     out[t, kvh * 4 + g, d0 + i] = acc[g, i]
 
-    def choose_attention(n_tokens, n_head, n_kv_head, use_f32, n_keys_max, n_threads):
+    def choose_attention(n_tokens, n_head, n_kv_head, use_f32, n_keys_max, n_threads, n_keys_mean=None):
         """The kernel for a step (one choice for all layers; both give the same results): the split kernel for
-        float16 caches, GQA groups of 4, long contexts and (token, KV head) tasks that would leave threads
-        idle; attention_fast otherwise."""
+        float16 caches, GQA groups of 4 and long contexts when (token, KV head) tasks would leave threads idle,
+        or when a decode step's tokens see SPLIT_LONG_KEYS keys on average (2B-4T on 2 threads at 4000 keys:
+        one sequence 9.1 -> 10.3 tok/s, four 14.7 -> 16.1; equal at 2000-3000 keys); attention_fast otherwise."""
+        n_keys_mean = n_keys_max if n_keys_mean is None else n_keys_mean
         if (not use_f32 and n_head == 4 * n_kv_head and n_keys_max >= SPLIT_MIN_KEYS
-                and n_tokens * n_kv_head * SPLIT_THREADS_PER_TASK <= n_threads
-                and n_tokens * n_head * n_keys_max * 4 <= SPLIT_MAX_SCORE_BYTES):
+                and n_tokens * n_head * n_keys_max * 4 <= SPLIT_MAX_SCORE_BYTES
+                and (n_tokens * n_kv_head * SPLIT_THREADS_PER_TASK <= n_threads
+                     or (n_tokens <= SPLIT_LONG_MAX_TOKENS and n_keys_mean >= SPLIT_LONG_KEYS))):
             return paged_attention_split_g4
         return paged_attention_fast
 
@@ -99,11 +104,12 @@ if HAVE_F16C:
         """Same contract as kernels.attention.paged_attention; the kernel `choose_attention` picks."""
         T, H, _ = q.shape
         kvh = k32.shape[1] if use_f32 else k16.shape[1]
-        kernel = choose_attention(T, H, kvh, use_f32, int(positions.max()) + 1 if T else 0, numba.get_num_threads())
+        kernel = choose_attention(T, H, kvh, use_f32, int(positions.max()) + 1 if T else 0, numba.get_num_threads(),
+                                  float(positions.mean()) + 1 if T else 0.0)
         kernel(q, k16, v16, k32, v32, use_f32, positions, seq_index, block_tables, block_size, round_probs, scale,
                lut, out)
 else:
     from .attention_fast import paged_attention_fast as paged_attention_auto  # noqa: F401
 
-    def choose_attention(n_tokens, n_head, n_kv_head, use_f32, n_keys_max, n_threads):
+    def choose_attention(n_tokens, n_head, n_kv_head, use_f32, n_keys_max, n_threads, n_keys_mean=None):
         return paged_attention_auto

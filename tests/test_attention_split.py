@@ -81,6 +81,12 @@ def test_auto_picks_split_only_for_few_long_tasks(monkeypatch):
     assert run(64, 400) == "fast"  # prefill: (token, KV head) tasks are plenty
     assert run(1, 400, use_f32=True) == "fast"  # float32 cache: attention_fast's generic path
     assert run(1, 400, H=6) == "fast"  # GQA group of 3
+    monkeypatch.setattr(split_mod.numba, "get_num_threads", lambda: 2)
+    assert run(1, 400) == "fast"  # 2 threads, 2 tasks: none idle
+    assert run(1, split_mod.SPLIT_LONG_KEYS - 1) == "split"  # a decode step at a very long context
+    assert run(1, split_mod.SPLIT_LONG_KEYS - 2) == "fast"
+    assert run(8, split_mod.SPLIT_LONG_KEYS + 8) == "split"  # 8 tokens (decode batch) at ~3072 keys each
+    assert run(9, split_mod.SPLIT_LONG_KEYS + 8) == "fast"  # more tokens: prefill-like, attention_fast
 
 
 def test_bench_attention_script_prints_checked_table(capsys):
