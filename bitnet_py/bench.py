@@ -2,7 +2,9 @@
 
 For every thread count: prefill `ppN` (one forward of N tokens, logits for the last) and decode `tgN` (N
 one-token forwards from an empty cache), each repeated `-r` times after one warm-up, reported as mean ± sd
-tok/s (and the median). Also: model load ms, JIT warm-up (cold = empty kernel cache, cached = second start;
+tok/s (and the median). `-d D` (like llama-bench's) runs the tests after D tokens already sit in the KV cache
+(`ppN @ dD`, `tgN @ dD`; one untimed prefill of D random tokens per depth): speed at long contexts, where
+attention reads the whole cache every token. Also: model load ms, JIT warm-up (cold = empty kernel cache, cached = second start;
 measured in child processes, skip with --no-jit), peak RSS against model file + KV cache, memory bandwidth
 measured in the same run (all threads reading the model's memory map), bytes read per decoded token, the
 decode roofline (bandwidth / bytes per token) and the share of it reached, and the ratio to bitnet.cpp's
@@ -47,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--n-gen", type=parse_ints, default=[64], help="decode lengths (default 64)")
     p.add_argument("-t", "--threads", type=parse_ints, default=[os.cpu_count() or 1], help="thread counts")
     p.add_argument("-r", "--repetitions", type=int, default=5, help="runs per test (default 5)")
+    p.add_argument("-d", "--depth", type=parse_ints, default=[0],
+                   help="context depths: each test runs after this many tokens are already in the KV cache "
+                        "(filled by one untimed prefill; default 0), like llama-bench's -d")
     p.add_argument("--kernel", default=None, help="ternary kernel: auto, mad, plain, lut (default: auto)")
     p.add_argument("--head-type", default="f16", choices=("f16", "int8"),
                    help="output head: f16 (exact, default) or int8 (per-row scales, approximate)")
@@ -68,17 +73,21 @@ def _batch(tokens: np.ndarray, start: int, tables: np.ndarray):
                  seq_index=np.zeros(T, np.int32), block_tables=tables, logit_rows=np.array([T - 1], np.int32))
 
 
-def run_prefill(model, kv, tables, tokens) -> float:
+def run_prefill(model, kv, tables, tokens, start: int = 0) -> float:
     t0 = time.perf_counter()
-    model.forward(_batch(tokens, 0, tables), kv)
+    model.forward(_batch(tokens, start, tables), kv)
     return time.perf_counter() - t0
 
 
-def run_decode(model, kv, tables, tokens) -> float:
+def run_decode(model, kv, tables, tokens, start: int = 0) -> float:
     t0 = time.perf_counter()
     for i, tok in enumerate(tokens):
-        model.forward(_batch(tokens[i:i + 1], i, tables), kv)
+        model.forward(_batch(tokens[i:i + 1], start + i, tables), kv)
     return time.perf_counter() - t0
+
+
+def test_name(kind: str, n: int, depth: int) -> str:
+    return f"{kind}{n}" + (f" @ d{depth}" if depth else "")
 
 
 def stats(values: list[float]) -> dict:
@@ -203,12 +212,16 @@ def run(args) -> dict:
                          f"{numba.config.NUMBA_NUM_THREADS} (set it before starting)")
     if args.repetitions < 1 or 0 in args.threads:
         raise SystemExit("error: -r and -t must be >= 1")
+    if min(args.depth) < 0:
+        raise SystemExit("error: -d must be >= 0")
     jit = None if args.no_jit else jit_probe(args.model, args.tl2_config)
     t0 = time.perf_counter()
     model = Model.load(args.model, tl2_config=args.tl2_config, head_type=args.head_type)
     load_ms = (time.perf_counter() - t0) * 1000
     rng = np.random.default_rng(args.seed)
-    n_ctx = max(args.n_prompt + args.n_gen + [1])
+    n_ctx = max(args.depth) + max(args.n_prompt + args.n_gen + [1])
+    if n_ctx > model.max_positions:
+        raise SystemExit(f"error: depth + test length {n_ctx} exceeds the model's context ({model.max_positions})")
     kv = model.new_kv_cache((n_ctx + 15) // 16, 16)
     tables = _tables(n_ctx, 16)
     vocab = model.config.n_vocab
@@ -216,39 +229,44 @@ def run(args) -> dict:
     db = decode_bytes(model, max(args.n_gen + [1]) // 2)
     results = []
     bandwidth = {}
-    for nt in args.threads:
-        numba.set_num_threads(nt)
-        bandwidth[nt] = measure_bandwidth(model)
-        for p in args.n_prompt:
-            if p == 0:
-                continue
-            toks = rng.integers(0, vocab, p)
-            run_prefill(model, kv, tables, toks)  # warm-up (compiles this shape's kernels)
-            c0 = cpu_times()
-            times = [run_prefill(model, kv, tables, toks) for _ in range(args.repetitions)]
-            results.append(dict(test=f"pp{p}", threads=nt, n=p, load=os.getloadavg()[0],
-                                steal_pct=steal_pct(c0, cpu_times()), tok_s=stats([p / t for t in times])))
-            _progress(results[-1])
-        for n in args.n_gen:
-            if n == 0:
-                continue
-            toks = rng.integers(0, vocab, n)
-            run_decode(model, kv, tables, toks[:min(n, 4)])  # warm-up
-            c0 = cpu_times()
-            times = [run_decode(model, kv, tables, toks) for _ in range(args.repetitions)]
-            r = dict(test=f"tg{n}", threads=nt, n=n, load=os.getloadavg()[0], steal_pct=steal_pct(c0, cpu_times()),
-                     tok_s=stats([n / t for t in times]))
-            roof = bandwidth[nt] * 1e9 / db["total"]
-            r["roofline_tok_s"] = roof
-            r["roofline_pct"] = 100 * r["tok_s"]["median"] / roof
-            results.append(r)
-            _progress(r)
-        for r in results:
-            comparable = is_2b4t(model) and args.head_type == "f16" and (wtype, nt) in BITNET_CPP
-            if r["threads"] == nt and comparable and r["test"] in ("pp128", "tg64"):
-                ref = BITNET_CPP[(wtype, nt)][0 if r["test"] == "pp128" else 1]
-                r["bitnet_cpp_tok_s"] = ref
-                r["vs_bitnet_cpp"] = r["tok_s"]["median"] / ref
+    for depth in sorted(set(args.depth)):
+        if depth:  # the context every test of this depth starts from (positions >= depth are rewritten)
+            run_prefill(model, kv, tables, rng.integers(0, vocab, depth))
+        for nt in args.threads:
+            numba.set_num_threads(nt)
+            if nt not in bandwidth:
+                bandwidth[nt] = measure_bandwidth(model)
+            for p in args.n_prompt:
+                if p == 0:
+                    continue
+                toks = rng.integers(0, vocab, p)
+                run_prefill(model, kv, tables, toks, depth)  # warm-up (compiles this shape's kernels)
+                c0 = cpu_times()
+                times = [run_prefill(model, kv, tables, toks, depth) for _ in range(args.repetitions)]
+                results.append(dict(test=test_name("pp", p, depth), threads=nt, n=p, depth=depth,
+                                    load=os.getloadavg()[0], steal_pct=steal_pct(c0, cpu_times()),
+                                    tok_s=stats([p / t for t in times])))
+                _progress(results[-1])
+            for n in args.n_gen:
+                if n == 0:
+                    continue
+                toks = rng.integers(0, vocab, n)
+                run_decode(model, kv, tables, toks[:min(n, 4)], depth)  # warm-up
+                c0 = cpu_times()
+                times = [run_decode(model, kv, tables, toks, depth) for _ in range(args.repetitions)]
+                r = dict(test=test_name("tg", n, depth), threads=nt, n=n, depth=depth, load=os.getloadavg()[0],
+                         steal_pct=steal_pct(c0, cpu_times()), tok_s=stats([n / t for t in times]))
+                roof = bandwidth[nt] * 1e9 / decode_bytes(model, depth + n // 2)["total"]  # KV grows with depth
+                r["roofline_tok_s"] = roof
+                r["roofline_pct"] = 100 * r["tok_s"]["median"] / roof
+                results.append(r)
+                _progress(r)
+    for r in results:
+        comparable = is_2b4t(model) and args.head_type == "f16" and (wtype, r["threads"]) in BITNET_CPP
+        if comparable and r["test"] in ("pp128", "tg64"):
+            ref = BITNET_CPP[(wtype, r["threads"])][0 if r["test"] == "pp128" else 1]
+            r["bitnet_cpp_tok_s"] = ref
+            r["vs_bitnet_cpp"] = r["tok_s"]["median"] / ref
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     file_bytes = os.path.getsize(args.model)
     return dict(model=args.model, arch=model.config.arch, type=wtype, head_type=args.head_type,
@@ -321,7 +339,7 @@ def markdown(res: dict) -> str:
               f"{res['file_bytes'] / 2**30:.2f} GiB + KV cache {res['kv_bytes'] / 2**20:.0f} MiB)",
               "- memory bandwidth (read, this run): " + ", ".join(
                   f"{v:.1f} GB/s at {k} thread{'s' if int(k) > 1 else ''}" for k, v in res["bandwidth_gb_s"].items()),
-              f"- bytes read per decoded token: {db['total'] / gb:.3f} GB (ternary layers {db['layers'] / gb:.3f}, "
+              f"- bytes read per decoded token (depth 0): {db['total'] / gb:.3f} GB (ternary layers {db['layers'] / gb:.3f}, "
               f"head {db['head'] / gb:.3f} {db['head_type']}, KV {db['kv'] / gb:.4f})"]
     return "\n".join(lines)
 

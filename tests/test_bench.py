@@ -68,3 +68,38 @@ def test_steal_share_from_cpu_times():
     assert bench.steal_pct(None, (1, 2)) is None and bench.steal_pct((5, 100), (5, 100)) is None
     now = bench.cpu_times()
     assert now is None or (0 <= now[0] <= now[1])
+
+
+def test_bench_depth_runs_tests_after_a_filled_context(capsys, monkeypatch):
+    import bitnet_py.model as model_mod
+    starts = []
+    real_forward = model_mod.Model.forward
+
+    def recording_forward(self, batch, kv):
+        starts.append((int(batch.positions[0]), len(batch.positions)))
+        return real_forward(self, batch, kv)
+    monkeypatch.setattr(model_mod.Model, "forward", recording_forward)
+    path = str(fixture_path(*TINY))
+    assert bench.main(["-m", path, "-p", "4", "-n", "3", "-d", "0,20", "-t", "1", "-r", "2", "--no-jit",
+                       "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    names = [r["test"] for r in res["results"]]
+    assert names == ["pp4", "tg3", "pp4 @ d20", "tg3 @ d20"]
+    assert [r["depth"] for r in res["results"]] == [0, 0, 20, 20]
+    assert (0, 20) in starts  # the untimed fill of the context
+    i_fill = starts.index((0, 20))
+    after = starts[i_fill + 1:]
+    assert after and all(pos >= 20 for pos, _ in after)  # every test forward runs on top of it
+    assert {pos for pos, n in after if n == 4} == {20} and {pos for pos, n in after if n == 1} >= {20, 21, 22}
+    tg0, tg20 = res["results"][1], res["results"][3]
+    db0, db20 = bench.decode_bytes(Model.load(path), 1), bench.decode_bytes(Model.load(path), 21)
+    bw = res["bandwidth_gb_s"]["1"]
+    assert tg0["roofline_tok_s"] == pytest.approx(bw * 1e9 / db0["total"])
+    assert tg20["roofline_tok_s"] == pytest.approx(bw * 1e9 / db20["total"])  # the cache it reads counts
+    assert res["kv_bytes"] >= Model.load(path).new_kv_cache(2, 16).nbytes  # room for 20 + 4 tokens
+
+
+def test_bench_depth_beyond_the_context_is_refused(capsys):
+    path = str(fixture_path(*TINY))
+    with pytest.raises(SystemExit, match="exceeds the model's context"):
+        bench.main(["-m", path, "-p", "4", "-n", "0", "-d", "5000", "-t", "1", "-r", "1", "--no-jit"])
