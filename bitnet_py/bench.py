@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+DEPTH_FILL_CHUNK = 512  # tokens per forward when -d fills the context (bounds the activation memory)
+
+
 def _tables(n_tokens: int, block_size: int) -> np.ndarray:
     return np.arange((n_tokens + block_size - 1) // block_size, dtype=np.int32)[None, :]
 
@@ -230,8 +233,9 @@ def run(args) -> dict:
     results = []
     bandwidth = {}
     for depth in sorted(set(args.depth)):
-        if depth:  # the context every test of this depth starts from (positions >= depth are rewritten)
-            run_prefill(model, kv, tables, rng.integers(0, vocab, depth))
+        fill = rng.integers(0, vocab, depth)  # the context every test of this depth starts from (positions >=
+        for start in range(0, depth, DEPTH_FILL_CHUNK):  # depth are rewritten), in chunks as the server does
+            run_prefill(model, kv, tables, fill[start:start + DEPTH_FILL_CHUNK], start)
         for nt in args.threads:
             numba.set_num_threads(nt)
             if nt not in bandwidth:

@@ -86,7 +86,7 @@ def test_bench_depth_runs_tests_after_a_filled_context(capsys, monkeypatch):
     names = [r["test"] for r in res["results"]]
     assert names == ["pp4", "tg3", "pp4 @ d20", "tg3 @ d20"]
     assert [r["depth"] for r in res["results"]] == [0, 0, 20, 20]
-    assert (0, 20) in starts  # the untimed fill of the context
+    assert (0, 20) in starts  # the untimed fill of the context (one chunk here)
     i_fill = starts.index((0, 20))
     after = starts[i_fill + 1:]
     assert after and all(pos >= 20 for pos, _ in after)  # every test forward runs on top of it
@@ -103,3 +103,16 @@ def test_bench_depth_beyond_the_context_is_refused(capsys):
     path = str(fixture_path(*TINY))
     with pytest.raises(SystemExit, match="exceeds the model's context"):
         bench.main(["-m", path, "-p", "4", "-n", "0", "-d", "5000", "-t", "1", "-r", "1", "--no-jit"])
+
+
+def test_bench_depth_fill_goes_in_chunks(capsys, monkeypatch):
+    import bitnet_py.model as model_mod
+    starts = []
+    real_forward = model_mod.Model.forward
+    monkeypatch.setattr(bench, "DEPTH_FILL_CHUNK", 8)
+    monkeypatch.setattr(model_mod.Model, "forward",
+                        lambda self, b, kv: starts.append((int(b.positions[0]), len(b.positions))) or
+                        real_forward(self, b, kv))
+    assert bench.main(["-m", str(fixture_path(*TINY)), "-p", "0", "-n", "1", "-d", "20", "-t", "1", "-r", "1",
+                       "--no-jit", "--json"]) == 0
+    assert starts[:3] == [(0, 8), (8, 8), (16, 4)]
