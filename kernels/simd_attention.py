@@ -47,6 +47,28 @@ def _load_f16x8(builder, ptr):
     return builder.fpext(builder.bitcast(bits, _V8F16), _V8F32)
 
 
+def _close_loop(builder, blocks, counter, first, limit, accs, starts, new):
+    """Wire a counted loop (blocks = entry, loop body, exit): `counter` (a phi) runs from `first` while below
+    `limit`; accumulator phis `accs` start at `starts` and take `new` each trip. Returns, positioned in the exit
+    block, the accumulators' values there (`starts` when the loop did not run)."""
+    entry, loop, done = blocks
+    nxt = builder.add(counter, _c64(1))
+    counter.add_incoming(first, entry)
+    counter.add_incoming(nxt, loop)
+    for a, s, n in zip(accs, starts, new):
+        a.add_incoming(s, entry)
+        a.add_incoming(n, loop)
+    builder.cbranch(builder.icmp_signed("<", nxt, limit), loop, done)
+    builder.position_at_end(done)
+    finals = []
+    for s, n in zip(starts, new):
+        p = builder.phi(n.type)
+        p.add_incoming(s, entry)
+        p.add_incoming(n, loop)
+        finals.append(p)
+    return finals
+
+
 def _reduce8_transposed(builder, accs):
     """Eight <8 x float> accumulators -> their eight lane sums, each as ((l0+l4) + (l2+l6)) + ((l1+l5) + (l3+l7))
     (LLVM's own reduction order for one vector), computed for all eight at once."""
@@ -98,20 +120,7 @@ def qk4x2(typingctx, q, t, h0, k16, kvh, s0, s1):
             for g in range(4):
                 prod = builder.fmul(qs[g], ks[key], flags=["contract"])
                 new.append(builder.fadd(accs[key * 4 + g], prod, flags=["contract"]))
-        i_next = builder.add(i, _c64(1))
-        i.add_incoming(_c64(0), entry)
-        i.add_incoming(i_next, loop)
-        for a, n in zip(accs, new):
-            a.add_incoming(zero, entry)
-            a.add_incoming(n, loop)
-        builder.cbranch(builder.icmp_signed("<", i_next, n_chunks), loop, done)
-        builder.position_at_end(done)
-        finals = []
-        for a_idx in range(8):
-            p = builder.phi(_V8F32)
-            p.add_incoming(zero, entry)
-            p.add_incoming(new[a_idx], loop)
-            finals.append(p)
+        finals = _close_loop(builder, (entry, loop, done), i, _c64(0), n_chunks, accs, [zero] * 8, new)
         sums = _reduce8_transposed(builder, finals)
         return context.make_tuple(builder, signature.return_type, sums)
 
@@ -150,20 +159,7 @@ def pv4x16(typingctx, sc, slots, j0, j1, v16, kvh, d, acc, c):
             pv = _shuffle(builder, pv, pv, [0] * 8)
             for h in range(2):
                 new.append(builder.fadd(accs[2 * g + h], builder.fmul(pv, vs[h])))  # no contraction: as ref
-        j_next = builder.add(j, _c64(1))
-        j.add_incoming(j0_v, entry)
-        j.add_incoming(j_next, loop)
-        for a, s, n in zip(accs, start, new):
-            a.add_incoming(s, entry)
-            a.add_incoming(n, loop)
-        builder.cbranch(builder.icmp_signed("<", j_next, j1_v), loop, done)
-        builder.position_at_end(done)
-        finals = []
-        for a_idx in range(8):
-            final = builder.phi(_V8F32)
-            final.add_incoming(start[a_idx], entry)
-            final.add_incoming(new[a_idx], loop)
-            finals.append(final)
+        finals = _close_loop(builder, (entry, loop, done), j, j0_v, j1_v, accs, start, new)
         for final, p in zip(finals, acc_ptrs):
             builder.store(final, p, align=4)
         return context.get_dummy_value()
