@@ -80,7 +80,14 @@ def tl2_to_i2s(raw: np.ndarray, m: int, k: int, tile: TL2Tile) -> tuple[np.ndarr
         raise GGUFError(f"TL2 tiling BM={tile.bm}, BK={tile.bk} does not fit weight {m}x{k}")
     packed = np.empty(m * k // 4, np.uint8)
     tl2_to_i2s_packed(raw, m, k, tile.bm, tile.bk, np.array(TL2_ROWPERM, np.int64), packed)
-    return packed, tl2_scale(raw, m, k)
+    return _read_only(packed), tl2_scale(raw, m, k)
+
+
+def _read_only(packed: np.ndarray) -> np.ndarray:
+    """Repacked weights are read-only like the memory-mapped ones (I2_S files, the repack cache): Numba compiles
+    a kernel per array type, read-only included, so all ternary weights then share one compiled set."""
+    packed.flags.writeable = False
+    return packed
 
 
 def tl2_scale(raw: np.ndarray, m: int, k: int) -> np.float32:
@@ -127,7 +134,7 @@ def load_linear(f: GGUFFile, name: str, m: int, k: int, tiling: dict[tuple[int, 
         w, block_scales = unpack(raw, m, k)
         packed = np.empty(m * k // 4, np.uint8)
         pack_i2s(np.ascontiguousarray(w), packed)
-        return TernaryWeight(m, k, packed, np.float32(1.0), block_scales, 0.0, info.type_name)
+        return TernaryWeight(m, k, _read_only(packed), np.float32(1.0), block_scales, 0.0, info.type_name)
     if t == GGMLType.F32:
         return DenseWeight(m, k, f.array(name), None, "F32")
     if t == GGMLType.F16:
