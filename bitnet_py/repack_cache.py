@@ -114,7 +114,7 @@ class RepackCache:
                     raise ValueError(f"tensor {name} outside the file")
                 out[name] = data[offset:offset + nbytes]
             return out
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             log.warning("ignoring repack cache %s (%s); it will be rewritten", self.path, e)
             return {}
 

@@ -2,6 +2,7 @@
 when the model file or tiling changes or the cache file is damaged, never fatal when it cannot be written."""
 from __future__ import annotations
 
+import json
 import logging
 import mmap
 import os
@@ -15,7 +16,7 @@ import pytest
 import bitnet_py.weights as weights_module
 from bitnet_py.model import Batch, Model
 from bitnet_py.gguf.tl2_tiling import TL2Tile
-from bitnet_py.repack_cache import MAGIC, RepackCache
+from bitnet_py.repack_cache import HEADER_BYTES, MAGIC, RepackCache
 from conftest import fixture_path
 
 
@@ -109,7 +110,7 @@ def test_cache_file_is_keyed_by_tiling(tl2_model):
     assert a.path != b.path and a.path.parent == b.path.parent
 
 
-@pytest.mark.parametrize("damage", ["truncate", "magic", "json"])
+@pytest.mark.parametrize("damage", ["truncate", "magic", "json", "table"])
 def test_damaged_cache_is_ignored_and_rewritten(tl2_model, tmp_path, monkeypatch, caplog, damage):
     reference = ternary_bytes(Model.load(str(tl2_model)))
     [path] = cache_files(tmp_path)
@@ -118,8 +119,12 @@ def test_damaged_cache_is_ignored_and_rewritten(tl2_model, tmp_path, monkeypatch
         data = data[:len(data) - 5000]
     elif damage == "magic":
         data[:4] = b"XXXX"
-    else:
+    elif damage == "json":
         data[len(MAGIC):len(MAGIC) + 8] = b"{garbage"
+    else:  # a matching key with a malformed tensor table
+        header = json.loads(bytes(data[len(MAGIC):HEADER_BYTES]).rstrip(b"\0"))
+        header["tensors"] = list(header["tensors"])
+        data[len(MAGIC):HEADER_BYTES] = json.dumps(header).encode().ljust(HEADER_BYTES - len(MAGIC), b"\0")
     path.write_bytes(bytes(data))
     repacks = count_repacks(monkeypatch)
     with caplog.at_level(logging.WARNING, logger="bitnet_py.repack_cache"):
