@@ -276,7 +276,8 @@ def run(args) -> dict:
     return dict(model=args.model, arch=model.config.arch, type=wtype, head_type=args.head_type,
                 file_bytes=file_bytes,
                 kernel=kernel_config.TERNARY_KERNEL, threading_layer=numba.threading_layer(),
-                load_ms=load_ms, jit=jit, peak_rss_bytes=peak_rss, kv_bytes=kv.nbytes,
+                load_ms=load_ms, tl2_source=model.weights.tl2_source, jit=jit, peak_rss_bytes=peak_rss,
+                kv_bytes=kv.nbytes,
                 rss_ratio=peak_rss / (file_bytes + kv.nbytes), bandwidth_gb_s=bandwidth,
                 decode_bytes=db, results=results, cpu=_cpu_name(), n_cpu=os.cpu_count())
 
@@ -333,7 +334,8 @@ def markdown(res: dict) -> str:
         lines.append(f"| {r['test']} | {r['threads']} | {s['mean']:.2f} ± {s['sd']:.2f} | {s['median']:.2f} | "
                      f"{r['load']:.1f} | {_fmt_steal(r)} | {roof} | {vs} |")
     db = res["decode_bytes"]
-    lines += ["", f"- model load: {res['load_ms']:.0f} ms"]
+    tl2 = f" (TL2 weights: {res['tl2_source']})" if res.get("tl2_source") else ""
+    lines += ["", f"- model load: {res['load_ms']:.0f} ms{tl2}"]
     if res["jit"]:
         c, w = res["jit"]["cold"], res["jit"]["cached"]
         lines.append(f"- JIT warm-up (first forwards of 1, 2, 3, 5 tokens minus the same forwards compiled): cold "

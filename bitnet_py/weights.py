@@ -72,6 +72,7 @@ class ModelWeights:
     layers: list[LayerWeights]
     output_norm: np.ndarray  # f32[E]
     output: DenseWeight  # [n_vocab, E]; the tied embedding when the file has no output.weight
+    tl2_source: str = ""  # TL2 files: "repack cache" (mapped) or "decoded" (at this load); "" otherwise
 
 
 def tl2_to_i2s(raw: np.ndarray, m: int, k: int, tile: TL2Tile) -> tuple[np.ndarray, np.float32]:
@@ -182,9 +183,10 @@ def load_weights(f: GGUFFile, cfg: ModelConfig, tiling: dict[tuple[int, int], TL
     if not isinstance(output, DenseWeight):
         raise GGUFError(f"{f.path}: ternary output heads are not supported ({head_name} is "
                         f"{f.info(head_name).type_name})")
+    tl2_source = "" if not tiling else "repack cache" if repacked is not None and repacked.hit else "decoded"
     if repacked is not None:
         repacked.save()
-    return ModelWeights(embd, layers, _float_vector(f, "output_norm.weight", E), output)
+    return ModelWeights(embd, layers, _float_vector(f, "output_norm.weight", E), output, tl2_source)
 
 
 INT8_HEAD_CHUNK_ROWS = 8192  # rows of the f16 head quantized (then released from RSS) at a time

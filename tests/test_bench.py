@@ -116,3 +116,13 @@ def test_bench_depth_fill_goes_in_chunks(capsys, monkeypatch):
     assert bench.main(["-m", str(fixture_path(*TINY)), "-p", "0", "-n", "1", "-d", "20", "-t", "1", "-r", "1",
                        "--no-jit", "--json"]) == 0
     assert starts[:3] == [(0, 8), (8, 8), (16, 4)]
+
+
+def test_bench_says_where_tl2_weights_came_from(capsys):
+    path = str(fixture_path("tiny-bitnet", "ggml-model-tl2.gguf"))
+    assert bench.main(["-m", path, "--tl2-config", str(fixture_path("tl2-kernel_config.ini")), "-p", "4", "-n", "1",
+                       "-t", "1", "-r", "1", "--no-jit"]) == 0
+    assert "(TL2 weights: decoded)" in capsys.readouterr().out  # the tests run with the repack cache off
+    assert bench.main(["-m", str(fixture_path(*TINY)), "-p", "4", "-n", "1", "-t", "1", "-r", "1", "--no-jit",
+                       "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tl2_source"] == ""

@@ -81,6 +81,7 @@ def test_second_load_maps_the_cache_and_computes_the_same(tl2_model, tmp_path, m
     repacks.clear()
     second = Model.load(str(tl2_model))
     assert repacks == []  # nothing decoded: every tensor came from the cache file
+    assert (first.weights.tl2_source, second.weights.tl2_source) == ("decoded", "repack cache")
     assert isinstance(memory_owner(second.weights.layers[0].wq.packed), mmap.mmap)  # the mapped cache file
     assert memory_owner(first.weights.layers[0].wq.packed) is None  # the first load's own repacked copy
     for model in (first, second):  # one array type for every ternary weight: one set of compiled kernels
