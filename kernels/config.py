@@ -12,6 +12,8 @@ Environment:
   SIMD where the host has AVX2, else plain loops), `plain` (plain multiply-add loops), `lut` (table lookup).
 - BITNET_PY_FAST_ATTENTION=0: use kernels/attention.py instead of kernels/attention_fast.py.
 - BITNET_PY_FUSE=0: run q/k/v and gate/up as separate matmuls instead of one fused parallel region.
+- BITNET_PY_VNNI=0: ternary dots without `vpdpbusd` on hosts that have VNNI (for comparisons; same results).
+  Kernels compiled this way are cached in their own folder (`kernel-cache-<hash>-novnni`).
 - OpenMP waiting (numba's `omp` threading layer, GNU libgomp): a decode step runs ~150 short parallel regions,
   and by default libgomp's idle threads spin ~300k iterations between them. When the cores are shared
   (other processes, the server's own Python threads) a spinning thread holds the core that the thread still
@@ -43,9 +45,10 @@ def source_hash(directory: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+USE_VNNI = os.environ.get("BITNET_PY_VNNI", "1") not in ("0", "false", "no")
 SOURCE_HASH = source_hash(_KERNEL_DIR)
 CACHE_DIR = os.path.join(os.environ.get("NUMBA_CACHE_DIR") or str(_KERNEL_DIR / "__pycache__"),
-                         f"kernel-cache-{SOURCE_HASH}")
+                         f"kernel-cache-{SOURCE_HASH}" + ("" if USE_VNNI else "-novnni"))
 if CACHE:
     numba.config.CACHE_DIR = CACHE_DIR  # read when each @njit(cache=True) below is decorated
 TERNARY_KERNEL = os.environ.get("BITNET_PY_TERNARY_KERNEL", "auto")

@@ -397,3 +397,29 @@ def test_expf_nonpositive_within_one_ulp():
     out_below = np.empty_like(below)
     run(below, out_below)
     assert out_below.tolist() == [0.0] * 4
+
+
+@pytest.mark.skipif(not __import__("kernels.simd", fromlist=["HAVE_VNNI"]).HAVE_VNNI,
+                    reason="the host has no VNNI (vpdpbusd); the other tests here cover the vpmaddubsw path")
+def test_vnni_ternary_dots_use_vpdpbusd_and_stay_exact():
+    from numba import njit
+
+    from bitnet_py.gguf.ternary_pack import pack_i2s_codes
+    from kernels.simd import i2s_dot1, i2s_dot4
+
+    @njit(cache=False)
+    def dots(packed, q, K, out):
+        a, b, c, d = i2s_dot4(packed, 0, q, 0, K, K // 128)
+        out[0], out[1], out[2], out[3] = a, b, c, d
+        out[4] = i2s_dot1(packed, 0, q, 0, K, K // 128)
+
+    rng = np.random.default_rng(5)
+    for K in (128, 384, 2560):
+        w = rng.integers(-1, 2, (1, K)).astype(np.int8)
+        q = rng.integers(-128, 128, (4, K)).astype(np.int8)
+        out = np.zeros(5, np.int64)
+        dots(pack_i2s_codes(w), q.reshape(-1), K, out)
+        want = ((w[0].astype(np.int64) + 1) * q.astype(np.int64)).sum(axis=1)
+        np.testing.assert_array_equal(out[:4], want)
+        assert out[4] == want[0]
+    assert "vpdpbusd" in "".join(dots.inspect_asm().values())
