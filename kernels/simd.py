@@ -9,8 +9,8 @@ calling `@njit` function; everything around them stays ordinary Numba code.
 - `i2s_dot{1,2,4}(packed, w0, q, q0, q_stride, n_blocks)`: exact int32 dot products of the ternary codes of
   `n_blocks` I2_S blocks (32 bytes = 128 codes each, starting at byte `w0` of `packed`) with 1/2/4 int8
   activation rows (`q` flat i8, row t at `q0 + t*q_stride`), as sum(code * q) with code in {0, 1, 2}; the
-  caller subtracts sum(q). Returns an int32 (dot1) or a tuple of int32. On VNNI hosts (`HAVE_VNNI`) the
-  products go through `vpdpbusd` straight into i32 lanes; the integers are the same.
+  caller subtracts sum(q). Returns an int32 (dot1) or a tuple of int32. On VNNI hosts (`HAVE_VNNI`),
+  `kernels.simd_vnni` has the same dots through `vpdpbusd` (the same integers).
 - `i8_dot_abs{1,2}(w, w0, x, xabs, x0, x_stride, n_chunks)`: exact int32 dots of 32*n_chunks int8 weights
   (flat `w` from `w0`) with 1/2 int8 rows of flat `x` (row t at `x0 + t*x_stride`; `xabs` = |x| as u8 at the
   same offsets), for the int8 head: `vpsignb` moves the sign of x onto w, `vpmaddubsw` multiplies by |x| (pair
@@ -109,11 +109,7 @@ def _return_rows(context, builder, signature, values, n_rows):
     return context.make_tuple(builder, signature.return_type, values)
 
 
-def _make_i2s_dot(n_rows, blocks_per_step, vnni=False):
-    """vnni: products go straight into the i32 lanes with vpdpbusd (same integers) instead of i16 lane sums that
-    vpmaddwd widens once per step."""
-    sum_ty = _V8I32 if vnni else _V16I16  # type of one step's lane sums
-
+def _make_i2s_dot(n_rows, blocks_per_step):
     @intrinsic
     def i2s_dot(typingctx, packed, w0, q, q0, q_stride, n_blocks):
         ret = types.int32 if n_rows == 1 else types.UniTuple(types.int32, n_rows)
@@ -133,15 +129,13 @@ def _make_i2s_dot(n_rows, blocks_per_step, vnni=False):
             maddubs = _get_or_insert(module, "llvm.x86.avx2.pmadd.ub.sw",
                                      ir.FunctionType(_V16I16, [_V32I8, _V32I8]))
             maddwd = _get_or_insert(module, "llvm.x86.avx2.pmadd.wd", ir.FunctionType(_V8I32, [_V16I16, _V16I16]))
-            dpbusd = _get_or_insert(module, "llvm.x86.avx512.vpdpbusd.256",
-                                    ir.FunctionType(_V8I32, [_V8I32, _V8I32, _V8I32])) if vnni else None
             wbase = _data_ptr(context, builder, pty, packed_v, w0_v)
             qbases = [_data_ptr(context, builder, qty, q_v, builder.add(q0_v, builder.mul(stride_v, c64(t))))
                       for t in range(n_rows)]
             ones16 = _splat(_I16, 1, 16)
             three = _splat(_I8, 3, 32)
             zero = ir.Constant(_V8I32, None)
-            zero16 = ir.Constant(sum_ty, None)
+            zero16 = ir.Constant(_V16I16, None)
 
             def blocks(first, count, s16):
                 """Blocks first .. first+count-1: products added to the i16 lane sums s16 (one per row)."""
@@ -158,19 +152,11 @@ def _make_i2s_dot(n_rows, blocks_per_step, vnni=False):
                         qb = builder.gep(qbases[t], [builder.mul(blk, c64(128))])
                         for j in range(4):
                             qp = builder.bitcast(builder.gep(qb, [c64(32 * j)]), _V32I8.as_pointer())
-                            qv = builder.load(qp, align=1)
-                            if vnni:
-                                s16[t] = builder.call(dpbusd, [zero if s16[t] is None else s16[t],
-                                                               builder.bitcast(codes[j], _V8I32),
-                                                               builder.bitcast(qv, _V8I32)])
-                                continue
-                            prod = builder.call(maddubs, [codes[j], qv])
+                            prod = builder.call(maddubs, [codes[j], builder.load(qp, align=1)])
                             s16[t] = prod if s16[t] is None else builder.add(s16[t], prod)
                 return s16
 
             def widen(accs, s16):
-                if vnni:
-                    return [builder.add(accs[t], s16[t]) for t in range(n_rows)]
                 return [builder.add(accs[t], builder.call(maddwd, [s16[t], ones16])) for t in range(n_rows)]
 
             def phis(ty, incoming):
@@ -212,7 +198,7 @@ def _make_i2s_dot(n_rows, blocks_per_step, vnni=False):
 
             builder.position_at_end(tail)
             j = builder.phi(i64)
-            t16 = [builder.phi(sum_ty) for _ in range(n_rows)]
+            t16 = [builder.phi(_V16I16) for _ in range(n_rows)]
             tnew = blocks(j, 1, t16)
             j_next = builder.add(j, c64(1))
             j.add_incoming(tail_start, after_main)
@@ -223,7 +209,7 @@ def _make_i2s_dot(n_rows, blocks_per_step, vnni=False):
             builder.cbranch(builder.icmp_signed("<", j_next, nb_v), tail, after_tail)
 
             builder.position_at_end(after_tail)
-            last16 = phis(sum_ty, [([zero16] * n_rows, after_main), (tnew, tail)])
+            last16 = phis(_V16I16, [([zero16] * n_rows, after_main), (tnew, tail)])
             final = widen(mid, last16)
             return _return_rows(context, builder, signature, [_reduce_add(builder, f) for f in final], n_rows)
 
@@ -232,9 +218,9 @@ def _make_i2s_dot(n_rows, blocks_per_step, vnni=False):
     return i2s_dot
 
 
-i2s_dot1 = _make_i2s_dot(1, BLOCKS_PER_STEP, HAVE_VNNI)
-i2s_dot2 = _make_i2s_dot(2, BLOCKS_PER_STEP, HAVE_VNNI)
-i2s_dot4 = _make_i2s_dot(4, BLOCKS_PER_STEP, HAVE_VNNI)
+i2s_dot1 = _make_i2s_dot(1, BLOCKS_PER_STEP)
+i2s_dot2 = _make_i2s_dot(2, BLOCKS_PER_STEP)
+i2s_dot4 = _make_i2s_dot(4, BLOCKS_PER_STEP)
 
 
 def _make_i8_dot_abs(n_rows):

@@ -5,7 +5,8 @@ codes of values p, p+32, p+64, p+96 of that 128-value block at shifts 6, 4, 2, 0
 Exact integer accumulation: dot = sum(code * q) - sum(q); then y = float32(dot) / s_a * scale (float32).
 
 Two implementations with identical results:
-- SIMD (hosts with AVX2, `kernels.simd`): `vpmaddubsw` on unpacked codes, 128 codes per step, up to 4 tokens
+- SIMD (hosts with AVX2, `kernels.simd`; `kernels.simd_vnni` where the host has VNNI): `vpmaddubsw` (or
+  `vpdpbusd`) on unpacked codes, 128 codes per step, up to 4 tokens
   per weight unpack. Rows are split into tasks of `ROWS_PER_TASK`; inside a task, tokens go in tiles of 4 so
   one tile of activations stays in L1 while the task's rows stream past it.
 - plain loops (any host): the reference-shaped loop Numba compiles everywhere.
@@ -17,7 +18,7 @@ import numpy as np
 from numba import njit, prange
 
 from .config import JIT, JIT_PARALLEL
-from .simd import HAVE_AVX2
+from .simd import HAVE_AVX2, HAVE_VNNI
 
 ROWS_PER_TASK = 32
 
@@ -47,7 +48,10 @@ def _rows_plain(packed, q, act_scales, act_sums, scale, out, m_lo, m_hi):
 
 
 if HAVE_AVX2:
-    from .simd import i2s_dot1, i2s_dot2, i2s_dot4
+    if HAVE_VNNI:
+        from .simd_vnni import i2s_dot1, i2s_dot2, i2s_dot4
+    else:
+        from .simd import i2s_dot1, i2s_dot2, i2s_dot4
 
     @njit(**JIT)
     def _rows(packed, q, act_scales, act_sums, scale, out, m_lo, m_hi):

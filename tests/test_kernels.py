@@ -405,7 +405,7 @@ def test_vnni_ternary_dots_use_vpdpbusd_and_stay_exact():
     from numba import njit
 
     from bitnet_py.gguf.ternary_pack import pack_i2s_codes
-    from kernels.simd import i2s_dot1, i2s_dot4
+    from kernels.simd_vnni import i2s_dot1, i2s_dot4
 
     @njit(cache=False)
     def dots(packed, q, K, out):
