@@ -102,6 +102,28 @@ def _prefetch(builder, ptr):
     builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
 
 
+def _close_loop(builder, blocks, counter, first, limit, accs, starts, new):
+    """Wire a counted loop (blocks = entry, loop body, exit): `counter` (a phi) runs from `first` while below
+    `limit`; accumulator phis `accs` start at `starts` and take `new` each trip. Returns, positioned in the exit
+    block, the accumulators' values there (`starts` when the loop did not run)."""
+    entry, loop, done = blocks
+    nxt = builder.add(counter, ir.Constant(ir.IntType(64), 1))
+    counter.add_incoming(first, entry)
+    counter.add_incoming(nxt, loop)
+    for a, s, n in zip(accs, starts, new):
+        a.add_incoming(s, entry)
+        a.add_incoming(n, loop)
+    builder.cbranch(builder.icmp_signed("<", nxt, limit), loop, done)
+    builder.position_at_end(done)
+    finals = []
+    for s, n in zip(starts, new):
+        p = builder.phi(n.type)
+        p.add_incoming(s, entry)
+        p.add_incoming(n, loop)
+        finals.append(p)
+    return finals
+
+
 def _return_rows(context, builder, signature, values, n_rows):
     """One value (n_rows == 1) or a tuple of n_rows values, as the intrinsic's signature says."""
     if n_rows == 1:
@@ -109,29 +131,41 @@ def _return_rows(context, builder, signature, values, n_rows):
     return context.make_tuple(builder, signature.return_type, values)
 
 
+def i2s_dot_signature(n_rows, packed, w0, q, q0, q_stride, n_blocks):
+    """Signature of an i2s_dot intrinsic: (packed, w0, q, q0, q_stride, n_blocks) -> int32 or n_rows int32s."""
+    ret = types.int32 if n_rows == 1 else types.UniTuple(types.int32, n_rows)
+    return ret(packed, w0, q, q0, q_stride, n_blocks)
+
+
+def i2s_dot_pointers(context, builder, signature, args, n_rows):
+    """An i2s_dot intrinsic's arguments -> (pointer to its first weight byte, pointers to its n_rows activation
+    rows, n_blocks as i64)."""
+    packed_v, w0_v, q_v, q0_v, stride_v, nb_v = args
+    pty, wty, qty, q0ty, sty, nbty = signature.args
+    w0_v, q0_v, stride_v, nb_v = _as_i64(context, builder, (w0_v, q0_v, stride_v, nb_v), (wty, q0ty, sty, nbty))
+    wbase = _data_ptr(context, builder, pty, packed_v, w0_v)
+    qbases = [_data_ptr(context, builder, qty, q_v,
+                        builder.add(q0_v, builder.mul(stride_v, ir.Constant(ir.IntType(64), t))))
+              for t in range(n_rows)]
+    return wbase, qbases, nb_v
+
+
 def _make_i2s_dot(n_rows, blocks_per_step):
     @intrinsic
     def i2s_dot(typingctx, packed, w0, q, q0, q_stride, n_blocks):
-        ret = types.int32 if n_rows == 1 else types.UniTuple(types.int32, n_rows)
-        sig = ret(packed, w0, q, q0, q_stride, n_blocks)
+        sig = i2s_dot_signature(n_rows, packed, w0, q, q0, q_stride, n_blocks)
 
         def codegen(context, builder, signature, args):
-            packed_v, w0_v, q_v, q0_v, stride_v, nb_v = args
-            pty, wty, qty, q0ty, sty, nbty = signature.args
             i64 = ir.IntType(64)
 
             def c64(v):
                 return ir.Constant(i64, v)
 
-            w0_v, q0_v, stride_v, nb_v = _as_i64(context, builder, (w0_v, q0_v, stride_v, nb_v),
-                                                 (wty, q0ty, sty, nbty))
+            wbase, qbases, nb_v = i2s_dot_pointers(context, builder, signature, args, n_rows)
             module = builder.module
             maddubs = _get_or_insert(module, "llvm.x86.avx2.pmadd.ub.sw",
                                      ir.FunctionType(_V16I16, [_V32I8, _V32I8]))
             maddwd = _get_or_insert(module, "llvm.x86.avx2.pmadd.wd", ir.FunctionType(_V8I32, [_V16I16, _V16I16]))
-            wbase = _data_ptr(context, builder, pty, packed_v, w0_v)
-            qbases = [_data_ptr(context, builder, qty, q_v, builder.add(q0_v, builder.mul(stride_v, c64(t))))
-                      for t in range(n_rows)]
             ones16 = _splat(_I16, 1, 16)
             three = _splat(_I8, 3, 32)
             zero = ir.Constant(_V8I32, None)

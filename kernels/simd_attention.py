@@ -18,7 +18,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .simd import _I32, _as_i64
+from .simd import _I32, _as_i64, _close_loop
 
 _F32 = ir.FloatType()
 _V8F32 = ir.VectorType(_F32, 8)
@@ -45,28 +45,6 @@ def _load_f16x8(builder, ptr):
     """8 float16 (u16 bits) at ptr -> <8 x float> (exact)."""
     bits = builder.load(builder.bitcast(ptr, _V8I16.as_pointer()), align=2)
     return builder.fpext(builder.bitcast(bits, _V8F16), _V8F32)
-
-
-def _close_loop(builder, blocks, counter, first, limit, accs, starts, new):
-    """Wire a counted loop (blocks = entry, loop body, exit): `counter` (a phi) runs from `first` while below
-    `limit`; accumulator phis `accs` start at `starts` and take `new` each trip. Returns, positioned in the exit
-    block, the accumulators' values there (`starts` when the loop did not run)."""
-    entry, loop, done = blocks
-    nxt = builder.add(counter, _c64(1))
-    counter.add_incoming(first, entry)
-    counter.add_incoming(nxt, loop)
-    for a, s, n in zip(accs, starts, new):
-        a.add_incoming(s, entry)
-        a.add_incoming(n, loop)
-    builder.cbranch(builder.icmp_signed("<", nxt, limit), loop, done)
-    builder.position_at_end(done)
-    finals = []
-    for s, n in zip(starts, new):
-        p = builder.phi(n.type)
-        p.add_incoming(s, entry)
-        p.add_incoming(n, loop)
-        finals.append(p)
-    return finals
 
 
 def _reduce8_transposed(builder, accs):

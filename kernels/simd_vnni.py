@@ -10,11 +10,10 @@ step goes to accumulator (4u + j) mod that), added together at the end (integer 
 i32 lanes cannot overflow: |sum| <= K * 2 * 128 for any K this engine meets.
 """
 from llvmlite import ir
-from numba import types
 from numba.extending import intrinsic
 
-from .simd import (PREFETCH_BYTES, _I8, _V8I32, _V32I8, _as_i64, _data_ptr, _get_or_insert, _prefetch,
-                   _reduce_add, _return_rows, _splat)
+from .simd import (PREFETCH_BYTES, _I8, _V8I32, _V32I8, _close_loop, _get_or_insert, _prefetch, _reduce_add,
+                   _return_rows, _splat, i2s_dot_pointers, i2s_dot_signature)
 
 _I64 = ir.IntType(64)
 
@@ -28,19 +27,12 @@ def _make_i2s_dot_vnni(n_rows):
 
     @intrinsic
     def i2s_dot(typingctx, packed, w0, q, q0, q_stride, n_blocks):
-        ret = types.int32 if n_rows == 1 else types.UniTuple(types.int32, n_rows)
-        sig = ret(packed, w0, q, q0, q_stride, n_blocks)
+        sig = i2s_dot_signature(n_rows, packed, w0, q, q0, q_stride, n_blocks)
 
         def codegen(context, builder, signature, args):
-            packed_v, w0_v, q_v, q0_v, stride_v, nb_v = args
-            pty, wty, qty, q0ty, sty, nbty = signature.args
-            w0_v, q0_v, stride_v, nb_v = _as_i64(context, builder, (w0_v, q0_v, stride_v, nb_v),
-                                                 (wty, q0ty, sty, nbty))
+            wbase, qbases, nb_v = i2s_dot_pointers(context, builder, signature, args, n_rows)
             dpbusd = _get_or_insert(builder.module, "llvm.x86.avx512.vpdpbusd.256",
                                     ir.FunctionType(_V8I32, [_V8I32, _V8I32, _V8I32]))
-            wbase = _data_ptr(context, builder, pty, packed_v, w0_v)
-            qbases = [_data_ptr(context, builder, qty, q_v, builder.add(q0_v, builder.mul(stride_v, _c64(t))))
-                      for t in range(n_rows)]
             three = _splat(_I8, 3, 32)
             zeros = [ir.Constant(_V8I32, None)] * (n_rows * n_acc)
 
@@ -82,15 +74,7 @@ def _make_i2s_dot_vnni(n_rows):
             first = builder.mul(i, _c64(2))
             _prefetch(builder, builder.gep(wbase, [builder.add(builder.mul(first, _c64(32)), _c64(PREFETCH_BYTES))]))
             new = block(builder.add(first, _c64(1)), block(first, accs, 0), 1)
-            i_next = builder.add(i, _c64(1))
-            i.add_incoming(_c64(0), entry)
-            i.add_incoming(i_next, loop)
-            for a, z, n in zip(accs, zeros, new):
-                a.add_incoming(z, entry)
-                a.add_incoming(n, loop)
-            builder.cbranch(builder.icmp_signed("<", i_next, n_pairs), loop, after)
-            builder.position_at_end(after)
-            paired = merge([(zeros, entry), (new, loop)])
+            paired = _close_loop(builder, (entry, loop, after), i, _c64(0), n_pairs, accs, zeros, new)
             builder.cbranch(builder.icmp_signed(">", nb_v, builder.mul(n_pairs, _c64(2))), odd, done)
             builder.position_at_end(odd)
             last = block(builder.sub(nb_v, _c64(1)), paired, 0)
