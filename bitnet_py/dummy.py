@@ -1,6 +1,6 @@
 """Random-weight GGUF models at real BitNet shapes, for benchmarks and load tests (no download needed).
 
-    python -m bitnet_py.dummy --layout {2b-4t,bitnet-large,bitnet-3b,falcon3-1b,falcon3-7b,llama3-8b,tiny}
+    python -m bitnet_py.dummy --layout {2b-4t,2b-4t-upstream,bitnet-large,bitnet-3b,falcon3-1b,falcon3-7b,llama3-8b,tiny}
                               --type {i2_s,tl2,tq2_0,f16,f32} --seed S -o out.gguf
     make_dummy(layout, qtype, out_path, seed=0, progress=True, tl2_config=None)
 
@@ -50,6 +50,10 @@ def _hp(n_layer, n_embd, n_ff, n_head, n_head_kv, n_vocab, n_ctx, theta, eps, he
 LAYOUTS = {
     "2b-4t": Layout("BitNetForCausalLM", _hp(30, 2560, 6912, 20, 5, 128256, 4096, 500000.0, 1e-5), True, "bpe",
                     "bitnet-b1.58-2B-4T (random)"),
+    # the same shapes under the `bitnet` arch (SiLU gate instead of squared ReLU): upstream llama.cpp has no
+    # `bitnet-b1.58` arch, so this is the 2B-4T twin it can run (scripts/bench_vs_llama_cpp.py)
+    "2b-4t-upstream": Layout("BitnetForCausalLM", _hp(30, 2560, 6912, 20, 5, 128256, 4096, 500000.0, 1e-5), True,
+                             "bpe", "bitnet-b1.58-2B-4T shapes, bitnet arch (random)"),
     "bitnet-large": Layout("BitnetForCausalLM", _hp(24, 1536, 4096, 16, 16, 32002, 2048, 10000.0, 1e-5), True,
                            "spm", "bitnet_b1_58-large (random)"),
     "bitnet-3b": Layout("BitnetForCausalLM", _hp(26, 3200, 8640, 32, 32, 32002, 2048, 10000.0, 1e-5), True, "spm",
