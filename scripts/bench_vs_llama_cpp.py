@@ -18,7 +18,7 @@ median tok/s of each engine over all runs, their ratio, and the ratio of every r
 from __future__ import annotations
 
 import argparse
-import json
+import importlib.util
 import os
 import statistics
 import sys
@@ -158,9 +158,9 @@ def run(args) -> dict:
                                 ratio=med_ours / med_peer,
                                 round_ratios=[statistics.median(a) / statistics.median(b) for a, b in zip(ours, peer)],
                                 ours_runs=ours, peer_runs=peer))
-    from bitnet_py.bench import _cpu_name
+    from bitnet_py.bench_report import cpu_name
     return dict(ours=args.ours, peer=args.peer, layout=ours_layout, peer_types=peer_layout["matrix_types"],
-                llama_cpp_python=llama_cpp.__version__, cpu=_cpu_name(), n_cpu=os.cpu_count(),
+                llama_cpp_python=llama_cpp.__version__, cpu=cpu_name(), n_cpu=os.cpu_count(),
                 repetitions=args.repetitions, rounds=args.rounds, results=results)
 
 
@@ -178,24 +178,16 @@ def markdown(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bitnet_py.bench_report import print_result
     args = build_parser().parse_args(argv)
     for path in (args.ours, args.peer):
         if not os.path.isfile(path):
             print(f"error: no such model file: {path}", file=sys.stderr)
             return 1
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("llama_cpp") is None:
         print("error: llama-cpp-python is not installed (scripts/install_llama_cpp_python.sh)", file=sys.stderr)
         return 1
-    from bitnet_py.gguf.reader import GGUFError
-    try:
-        res = run(args)
-    except (RuntimeError, ValueError, OSError, GGUFError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(res, indent=1) if args.json else markdown(res))
-    return 0
+    return print_result(run, args, markdown)
 
 
 if __name__ == "__main__":
