@@ -25,7 +25,7 @@ from kernels.kv_store import rope_store_f16
 from kernels.norms import rms_norm, rms_norm_parallel
 from kernels.quantize import quantize_rows_i8, quantize_rows_i8_parallel
 from kernels.rope import rope_apply, rope_tables
-from kernels.q8k import quantize_q8k, tq_matmul_q8k
+from kernels.q8k import quantize_q8k, quantize_q8k_parallel, tq_matmul_q8k
 
 from kernels import config as kernel_config
 from kernels.select import ternary_kernels
@@ -81,7 +81,7 @@ def linear(w: TernaryWeight | DenseWeight, x: np.ndarray, qa: QuantizedActivatio
         # TQ1_0 / TQ2_0: upstream ggml's arithmetic, activations quantized per 256 inputs (Q8_K)
         xc = np.ascontiguousarray(x, dtype=np.float32)
         q, d = np.empty((T, w.k), np.int8), np.empty((T, w.k // 256), np.float32)
-        quantize_q8k(xc, q, d)
+        (quantize_q8k_parallel if T >= PARALLEL_ROWS else quantize_q8k)(xc, q, d)
         tq_matmul_q8k(w.packed, q, d, w.block_scales, out)
     elif isinstance(w, TernaryWeight):
         if qa is None:

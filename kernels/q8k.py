@@ -5,45 +5,64 @@ Q8_K, per token row and block: amax = max|x_j|, max = the signed x_j where it is
 amax == 0 -> d = 0, q = 0; else iscale = float32(-127 / max), q_j = min(127, round_half_even(iscale * x_j)),
 d = float32(1 / iscale). Matmul: y_m = sum over blocks b, in order, of float32(sumi_b) * float32(d_x[b] * d_w[m, b])
 with sumi_b = sum_j (code_mj - 1) * q_j exact.
+
+Weights arrive repacked to I2_S's byte layout (bitnet_py.weights), so `tq_matmul_q8k` takes each 256-block's
+integer dot from the I2_S intrinsics of kernels.simd / kernels.simd_vnni (4 tokens per weight unpack) on AVX2
+hosts; `tq_matmul_q8k_plain` is the plain loop, with identical results.
 """
 import numpy as np
 from numba import njit, prange
 
 from .config import JIT, JIT_PARALLEL
+from .simd import HAVE_AVX2, HAVE_VNNI
 
 QK_K = 256
 
 
 @njit(**JIT)
+def _quantize_q8k_row(x, q, d, t):
+    """Token row t of x -> q[t], d[t] (Q8_K, see the module docstring)."""
+    K = x.shape[1]
+    for b in range(K // QK_K):
+        k0 = b * QK_K
+        amax = np.float32(0.0)
+        mx = np.float32(0.0)
+        for j in range(QK_K):
+            v = x[t, k0 + j]
+            if abs(v) > amax:
+                amax = abs(v)
+                mx = v
+        if amax == 0.0:
+            d[t, b] = 0.0
+            for j in range(QK_K):
+                q[t, k0 + j] = 0
+            continue
+        iscale = np.float32(-127.0) / mx
+        for j in range(QK_K):
+            v = np.rint(iscale * x[t, k0 + j])
+            q[t, k0 + j] = np.int32(v) if v < 127.0 else 127
+        d[t, b] = np.float32(1.0) / iscale
+
+
+@njit(**JIT)
 def quantize_q8k(x, q, d):
     """x: f32[T, K] (K % 256 == 0) -> q: i8[T, K], d: f32[T, K/256]."""
-    T, K = x.shape
-    for t in range(T):
-        for b in range(K // QK_K):
-            k0 = b * QK_K
-            amax = np.float32(0.0)
-            mx = np.float32(0.0)
-            for j in range(QK_K):
-                v = x[t, k0 + j]
-                if abs(v) > amax:
-                    amax = abs(v)
-                    mx = v
-            if amax == 0.0:
-                d[t, b] = 0.0
-                for j in range(QK_K):
-                    q[t, k0 + j] = 0
-                continue
-            iscale = np.float32(-127.0) / mx
-            for j in range(QK_K):
-                v = np.rint(iscale * x[t, k0 + j])
-                q[t, k0 + j] = np.int32(v) if v < 127.0 else 127
-            d[t, b] = np.float32(1.0) / iscale
+    for t in range(x.shape[0]):
+        _quantize_q8k_row(x, q, d, t)
 
 
 @njit(**JIT_PARALLEL)
-def tq_matmul_q8k(packed, q, d_x, block_scales, out):
+def quantize_q8k_parallel(x, q, d):
+    """Same as quantize_q8k, token rows split over threads (for many rows: a parallel region costs more than
+    a few rows)."""
+    for t in prange(x.shape[0]):
+        _quantize_q8k_row(x, q, d, t)
+
+
+@njit(**JIT_PARALLEL)
+def tq_matmul_q8k_plain(packed, q, d_x, block_scales, out):
     """packed: u8[M*K/4] (I2_S layout); q: i8[T, K]; d_x: f32[T, K/256]; block_scales: f32[M, K/256]
-    -> out: f32[T, M]."""
+    -> out: f32[T, M]. Plain loops (any host; the reference of the SIMD kernel in the tests)."""
     T, K = q.shape
     M = out.shape[1]
     row_bytes = K // 4
@@ -64,3 +83,68 @@ def tq_matmul_q8k(packed, q, d_x, block_scales, out):
                                  + ((byte & 3) - 1) * np.int32(q[t, k0 + 96 + p]))
                 acc += np.float32(sumi) * np.float32(d_x[t, b2] * block_scales[m, b2])
             out[t, m] = acc
+
+
+ROWS_PER_TASK = 32
+
+
+@njit(**JIT)
+def _block_sums(q, qsums):
+    """q: i8[T, K] -> qsums: i32[T, K/256], the sum of each token's q over each 256-block."""
+    T, K = q.shape
+    for t in range(T):
+        for b in range(K // QK_K):
+            s = 0
+            for j in range(QK_K):
+                s += np.int32(q[t, b * QK_K + j])
+            qsums[t, b] = s
+
+
+if HAVE_AVX2:
+    if HAVE_VNNI:
+        from .simd_vnni import i2s_dot1, i2s_dot4
+    else:
+        from .simd import i2s_dot1, i2s_dot4
+
+    @njit(**JIT)
+    def _tq_rows(packed, q, qsums, d_x, block_scales, out, m_lo, m_hi):
+        """Rows [m_lo, m_hi) of out: each (row, 256-block) integer dot by the I2_S intrinsics (two 128-blocks),
+        as sum(code * q) - sum(q); the blocks' float terms added in block order as tq_matmul_q8k_plain does."""
+        T, K = q.shape
+        row_bytes = K // 4
+        n_b = K // QK_K
+        qf = q.reshape(-1)  # i8[T*K]
+        t = 0
+        while t + 4 <= T:
+            for m in range(m_lo, m_hi):
+                a0 = a1 = a2 = a3 = np.float32(0.0)
+                for b in range(n_b):
+                    d0, d1, d2, d3 = i2s_dot4(packed, m * row_bytes + b * 64, qf, t * K + b * QK_K, K, 2)
+                    s = block_scales[m, b]
+                    a0 += np.float32(d0 - qsums[t, b]) * np.float32(d_x[t, b] * s)
+                    a1 += np.float32(d1 - qsums[t + 1, b]) * np.float32(d_x[t + 1, b] * s)
+                    a2 += np.float32(d2 - qsums[t + 2, b]) * np.float32(d_x[t + 2, b] * s)
+                    a3 += np.float32(d3 - qsums[t + 3, b]) * np.float32(d_x[t + 3, b] * s)
+                out[t, m], out[t + 1, m], out[t + 2, m], out[t + 3, m] = a0, a1, a2, a3
+            t += 4
+        while t < T:
+            for m in range(m_lo, m_hi):
+                a0 = np.float32(0.0)
+                for b in range(n_b):
+                    d0 = i2s_dot1(packed, m * row_bytes + b * 64, qf, t * K + b * QK_K, K, 2)
+                    a0 += np.float32(d0 - qsums[t, b]) * np.float32(d_x[t, b] * block_scales[m, b])
+                out[t, m] = a0
+            t += 1
+
+    @njit(**JIT_PARALLEL)
+    def tq_matmul_q8k(packed, q, d_x, block_scales, out):
+        """Same contract and results as tq_matmul_q8k_plain, SIMD dots, rows in tasks of ROWS_PER_TASK."""
+        T, K = q.shape
+        M = out.shape[1]
+        qsums = np.empty((T, K // QK_K), np.int32)
+        _block_sums(q, qsums)
+        for task in prange((M + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+            lo = task * ROWS_PER_TASK
+            _tq_rows(packed, q, qsums, d_x, block_scales, out, lo, min(M, lo + ROWS_PER_TASK))
+else:
+    tq_matmul_q8k = tq_matmul_q8k_plain

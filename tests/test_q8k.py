@@ -4,33 +4,40 @@ import numpy as np
 import pytest
 
 from bitnet_py.gguf.ternary_pack import pack_i2s_codes
-from kernels.q8k import quantize_q8k, tq_matmul_q8k
+from kernels.q8k import quantize_q8k, quantize_q8k_parallel, tq_matmul_q8k, tq_matmul_q8k_plain
+from kernels.simd import HAVE_AVX2
 from parity.q8k_reference import quantize_q8_k
 
 RNG = np.random.default_rng(77)
 
 
-@pytest.mark.parametrize("T,K", [(1, 512), (3, 768), (2, 2560)])
-def test_quantize_q8k_exact(T, K):
+@pytest.mark.parametrize("T,K", [(1, 512), (3, 768), (2, 2560), (9, 512)])
+@pytest.mark.parametrize("quantize", [quantize_q8k, quantize_q8k_parallel])
+def test_quantize_q8k_exact(T, K, quantize):
     x = RNG.standard_normal((T, K)).astype(np.float32)
     x[0, :256] = 0.0  # an all-zero block
     x[-1, K - 5] = -9.0  # negative extreme in the last block: iscale positive
     q, d = np.empty((T, K), np.int8), np.empty((T, K // 256), np.float32)
-    quantize_q8k(x, q, d)
+    quantize(x, q, d)
     rq, rd = quantize_q8_k(x)
     assert np.array_equal(q.astype(np.int32), rq) and np.array_equal(d, rd)
     assert d[0, 0] == 0 and not q[0, :256].any()
 
 
-@pytest.mark.parametrize("T,M,K", [(1, 5, 256), (4, 33, 768)])
-def test_tq_matmul_q8k_matches_reference(T, M, K):
+@pytest.mark.parametrize("T,M,K", [(1, 5, 256), (4, 33, 768), (7, 70, 512), (9, 3, 1024)])
+@pytest.mark.parametrize("kernel", ["simd", "plain"])
+def test_tq_matmul_q8k_matches_reference(T, M, K, kernel):
+    """Both kernels bit-exact against upstream's formula: 4-token and single-token paths of the SIMD one,
+    row counts that leave a partial task."""
+    if kernel == "simd" and not HAVE_AVX2:
+        pytest.skip("the SIMD kernel needs AVX2 (tq_matmul_q8k is the plain loop here)")
     w = RNG.integers(-1, 2, size=(M, K)).astype(np.int8)
     bs = (RNG.random((M, K // 256)) * 0.1 + 0.01).astype(np.float32)
     x = RNG.standard_normal((T, K)).astype(np.float32)
     q, d = np.empty((T, K), np.int8), np.empty((T, K // 256), np.float32)
     quantize_q8k(x, q, d)
     out = np.empty((T, M), np.float32)
-    tq_matmul_q8k(pack_i2s_codes(w).reshape(-1), q, d, bs, out)
+    (tq_matmul_q8k if kernel == "simd" else tq_matmul_q8k_plain)(pack_i2s_codes(w).reshape(-1), q, d, bs, out)
     ref = np.zeros((T, M), np.float32)
     for b in range(K // 256):
         cols = slice(256 * b, 256 * (b + 1))
