@@ -1,7 +1,9 @@
-"""On-disk cache of a TL2 file's weights repacked to I2_S bytes, memory-mapped on later loads.
+"""On-disk cache of a TL2 or TQ1_0/TQ2_0 file's weights repacked to I2_S bytes, memory-mapped on later loads.
 
 The kernels read only I2_S's layout, so every load of a TL2 file decodes each ternary tensor into a new copy
-(1.7-2.3 s of a ~3 s load at the 2B-4T layout on 2 vCPUs, most of the rest being page faults on that copy).
+(1.7-2.3 s of a ~3 s load at the 2B-4T layout on 2 vCPUs, most of the rest being page faults on that copy);
+TQ1_0/TQ2_0 files likewise (5-6 s at 2B-4T shapes), whose f32 block scales are stored beside the bytes as
+tensor ``<name>#block_scales``.
 The first load writes the repacked bytes to one cache file; later loads map it instead (no decoding, no
 anonymous copy: the pages are shared page cache like an I2_S file's).
 
@@ -33,6 +35,7 @@ FORMAT_VERSION = 1  # bump when the repacked layout or this file format changes
 MAGIC = b"BNPY-I2S-REPACK\n"
 HEADER_BYTES = 1 << 16
 ALIGN = 4096
+TQ_SCALES_SUFFIX = "#block_scales"  # TQ1_0/TQ2_0: the f32 block scales [M, K/256] stored beside the bytes
 ENV_SWITCH = "BITNET_PY_REPACK_CACHE"
 
 

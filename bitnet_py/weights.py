@@ -13,11 +13,11 @@ import numpy as np
 from kernels.tl2_repack import pack_i2s, tl2_to_i2s_packed
 
 from .config import ModelConfig
-from .gguf.constants import DEQUANT_TYPES, I2S_BLOCK, TL2_ROWPERM, GGMLType
+from .gguf.constants import DEQUANT_TYPES, I2S_BLOCK, TL2_ROWPERM, TQ_BLOCK, GGMLType
 from .gguf.reader import GGUFError, GGUFFile, TensorInfo
 from .gguf.ternary_unpack import i2s_scale, tl2_region, unpack_tq1_0, unpack_tq2_0
 from .gguf.tl2_tiling import TL2Tile
-from .repack_cache import RepackCache, cache_enabled
+from .repack_cache import TQ_SCALES_SUFFIX, RepackCache, cache_enabled
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +131,23 @@ def load_linear(f: GGUFFile, name: str, m: int, k: int, tiling: dict[tuple[int, 
             repacked.put(name, packed)
         return TernaryWeight(m, k, packed, scale, None, TL2_ACT_FLOOR, "TL2")
     if t in (GGMLType.TQ1_0, GGMLType.TQ2_0):
+        n_scales = m * (k // TQ_BLOCK)
+        cached = repacked.get(name, m * k // 4) if repacked is not None else None
+        cached_scales = repacked.get(name + TQ_SCALES_SUFFIX, 4 * n_scales) if cached is not None else None
+        if cached_scales is not None:
+            return TernaryWeight(m, k, cached, np.float32(1.0), cached_scales.view(np.float32).reshape(m, -1), 0.0,
+                                 info.type_name)
         unpack = unpack_tq2_0 if t == GGMLType.TQ2_0 else unpack_tq1_0
         w, block_scales = unpack(raw, m, k)
         packed = np.empty(m * k // 4, np.uint8)
         pack_i2s(np.ascontiguousarray(w), packed)
-        return TernaryWeight(m, k, _read_only(packed), np.float32(1.0), block_scales, 0.0, info.type_name)
+        _release_pages(f, raw)  # only the repacked copy is used from here on
+        block_scales = np.ascontiguousarray(block_scales, dtype=np.float32)
+        if repacked is not None:
+            repacked.put(name, packed)
+            repacked.put(name + TQ_SCALES_SUFFIX, block_scales.reshape(-1).view(np.uint8))
+        return TernaryWeight(m, k, _read_only(packed), np.float32(1.0), _read_only(block_scales), 0.0,
+                             info.type_name)
     if t == GGMLType.F32:
         return DenseWeight(m, k, f.array(name), None, "F32")
     if t == GGMLType.F16:
@@ -149,10 +161,11 @@ def load_linear(f: GGUFFile, name: str, m: int, k: int, tiling: dict[tuple[int, 
 
 
 def load_weights(f: GGUFFile, cfg: ModelConfig, tiling: dict[tuple[int, int], TL2Tile]) -> ModelWeights:
-    """All weights of the model. TL2 tensors come from the repack cache (bitnet_py.repack_cache) when it
-    holds this file; otherwise they are repacked and the cache is written."""
+    """All weights of the model. TL2 and TQ1_0/TQ2_0 tensors come from the repack cache (bitnet_py.repack_cache)
+    when it holds this file; otherwise they are repacked and the cache is written."""
     E, F, Q, KV = cfg.n_embd, cfg.n_ff, cfg.q_dim, cfg.kv_dim
-    repacked = RepackCache(f.path, tiling) if tiling and cache_enabled() else None
+    repacks = bool(tiling) or any(t.type_id in (GGMLType.TQ1_0, GGMLType.TQ2_0) for t in f.tensors.values())
+    repacked = RepackCache(f.path, tiling) if repacks and cache_enabled() else None
 
     def linear(name: str, m: int, k: int):
         return load_linear(f, name, m, k, tiling, repacked)

@@ -170,3 +170,62 @@ def test_dead_writers_temporary_files_are_removed(tl2_model, tmp_path):
     names = {p.name for p in cache_files(tmp_path)}
     assert dead_tmp.name not in names and live_tmp.name in names
     assert sum(n.endswith(".i2s") for n in names) == 1
+
+
+@pytest.fixture
+def tq2_model(tmp_path, monkeypatch):
+    """A TQ2_0 file our converter makes from the fixture's tiny-bitnet weights, and an enabled, empty cache."""
+    from bitnet_py.convert import convert
+    model = tmp_path / "model" / "tiny-bitnet-tq2_0.gguf"
+    model.parent.mkdir()
+    convert(str(fixture_path("tiny-bitnet", "hf")), "tq2_0", str(model), progress=False)
+    monkeypatch.setenv("BITNET_PY_REPACK_CACHE", "1")
+    monkeypatch.setenv("BITNET_PY_CACHE", str(tmp_path / "cache"))
+    return model
+
+
+def count_tq_unpacks(monkeypatch) -> list:
+    calls = []
+    real = weights_module.unpack_tq2_0
+
+    def counting(raw, m, k):
+        calls.append((m, k))
+        return real(raw, m, k)
+    monkeypatch.setattr(weights_module, "unpack_tq2_0", counting)
+    return calls
+
+
+def test_tq2_0_bytes_and_block_scales_come_from_the_cache(tq2_model, tmp_path, monkeypatch):
+    unpacks = count_tq_unpacks(monkeypatch)
+    first = Model.load(str(tq2_model))
+    assert len(unpacks) == 14 and len(cache_files(tmp_path)) == 1
+    unpacks.clear()
+    second = Model.load(str(tq2_model))
+    assert unpacks == []  # bytes and block scales both mapped from the cache file
+    w1, w2 = first.weights.layers[1].w_down, second.weights.layers[1].w_down
+    assert isinstance(memory_owner(w2.packed), mmap.mmap) and isinstance(memory_owner(w2.block_scales), mmap.mmap)
+    assert w2.block_scales.dtype == np.float32 and w2.block_scales.shape == w1.block_scales.shape
+    for w in (w1, w2):  # one array type for both loads: one set of compiled kernels
+        assert not w.packed.flags.writeable and not w.block_scales.flags.writeable
+    monkeypatch.setenv("BITNET_PY_REPACK_CACHE", "0")
+    fresh = Model.load(str(tq2_model))
+    for a, b in zip(second.weights.layers, fresh.weights.layers):
+        for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"):
+            assert bytes(getattr(a, name).packed) == bytes(getattr(b, name).packed)
+            np.testing.assert_array_equal(getattr(a, name).block_scales, getattr(b, name).block_scales)
+    np.testing.assert_array_equal(logits(second), logits(fresh))
+
+
+def test_tq2_0_cache_without_block_scales_is_a_miss(tq2_model, tmp_path, monkeypatch):
+    Model.load(str(tq2_model))
+    [path] = cache_files(tmp_path)
+    data = bytearray(path.read_bytes())
+    header = json.loads(bytes(data[len(MAGIC):HEADER_BYTES]).rstrip(b"\0"))
+    del header["tensors"]["blk.0.attn_q.weight#block_scales"]
+    data[len(MAGIC):HEADER_BYTES] = json.dumps(header).encode().ljust(HEADER_BYTES - len(MAGIC), b"\0")
+    path.write_bytes(bytes(data))
+    unpacks = count_tq_unpacks(monkeypatch)
+    model = Model.load(str(tq2_model))
+    assert unpacks == [(256, 256)]  # that tensor decoded again; the others mapped
+    assert memory_owner(model.weights.layers[0].wq.packed) is None
+    assert isinstance(memory_owner(model.weights.layers[0].wk.packed), mmap.mmap)

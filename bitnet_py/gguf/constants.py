@@ -80,6 +80,7 @@ DEQUANT_TYPES = frozenset({
 
 # I2_S: 4 two-bit codes per byte in blocks of 128 values; per-tensor f32 scale in a 32-byte tail.
 I2S_BLOCK = 128
+TQ_BLOCK = 256  # values per TQ1_0 / TQ2_0 block (one f16 scale each)
 I2S_TAIL_BYTES = 32
 # TL2: three-weight groups in blocks of BK columns, two-weight groups for the rest; 32-byte scale tail.
 TL2_TAIL_BYTES = 32
