@@ -25,7 +25,7 @@ from kernels.kv_store import rope_store_f16
 from kernels.norms import rms_norm, rms_norm_parallel
 from kernels.quantize import quantize_rows_i8, quantize_rows_i8_parallel
 from kernels.rope import rope_apply, rope_tables
-from kernels.q8k import quantize_q8k, quantize_q8k_parallel, tq_matmul_q8k
+from kernels.q8k import quantize_q8k, quantize_q8k_parallel, tq_matmul_q8k, tq_matmul_q8k_multi
 
 from kernels import config as kernel_config
 from kernels.select import ternary_kernels
@@ -71,18 +71,33 @@ def quantize_activation(x: np.ndarray, floor: float) -> QuantizedActivation:
     return qa
 
 
-def linear(w: TernaryWeight | DenseWeight, x: np.ndarray, qa: QuantizedActivation | None = None,
+@dataclass
+class Q8KActivation:
+    q: np.ndarray  # i8[T, K]
+    d: np.ndarray  # f32[T, K/256]
+
+
+def quantize_activation_q8k(x: np.ndarray) -> Q8KActivation:
+    """TQ1_0 / TQ2_0 weights: upstream ggml's activation quantization, one scale per 256 inputs (Q8_K)."""
+    T, K = x.shape
+    qa = Q8KActivation(np.empty((T, K), np.int8), np.empty((T, K // 256), np.float32))
+    (quantize_q8k_parallel if T >= PARALLEL_ROWS else quantize_q8k)(np.ascontiguousarray(x, dtype=np.float32),
+                                                                   qa.q, qa.d)
+    return qa
+
+
+def linear(w: TernaryWeight | DenseWeight, x: np.ndarray, qa: QuantizedActivation | Q8KActivation | None = None,
            round_f16: bool = True) -> np.ndarray:
-    """x: f32[T, K] -> f32[T, M]. `qa` reuses an int8 quantization of x made with the same floor.
-    With f16 weights, x is rounded to f16 first (ggml) unless round_f16 is False (float32 frameworks)."""
+    """x: f32[T, K] -> f32[T, M]. `qa` reuses a quantization of x (int8 per token with the same floor, or Q8_K
+    for block-scaled weights). With f16 weights, x is rounded to f16 first (ggml) unless round_f16 is False
+    (float32 frameworks)."""
     T = x.shape[0]
     out = np.empty((T, w.m), dtype=np.float32)
     if isinstance(w, TernaryWeight) and w.block_scales is not None:
         # TQ1_0 / TQ2_0: upstream ggml's arithmetic, activations quantized per 256 inputs (Q8_K)
-        xc = np.ascontiguousarray(x, dtype=np.float32)
-        q, d = np.empty((T, w.k), np.int8), np.empty((T, w.k // 256), np.float32)
-        (quantize_q8k_parallel if T >= PARALLEL_ROWS else quantize_q8k)(xc, q, d)
-        tq_matmul_q8k(w.packed, q, d, w.block_scales, out)
+        if not isinstance(qa, Q8KActivation):
+            qa = quantize_activation_q8k(x)
+        tq_matmul_q8k(w.packed, qa.q, qa.d, w.block_scales, out)
     elif isinstance(w, TernaryWeight):
         if qa is None:
             qa = quantize_activation(x, w.act_floor)
@@ -104,17 +119,28 @@ _NO_WEIGHT = np.zeros(0, np.uint8)
 
 
 def fusable(ws: list) -> bool:
-    """Whether these weights (same input) can run as one fused ternary matmul."""
-    return (kernel_config.FUSE and all(isinstance(w, TernaryWeight) and w.block_scales is None for w in ws)
-            and len({w.act_floor for w in ws}) == 1 and len({w.k for w in ws}) == 1)
+    """Whether these weights (same input) can run as one fused ternary matmul: all per-tensor-scaled with one
+    activation floor, or all block-scaled (TQ1_0 / TQ2_0)."""
+    if not (kernel_config.FUSE and all(isinstance(w, TernaryWeight) for w in ws) and len({w.k for w in ws}) == 1):
+        return False
+    if all(w.block_scales is not None for w in ws):
+        return True
+    return all(w.block_scales is None for w in ws) and len({w.act_floor for w in ws}) == 1
 
 
 def fused_linear(ws: list, x: np.ndarray) -> list[np.ndarray]:
-    """Two or three I2_S-layout ternary weights on the same input x: f32[T, K]: one int8 quantization, one
-    parallel region -> [f32[T, M_i]]. Same results as separate `linear` calls."""
+    """Two or three ternary weights on the same input x: f32[T, K]: one activation quantization, one parallel
+    region -> [f32[T, M_i]]. Same results as separate `linear` calls."""
     T = x.shape[0]
-    qa = quantize_activation(x, ws[0].act_floor)
     outs = [np.empty((T, w.m), dtype=np.float32) for w in ws]
+    if ws[0].block_scales is not None:
+        qk = quantize_activation_q8k(x)
+        p2, s2, o2 = ((ws[2].packed, ws[2].block_scales, outs[2]) if len(ws) == 3 else
+                      (_NO_WEIGHT, np.zeros((0, ws[0].k // 256), np.float32), np.empty((T, 0), np.float32)))
+        tq_matmul_q8k_multi(ws[0].packed, ws[1].packed, p2, qk.q, qk.d, ws[0].block_scales, ws[1].block_scales, s2,
+                            outs[0], outs[1], o2)
+        return outs
+    qa = quantize_activation(x, ws[0].act_floor)
     w2, o2 = (ws[2].packed, outs[2]) if len(ws) == 3 else (_NO_WEIGHT, np.empty((T, 0), np.float32))
     s2 = ws[2].scale if len(ws) == 3 else np.float32(0.0)
     ternary_kernels(ws[0].m, ws[0].k).matmul_multi(ws[0].packed, ws[1].packed, w2, qa.q, qa.scales, qa.sums,
@@ -122,9 +148,11 @@ def fused_linear(ws: list, x: np.ndarray) -> list[np.ndarray]:
     return outs
 
 
-def shared_quantization(ws: list, x: np.ndarray) -> QuantizedActivation | None:
-    """One int8 quantization of x for several ternary weights that read the same input."""
-    floors = {w.act_floor for w in ws if isinstance(w, TernaryWeight)}
+def shared_quantization(ws: list, x: np.ndarray) -> QuantizedActivation | Q8KActivation | None:
+    """One quantization of x for several ternary weights that read the same input."""
+    if all(isinstance(w, TernaryWeight) and w.block_scales is not None for w in ws):
+        return quantize_activation_q8k(x)
+    floors = {w.act_floor for w in ws if isinstance(w, TernaryWeight) and w.block_scales is None}
     return quantize_activation(x, floors.pop()) if len(floors) == 1 else None
 
 

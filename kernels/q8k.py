@@ -8,7 +8,8 @@ with sumi_b = sum_j (code_mj - 1) * q_j exact.
 
 Weights arrive repacked to I2_S's byte layout (bitnet_py.weights), so `tq_matmul_q8k` takes each 256-block's
 integer dot from the I2_S intrinsics of kernels.simd / kernels.simd_vnni (4 tokens per weight unpack) on AVX2
-hosts; `tq_matmul_q8k_plain` is the plain loop, with identical results.
+hosts; `tq_matmul_q8k_multi` runs two or three weights on the same activations (q/k/v, gate/up) in one
+parallel region; `tq_matmul_q8k_plain` is the plain loop, with identical results.
 """
 import numpy as np
 from numba import njit, prange
@@ -136,15 +137,61 @@ if HAVE_AVX2:
                 out[t, m] = a0
             t += 1
 
-    @njit(**JIT_PARALLEL)
-    def tq_matmul_q8k(packed, q, d_x, block_scales, out):
-        """Same contract and results as tq_matmul_q8k_plain, SIMD dots, rows in tasks of ROWS_PER_TASK."""
-        T, K = q.shape
-        M = out.shape[1]
-        qsums = np.empty((T, K // QK_K), np.int32)
-        _block_sums(q, qsums)
-        for task in prange((M + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-            lo = task * ROWS_PER_TASK
-            _tq_rows(packed, q, qsums, d_x, block_scales, out, lo, min(M, lo + ROWS_PER_TASK))
 else:
-    tq_matmul_q8k = tq_matmul_q8k_plain
+    @njit(**JIT)
+    def _tq_rows(packed, q, qsums, d_x, block_scales, out, m_lo, m_hi):
+        """Rows [m_lo, m_hi) of out, plain loops (hosts without AVX2)."""
+        T, K = q.shape
+        row_bytes = K // 4
+        for m in range(m_lo, m_hi):
+            for t in range(T):
+                acc = np.float32(0.0)
+                for b2 in range(K // QK_K):
+                    sumi = 0
+                    for half in range(2):
+                        o = m * row_bytes + (2 * b2 + half) * 32
+                        k0 = (2 * b2 + half) * 128
+                        for p in range(32):
+                            byte = np.int32(packed[o + p])
+                            sumi += (((byte >> 6) & 3) * np.int32(q[t, k0 + p])
+                                     + ((byte >> 4) & 3) * np.int32(q[t, k0 + 32 + p])
+                                     + ((byte >> 2) & 3) * np.int32(q[t, k0 + 64 + p])
+                                     + (byte & 3) * np.int32(q[t, k0 + 96 + p]))
+                    acc += np.float32(sumi - qsums[t, b2]) * np.float32(d_x[t, b2] * block_scales[m, b2])
+                out[t, m] = acc
+
+
+@njit(**JIT_PARALLEL)
+def tq_matmul_q8k(packed, q, d_x, block_scales, out):
+    """Same contract and results as tq_matmul_q8k_plain: SIMD dots where the host has AVX2, rows in tasks of
+    ROWS_PER_TASK."""
+    T, K = q.shape
+    M = out.shape[1]
+    qsums = np.empty((T, K // QK_K), np.int32)
+    _block_sums(q, qsums)
+    for task in prange((M + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        lo = task * ROWS_PER_TASK
+        _tq_rows(packed, q, qsums, d_x, block_scales, out, lo, min(M, lo + ROWS_PER_TASK))
+
+
+@njit(**JIT_PARALLEL)
+def tq_matmul_q8k_multi(p0, p1, p2, q, d_x, s0, s1, s2, o0, o1, o2):
+    """Up to three block-scaled weights on the same Q8_K activations (q/k/v, gate/up) in one parallel region:
+    o_i = W_i q as tq_matmul_q8k computes it (p2/s2/o2 may be empty: u8[0], f32[0, K/256], f32[T, 0])."""
+    T, K = q.shape
+    M0, M1, M2 = o0.shape[1], o1.shape[1], o2.shape[1]
+    n0 = (M0 + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    n1 = (M1 + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    n2 = (M2 + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    qsums = np.empty((T, K // QK_K), np.int32)
+    _block_sums(q, qsums)
+    for task in prange(n0 + n1 + n2):
+        if task < n0:
+            lo = task * ROWS_PER_TASK
+            _tq_rows(p0, q, qsums, d_x, s0, o0, lo, min(M0, lo + ROWS_PER_TASK))
+        elif task < n0 + n1:
+            lo = (task - n0) * ROWS_PER_TASK
+            _tq_rows(p1, q, qsums, d_x, s1, o1, lo, min(M1, lo + ROWS_PER_TASK))
+        else:
+            lo = (task - n0 - n1) * ROWS_PER_TASK
+            _tq_rows(p2, q, qsums, d_x, s2, o2, lo, min(M2, lo + ROWS_PER_TASK))

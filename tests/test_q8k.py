@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from bitnet_py.gguf.ternary_pack import pack_i2s_codes
-from kernels.q8k import quantize_q8k, quantize_q8k_parallel, tq_matmul_q8k, tq_matmul_q8k_plain
+from kernels.q8k import quantize_q8k, quantize_q8k_parallel, tq_matmul_q8k, tq_matmul_q8k_multi, tq_matmul_q8k_plain
 from kernels.simd import HAVE_AVX2
 from parity.q8k_reference import quantize_q8_k
 
@@ -44,3 +44,53 @@ def test_tq_matmul_q8k_matches_reference(T, M, K, kernel):
         sumi = q[:, cols].astype(np.int64) @ w[:, cols].astype(np.int64).T
         ref = (ref + sumi.astype(np.float32) * (d[:, b][:, None] * bs[:, b][None, :]).astype(np.float32))
     assert np.array_equal(out, ref.astype(np.float32))
+
+
+@pytest.mark.parametrize("T,Ms,K", [(1, (40, 8, 8), 512), (6, (33, 70), 768), (9, (5, 3, 64), 256)])
+def test_tq_matmul_q8k_multi_equals_separate_calls(T, Ms, K):
+    """Two or three block-scaled weights in one parallel region: each output bit-identical to its own call."""
+    ws = [RNG.integers(-1, 2, size=(M, K)).astype(np.int8) for M in Ms]
+    scales = [(RNG.random((M, K // 256)) * 0.1 + 0.01).astype(np.float32) for M in Ms]
+    q, d = np.empty((T, K), np.int8), np.empty((T, K // 256), np.float32)
+    quantize_q8k(RNG.standard_normal((T, K)).astype(np.float32), q, d)
+    packed = [pack_i2s_codes(w).reshape(-1) for w in ws]
+    outs = [np.empty((T, M), np.float32) for M in Ms]
+    if len(Ms) == 2:
+        args = (*packed, np.zeros(0, np.uint8), q, d, *scales, np.zeros((0, K // 256), np.float32), *outs,
+                np.empty((T, 0), np.float32))
+    else:
+        args = (*packed, q, d, *scales, *outs)
+    tq_matmul_q8k_multi(*args)
+    for p, s, o in zip(packed, scales, outs):
+        alone = np.empty_like(o)
+        tq_matmul_q8k_plain(p, q, d, s, alone)
+        assert np.array_equal(o, alone)
+
+
+def test_tq2_0_model_fused_and_unfused_logits_identical(tmp_path, monkeypatch):
+    """The forward runs q/k/v and gate/up of TQ2_0 weights as one quantization and one parallel region each:
+    logits (a 9-token prefill, then a one-token step) bit-identical to separate matmuls."""
+    from bitnet_py.convert import convert
+    from bitnet_py.model import Batch, Model
+    from conftest import fixture_path
+    from kernels import config as kernel_config
+    path = tmp_path / "tq2_0.gguf"
+    convert(str(fixture_path("tiny-bitnet", "hf")), "tq2_0", str(path), progress=False)
+
+    def run(model):
+        kv = model.new_kv_cache(1, 16)
+        out = []
+        for start, n in ((0, 9), (9, 1)):
+            pos = np.arange(start, start + n, dtype=np.int32)
+            out.append(model.forward(Batch(tokens=pos + 5, positions=pos, seq_index=np.zeros(n, np.int32),
+                                           block_tables=np.zeros((1, 1), np.int32),
+                                           logit_rows=np.arange(n, dtype=np.int32)), kv))
+        return out
+
+    fused = Model.load(str(path))
+    assert all(fused._fuse_qkv) and all(fused._fuse_ffn)
+    monkeypatch.setattr(kernel_config, "FUSE", False)
+    separate = Model.load(str(path))
+    assert not any(separate._fuse_qkv)
+    for a, b in zip(run(fused), run(separate)):
+        np.testing.assert_array_equal(a, b)
