@@ -9,7 +9,7 @@ I2_S (36) nor bitnet.cpp's TL2 (39 is another type upstream); those are covered 
 TQ2_0: both engines quantize a ternary matmul's input per 256 values (Q8_K; kernels/q8k.py), so one token per
 call the logits agree to float rounding at most positions (checked for the engine and for q8k_reference.py, the
 numpy statement of upstream's arithmetic). In a batch, upstream's multi-token attention rounds differently from
-bitnet.cpp's (which we follow), and int8 re-quantization amplifies that on ternary files (wider tolerance below).
+bitnet.cpp's (which we follow), and int8 re-quantization amplifies that on ternary files (tolerance below).
 
 Without llama_cpp installed these tests skip, unless BITNET_PARITY_REQUIRE_PEER=1 (CI), where that is a failure.
 """
@@ -42,10 +42,10 @@ FREE_RUN_PROMPTS = (7,)  # prompts also compared token by token in free-running 
 SEQUENTIAL_PROMPTS = (0, 4, 7)  # prompts of the one-token-per-call TQ2_0 arithmetic checks
 
 # Batched TQ2_0 logits vs upstream: attention rounded as bitnet.cpp does vs upstream's multi-token rounding,
-# amplified by int8 re-quantization: 0.12-0.21 (median of per-position max), up to 0.35 (docs/parity.md). This
-# wider tolerance has argmax compared only where the margin exceeds twice the tolerance (which no two logit sets
-# within the tolerance can swap).
-UPSTREAM_TQ_TOL = Tolerance(logits=0.75, probs=0.375, near_tie=1.5)
+# amplified by int8 re-quantization: 0.12-0.21 (median of per-position max), up to 0.35 (docs/parity.md): the
+# usual ternary tolerance, with argmax compared only where the margin exceeds twice the tolerance (which no two
+# logit sets within the tolerance can swap; a few positions differ at margins between 0.1 and 1.0).
+UPSTREAM_TQ_TOL = Tolerance(logits=0.5, probs=0.25, near_tie=1.0)
 
 
 def upstream_tolerance(model) -> Tolerance:
