@@ -10,12 +10,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.tl2_repack import pack_i2s, tl2_to_i2s_packed
+from kernels.tl2_repack import pack_i2s, tl2_to_i2s_packed, tq2_0_to_i2s_packed
 
 from .config import ModelConfig
 from .gguf.constants import DEQUANT_TYPES, I2S_BLOCK, TL2_ROWPERM, TQ_BLOCK, GGMLType
 from .gguf.reader import GGUFError, GGUFFile, TensorInfo
-from .gguf.ternary_unpack import i2s_scale, tl2_region, unpack_tq1_0, unpack_tq2_0
+from .gguf.ternary_unpack import i2s_scale, tl2_region, unpack_tq1_0
 from .gguf.tl2_tiling import TL2Tile
 from .repack_cache import TQ_SCALES_SUFFIX, RepackCache, cache_enabled
 
@@ -137,10 +137,14 @@ def load_linear(f: GGUFFile, name: str, m: int, k: int, tiling: dict[tuple[int, 
         if cached_scales is not None:
             return TernaryWeight(m, k, cached, np.float32(1.0), cached_scales.view(np.float32).reshape(m, -1), 0.0,
                                  info.type_name)
-        unpack = unpack_tq2_0 if t == GGMLType.TQ2_0 else unpack_tq1_0
-        w, block_scales = unpack(raw, m, k)
         packed = np.empty(m * k // 4, np.uint8)
-        pack_i2s(np.ascontiguousarray(w), packed)
+        if t == GGMLType.TQ2_0:  # byte by byte through a table, no int8 copy of the matrix
+            scale_bits = np.empty(n_scales, np.uint16)
+            tq2_0_to_i2s_packed(raw, n_scales, packed, scale_bits)
+            block_scales = scale_bits.view(np.float16).astype(np.float32).reshape(m, k // TQ_BLOCK)
+        else:
+            w, block_scales = unpack_tq1_0(raw, m, k)
+            pack_i2s(np.ascontiguousarray(w), packed)
         _release_pages(f, raw)  # only the repacked copy is used from here on
         block_scales = np.ascontiguousarray(block_scales, dtype=np.float32)
         if repacked is not None:

@@ -1,4 +1,5 @@
-"""TL2 bytes (and decoded ternary matrices) -> I2_S-packed bytes at load time (the kernels only read I2_S).
+"""TL2 and TQ2_0 bytes (and decoded ternary matrices) -> I2_S-packed bytes at load time (the kernels only read
+I2_S).
 
 Same decoding as `bitnet_py.gguf.ternary_unpack.unpack_tl2` (layout in ../shared/fixtures/README.md), written
 as loops: one task per 32-row group of a row tile, each row decoded into a row buffer (nibbles through 16-entry
@@ -95,3 +96,22 @@ def tl2_to_i2s_packed(raw, m, k, bm, bk, rowperm, out):
                         w_row[col] = two[v, 0]
                         w_row[col + 1] = two[v, 1]
             _pack_row(w_row, out, (mb * bm + g * 32 + rr) * (k // 4))
+
+
+TQ2_0_BLOCK_BYTES = 66  # 256 values: qs[64] (2-bit codes), then an f16 scale
+
+
+@njit(**JIT_PARALLEL)
+def tq2_0_to_i2s_packed(raw, n_blocks, out, scale_bits):
+    """raw: u8 TQ2_0 bytes (n_blocks blocks of 256 values, row-major) -> out: u8[n_blocks * 64] in I2_S layout,
+    scale_bits: u16[n_blocks] (the blocks' f16 scales). In a TQ2_0 block, value 128h + 32l + j sits in byte
+    32h + j at shift 2l with code = value + 1, as in I2_S; I2_S keeps the same four values of byte 32h + j at
+    shifts 6, 4, 2, 0: the byte's four 2-bit fields in reverse order, so each byte maps through one table."""
+    table = np.empty(256, np.uint8)
+    for v in range(256):
+        table[v] = ((v & 3) << 6) | (((v >> 2) & 3) << 4) | (((v >> 4) & 3) << 2) | ((v >> 6) & 3)
+    for blk in prange(n_blocks):
+        src = blk * TQ2_0_BLOCK_BYTES
+        for i in range(64):
+            out[blk * 64 + i] = table[raw[src + i]]
+        scale_bits[blk] = np.uint16(raw[src + 64]) | (np.uint16(raw[src + 65]) << 8)

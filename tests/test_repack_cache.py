@@ -185,13 +185,14 @@ def tq2_model(tmp_path, monkeypatch):
 
 
 def count_tq_unpacks(monkeypatch) -> list:
+    """Records the packed size (rows x cols / 4) of every TQ2_0 tensor decoded at load."""
     calls = []
-    real = weights_module.unpack_tq2_0
+    real = weights_module.tq2_0_to_i2s_packed
 
-    def counting(raw, m, k):
-        calls.append((m, k))
-        return real(raw, m, k)
-    monkeypatch.setattr(weights_module, "unpack_tq2_0", counting)
+    def counting(raw, n_blocks, out, scale_bits):
+        calls.append(out.size)
+        return real(raw, n_blocks, out, scale_bits)
+    monkeypatch.setattr(weights_module, "tq2_0_to_i2s_packed", counting)
     return calls
 
 
@@ -226,6 +227,6 @@ def test_tq2_0_cache_without_block_scales_is_a_miss(tq2_model, tmp_path, monkeyp
     path.write_bytes(bytes(data))
     unpacks = count_tq_unpacks(monkeypatch)
     model = Model.load(str(tq2_model))
-    assert unpacks == [(256, 256)]  # that tensor decoded again; the others mapped
+    assert unpacks == [256 * 256 // 4]  # that tensor (256 x 256) decoded again; the others mapped
     assert memory_owner(model.weights.layers[0].wq.packed) is None
     assert isinstance(memory_owner(model.weights.layers[0].wk.packed), mmap.mmap)

@@ -76,6 +76,27 @@ def test_tq_per_block_scales():
     assert np.array_equal(d, scales)
 
 
+
+@pytest.mark.parametrize("m,k", [(3, 256), (5, 1024)])
+def test_tq2_0_bytes_straight_to_i2s_match_the_int8_path(m, k):
+    """The load path's table conversion of TQ2_0 bytes equals decoding to int8 and packing as I2_S, scales
+    included; every byte value goes through the table once (code 3 included: it is mapped, not checked)."""
+    from kernels.tl2_repack import pack_i2s, tq2_0_to_i2s_packed
+    rng = np.random.default_rng(m * k)
+    scales = (rng.random((m, k // 256)) + 0.1).astype(np.float32)
+    raw = pack_tq2_0(_random_ternary(rng, m, k), scales)
+    blocks = raw.reshape(-1, 66)
+    blocks[0, :64] = np.arange(64, dtype=np.uint8) * 4 + 1  # more byte values, codes 0..3
+    blocks[-1, :64] = np.arange(192, 256, dtype=np.uint8)
+    w, d = unpack_tq2_0(raw, m, k)
+    expected = np.empty(m * k // 4, np.uint8)
+    pack_i2s(np.ascontiguousarray(w), expected)
+    packed, bits = np.empty(m * k // 4, np.uint8), np.empty(m * k // 256, np.uint16)
+    tq2_0_to_i2s_packed(raw, m * k // 256, packed, bits)
+    assert np.array_equal(packed, expected)
+    assert np.array_equal(bits.view(np.float16).astype(np.float32).reshape(m, -1), d)
+
+
 def test_bad_shapes_raise():
     w = np.zeros((32, 100), np.int8)
     with pytest.raises(ValueError):
