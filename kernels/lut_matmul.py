@@ -13,6 +13,7 @@ import numpy as np
 from numba import njit, prange
 
 from .config import JIT, JIT_PARALLEL
+from .tasks import n_tasks3, task3
 
 ROWS_PER_TASK = 32
 TABLE_PER_BLOCK = 32 * 2 * 16  # entries per 128-value block
@@ -73,16 +74,11 @@ def lut_matmul_multi(p0, p1, p2, q, act_scales, act_sums, s0, s1, s2, o0, o1, o2
     tables = np.empty((T, K // 128 * TABLE_PER_BLOCK), np.int16)
     build_tables(q, tables)
     M0, M1, M2 = o0.shape[1], o1.shape[1], o2.shape[1]
-    n0 = (M0 + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    n1 = (M1 + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    n2 = (M2 + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    for task in prange(n0 + n1 + n2):
-        if task < n0:
-            lo = task * ROWS_PER_TASK
-            _rows_lut(p0, tables, K, act_scales, act_sums, s0, o0, lo, min(M0, lo + ROWS_PER_TASK))
-        elif task < n0 + n1:
-            lo = (task - n0) * ROWS_PER_TASK
-            _rows_lut(p1, tables, K, act_scales, act_sums, s1, o1, lo, min(M1, lo + ROWS_PER_TASK))
+    for task in prange(n_tasks3(ROWS_PER_TASK, M0, M1, M2)):
+        w, lo, hi = task3(task, ROWS_PER_TASK, M0, M1, M2)
+        if w == 0:
+            _rows_lut(p0, tables, K, act_scales, act_sums, s0, o0, lo, hi)
+        elif w == 1:
+            _rows_lut(p1, tables, K, act_scales, act_sums, s1, o1, lo, hi)
         else:
-            lo = (task - n0 - n1) * ROWS_PER_TASK
-            _rows_lut(p2, tables, K, act_scales, act_sums, s2, o2, lo, min(M2, lo + ROWS_PER_TASK))
+            _rows_lut(p2, tables, K, act_scales, act_sums, s2, o2, lo, hi)

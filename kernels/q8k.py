@@ -15,6 +15,7 @@ import numpy as np
 from numba import njit, prange
 
 from .config import JIT, JIT_PARALLEL
+from .tasks import n_tasks3, task3
 from .simd import HAVE_AVX2, HAVE_VNNI
 
 QK_K = 256
@@ -180,18 +181,13 @@ def tq_matmul_q8k_multi(p0, p1, p2, q, d_x, s0, s1, s2, o0, o1, o2):
     o_i = W_i q as tq_matmul_q8k computes it (p2/s2/o2 may be empty: u8[0], f32[0, K/256], f32[T, 0])."""
     T, K = q.shape
     M0, M1, M2 = o0.shape[1], o1.shape[1], o2.shape[1]
-    n0 = (M0 + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    n1 = (M1 + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    n2 = (M2 + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     qsums = np.empty((T, K // QK_K), np.int32)
     _block_sums(q, qsums)
-    for task in prange(n0 + n1 + n2):
-        if task < n0:
-            lo = task * ROWS_PER_TASK
-            _tq_rows(p0, q, qsums, d_x, s0, o0, lo, min(M0, lo + ROWS_PER_TASK))
-        elif task < n0 + n1:
-            lo = (task - n0) * ROWS_PER_TASK
-            _tq_rows(p1, q, qsums, d_x, s1, o1, lo, min(M1, lo + ROWS_PER_TASK))
+    for task in prange(n_tasks3(ROWS_PER_TASK, M0, M1, M2)):
+        w, lo, hi = task3(task, ROWS_PER_TASK, M0, M1, M2)
+        if w == 0:
+            _tq_rows(p0, q, qsums, d_x, s0, o0, lo, hi)
+        elif w == 1:
+            _tq_rows(p1, q, qsums, d_x, s1, o1, lo, hi)
         else:
-            lo = (task - n0 - n1) * ROWS_PER_TASK
-            _tq_rows(p2, q, qsums, d_x, s2, o2, lo, min(M2, lo + ROWS_PER_TASK))
+            _tq_rows(p2, q, qsums, d_x, s2, o2, lo, hi)

@@ -18,6 +18,7 @@ import numpy as np
 from numba import njit, prange
 
 from .config import JIT, JIT_PARALLEL
+from .tasks import n_tasks3, task3
 from .simd import HAVE_AVX2, HAVE_VNNI
 
 ROWS_PER_TASK = 32
@@ -99,19 +100,14 @@ def i2s_matmul_multi(p0, p1, p2, q, act_scales, act_sums, s0, s1, s2, o0, o1, o2
     """Up to three weights on the same activations in one parallel region: o_i = W_i q (p2/o2 may be
     empty: u8[0], f32[T, 0]). SIMD when the host has AVX2, else plain loops."""
     M0, M1, M2 = o0.shape[1], o1.shape[1], o2.shape[1]
-    n0 = (M0 + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    n1 = (M1 + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    n2 = (M2 + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    for task in prange(n0 + n1 + n2):
-        if task < n0:
-            lo = task * ROWS_PER_TASK
-            _rows(p0, q, act_scales, act_sums, s0, o0, lo, min(M0, lo + ROWS_PER_TASK))
-        elif task < n0 + n1:
-            lo = (task - n0) * ROWS_PER_TASK
-            _rows(p1, q, act_scales, act_sums, s1, o1, lo, min(M1, lo + ROWS_PER_TASK))
+    for task in prange(n_tasks3(ROWS_PER_TASK, M0, M1, M2)):
+        w, lo, hi = task3(task, ROWS_PER_TASK, M0, M1, M2)
+        if w == 0:
+            _rows(p0, q, act_scales, act_sums, s0, o0, lo, hi)
+        elif w == 1:
+            _rows(p1, q, act_scales, act_sums, s1, o1, lo, hi)
         else:
-            lo = (task - n0 - n1) * ROWS_PER_TASK
-            _rows(p2, q, act_scales, act_sums, s2, o2, lo, min(M2, lo + ROWS_PER_TASK))
+            _rows(p2, q, act_scales, act_sums, s2, o2, lo, hi)
 
 
 @njit(**JIT_PARALLEL)
@@ -130,16 +126,11 @@ def i2s_matmul_multi_plain(p0, p1, p2, q, act_scales, act_sums, s0, s1, s2, o0, 
     """Up to three weights on the same activations in one parallel region: o_i = W_i q (p2/o2 may be
     empty: u8[0], f32[T, 0]). Plain loops (any host; reference for tests)."""
     M0, M1, M2 = o0.shape[1], o1.shape[1], o2.shape[1]
-    n0 = (M0 + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    n1 = (M1 + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    n2 = (M2 + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    for task in prange(n0 + n1 + n2):
-        if task < n0:
-            lo = task * ROWS_PER_TASK
-            _rows_plain(p0, q, act_scales, act_sums, s0, o0, lo, min(M0, lo + ROWS_PER_TASK))
-        elif task < n0 + n1:
-            lo = (task - n0) * ROWS_PER_TASK
-            _rows_plain(p1, q, act_scales, act_sums, s1, o1, lo, min(M1, lo + ROWS_PER_TASK))
+    for task in prange(n_tasks3(ROWS_PER_TASK, M0, M1, M2)):
+        w, lo, hi = task3(task, ROWS_PER_TASK, M0, M1, M2)
+        if w == 0:
+            _rows_plain(p0, q, act_scales, act_sums, s0, o0, lo, hi)
+        elif w == 1:
+            _rows_plain(p1, q, act_scales, act_sums, s1, o1, lo, hi)
         else:
-            lo = (task - n0 - n1) * ROWS_PER_TASK
-            _rows_plain(p2, q, act_scales, act_sums, s2, o2, lo, min(M2, lo + ROWS_PER_TASK))
+            _rows_plain(p2, q, act_scales, act_sums, s2, o2, lo, hi)
