@@ -31,7 +31,7 @@ from kernels import config as kernel_config
 from kernels.select import ternary_kernels
 
 from .config import ModelConfig
-from .gguf.constants import GGMLType
+from .gguf.constants import TQ_BLOCK, GGMLType
 from .gguf.reader import GGUFFile
 from .gguf.tl2_tiling import resolve_tiling
 from .kv_cache import CACHE_DTYPES, KVCache
@@ -74,13 +74,13 @@ def quantize_activation(x: np.ndarray, floor: float) -> QuantizedActivation:
 @dataclass
 class Q8KActivation:
     q: np.ndarray  # i8[T, K]
-    d: np.ndarray  # f32[T, K/256]
+    d: np.ndarray  # f32[T, K/TQ_BLOCK]
 
 
 def quantize_activation_q8k(x: np.ndarray) -> Q8KActivation:
     """TQ1_0 / TQ2_0 weights: upstream ggml's activation quantization, one scale per 256 inputs (Q8_K)."""
     T, K = x.shape
-    qa = Q8KActivation(np.empty((T, K), np.int8), np.empty((T, K // 256), np.float32))
+    qa = Q8KActivation(np.empty((T, K), np.int8), np.empty((T, K // TQ_BLOCK), np.float32))
     (quantize_q8k_parallel if T >= PARALLEL_ROWS else quantize_q8k)(np.ascontiguousarray(x, dtype=np.float32),
                                                                    qa.q, qa.d)
     return qa
@@ -136,7 +136,7 @@ def fused_linear(ws: list, x: np.ndarray) -> list[np.ndarray]:
     if ws[0].block_scales is not None:
         qk = quantize_activation_q8k(x)
         p2, s2, o2 = ((ws[2].packed, ws[2].block_scales, outs[2]) if len(ws) == 3 else
-                      (_NO_WEIGHT, np.zeros((0, ws[0].k // 256), np.float32), np.empty((T, 0), np.float32)))
+                      (_NO_WEIGHT, np.zeros((0, ws[0].k // TQ_BLOCK), np.float32), np.empty((T, 0), np.float32)))
         tq_matmul_q8k_multi(ws[0].packed, ws[1].packed, p2, qk.q, qk.d, ws[0].block_scales, ws[1].block_scales, s2,
                             outs[0], outs[1], o2)
         return outs
