@@ -61,32 +61,6 @@ def quantize_q8k_parallel(x, q, d):
         _quantize_q8k_row(x, q, d, t)
 
 
-@njit(**JIT_PARALLEL)
-def tq_matmul_q8k_plain(packed, q, d_x, block_scales, out):
-    """packed: u8[M*K/4] (I2_S layout); q: i8[T, K]; d_x: f32[T, K/256]; block_scales: f32[M, K/256]
-    -> out: f32[T, M]. Plain loops (any host; the reference of the SIMD kernel in the tests)."""
-    T, K = q.shape
-    M = out.shape[1]
-    row_bytes = K // 4
-    for m in prange(M):
-        base = m * row_bytes
-        for t in range(T):
-            acc = np.float32(0.0)
-            for b2 in range(K // QK_K):
-                sumi = 0
-                for half in range(2):
-                    o = base + (2 * b2 + half) * 32
-                    k0 = (2 * b2 + half) * 128
-                    for p in range(32):
-                        byte = np.int32(packed[o + p])
-                        sumi += ((((byte >> 6) & 3) - 1) * np.int32(q[t, k0 + p])
-                                 + (((byte >> 4) & 3) - 1) * np.int32(q[t, k0 + 32 + p])
-                                 + (((byte >> 2) & 3) - 1) * np.int32(q[t, k0 + 64 + p])
-                                 + ((byte & 3) - 1) * np.int32(q[t, k0 + 96 + p]))
-                acc += np.float32(sumi) * np.float32(d_x[t, b2] * block_scales[m, b2])
-            out[t, m] = acc
-
-
 ROWS_PER_TASK = 32
 
 
@@ -100,6 +74,43 @@ def _block_sums(q, qsums):
             for j in range(QK_K):
                 s += np.int32(q[t, b * QK_K + j])
             qsums[t, b] = s
+
+
+@njit(**JIT)
+def _tq_rows_plain(packed, q, qsums, d_x, block_scales, out, m_lo, m_hi):
+    """Rows [m_lo, m_hi) of out, plain loops: sum(code * q) - sum(q) per 256-block, the blocks' float terms
+    added in block order (the reference of the SIMD rows; the rows on hosts without AVX2)."""
+    T, K = q.shape
+    row_bytes = K // 4
+    for m in range(m_lo, m_hi):
+        for t in range(T):
+            acc = np.float32(0.0)
+            for b2 in range(K // QK_K):
+                sumi = 0
+                for half in range(2):
+                    o = m * row_bytes + (2 * b2 + half) * 32
+                    k0 = (2 * b2 + half) * 128
+                    for p in range(32):
+                        byte = np.int32(packed[o + p])
+                        sumi += (((byte >> 6) & 3) * np.int32(q[t, k0 + p])
+                                 + ((byte >> 4) & 3) * np.int32(q[t, k0 + 32 + p])
+                                 + ((byte >> 2) & 3) * np.int32(q[t, k0 + 64 + p])
+                                 + (byte & 3) * np.int32(q[t, k0 + 96 + p]))
+                acc += np.float32(sumi - qsums[t, b2]) * np.float32(d_x[t, b2] * block_scales[m, b2])
+            out[t, m] = acc
+
+
+@njit(**JIT_PARALLEL)
+def tq_matmul_q8k_plain(packed, q, d_x, block_scales, out):
+    """packed: u8[M*K/4] (I2_S layout); q: i8[T, K]; d_x: f32[T, K/256]; block_scales: f32[M, K/256]
+    -> out: f32[T, M]. Plain loops (any host; the reference of the SIMD kernel in the tests)."""
+    T, K = q.shape
+    M = out.shape[1]
+    qsums = np.empty((T, K // QK_K), np.int32)
+    _block_sums(q, qsums)
+    for task in prange((M + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        lo = task * ROWS_PER_TASK
+        _tq_rows_plain(packed, q, qsums, d_x, block_scales, out, lo, min(M, lo + ROWS_PER_TASK))
 
 
 if HAVE_AVX2:
@@ -137,29 +148,8 @@ if HAVE_AVX2:
                     a0 += np.float32(d0 - qsums[t, b]) * np.float32(d_x[t, b] * block_scales[m, b])
                 out[t, m] = a0
             t += 1
-
 else:
-    @njit(**JIT)
-    def _tq_rows(packed, q, qsums, d_x, block_scales, out, m_lo, m_hi):
-        """Rows [m_lo, m_hi) of out, plain loops (hosts without AVX2)."""
-        T, K = q.shape
-        row_bytes = K // 4
-        for m in range(m_lo, m_hi):
-            for t in range(T):
-                acc = np.float32(0.0)
-                for b2 in range(K // QK_K):
-                    sumi = 0
-                    for half in range(2):
-                        o = m * row_bytes + (2 * b2 + half) * 32
-                        k0 = (2 * b2 + half) * 128
-                        for p in range(32):
-                            byte = np.int32(packed[o + p])
-                            sumi += (((byte >> 6) & 3) * np.int32(q[t, k0 + p])
-                                     + ((byte >> 4) & 3) * np.int32(q[t, k0 + 32 + p])
-                                     + ((byte >> 2) & 3) * np.int32(q[t, k0 + 64 + p])
-                                     + (byte & 3) * np.int32(q[t, k0 + 96 + p]))
-                    acc += np.float32(sumi - qsums[t, b2]) * np.float32(d_x[t, b2] * block_scales[m, b2])
-                out[t, m] = acc
+    _tq_rows = _tq_rows_plain
 
 
 @njit(**JIT_PARALLEL)
