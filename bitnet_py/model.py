@@ -28,6 +28,7 @@ from kernels.rope import rope_apply, rope_tables
 from kernels.q8k import quantize_q8k, quantize_q8k_parallel, tq_matmul_q8k, tq_matmul_q8k_multi
 
 from kernels import config as kernel_config
+from kernels import layer_steps
 from kernels.select import ternary_kernels
 
 from .config import ModelConfig
@@ -175,6 +176,30 @@ class Model:
         self._act_parallel = relu2_mul_parallel if relu2 else silu_mul_parallel
         self._fuse_qkv = [fusable([L.wq, L.wk, L.wv]) for L in weights.layers]
         self._fuse_ffn = [fusable([L.w_gate, L.w_up]) for L in weights.layers]
+        self._steps = self._plan_layer_steps()
+
+    def _plan_layer_steps(self) -> list[tuple[tuple, tuple]] | None:
+        """Per layer, the weight arguments of kernels.layer_steps' two calls; None where a layer needs the general
+        path (float weights, TQ block scales, mixed activation floors, a non-default ternary kernel)."""
+        if not (layer_steps.HAVE_LAYER_STEPS and kernel_config.FUSE and kernel_config.LAYER_STEPS):
+            return None
+        c, none = self.config, np.zeros(0, np.float32)
+        relu2 = c.traits.ffn_act == "relu2"
+        steps = []
+        for L in self.weights.layers:
+            ws = [L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down]
+            if not (all(isinstance(w, TernaryWeight) and w.block_scales is None
+                        and ternary_kernels(w.m, w.k).name == "simd" for w in ws)
+                    and len({w.act_floor for w in ws}) == 1):
+                return None
+            floor = L.wq.act_floor
+            pre = (L.attn_norm, c.rms_eps, L.wq.packed, L.wk.packed, L.wv.packed, L.wq.scale, L.wk.scale,
+                   L.wv.scale, floor)
+            post = (none if L.attn_sub_norm is None else L.attn_sub_norm, L.wo.packed, L.wo.scale, L.ffn_norm,
+                    L.w_gate.packed, L.w_up.packed, L.w_down.packed, L.w_gate.scale, L.w_up.scale, L.w_down.scale,
+                    none if L.ffn_sub_norm is None else L.ffn_sub_norm, floor, c.rms_eps, relu2)
+            steps.append((pre, post))
+        return steps
 
     @classmethod
     def load(cls, path: str, tl2_config: str | None = None, cache_type: str = "f16",
@@ -238,7 +263,18 @@ class Model:
         x = embedding_rows(self.gguf, W.token_embd, tokens)  # f32[T, E]
         x = np.array(x, dtype=np.float32, order="C")
         h = np.empty_like(x)
+        steps = None if f32 else self._steps
         for il, L in enumerate(W.layers):
+            if steps is not None:  # two compiled calls around attention, same kernels as below
+                pre, post = steps[il]
+                q = np.empty((T, c.n_head, c.head_dim), np.float32)
+                layer_steps.attention_inputs(x, *pre, pos, self._cos, self._sin, c.traits.rope_neox, c.rope_dims,
+                                             slots, kv.k[il], kv.v[il], q)
+                attn = np.empty_like(q)
+                attention(q, kv.k[il], kv.v[il], self._empty32, self._empty32, False, pos, seq, tables, bs,
+                          round_probs, scale, self._lut, attn)
+                layer_steps.attention_output_and_ffn(x, attn.reshape(T, c.q_dim), *post)
+                continue
             norm(x, L.attn_norm, c.rms_eps, h)
             if self._fuse_qkv[il]:
                 q, k, v = fused_linear([L.wq, L.wk, L.wv], h)

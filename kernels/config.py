@@ -12,6 +12,8 @@ Environment:
   SIMD where the host has AVX2, else plain loops), `plain` (plain multiply-add loops), `lut` (table lookup).
 - BITNET_PY_FAST_ATTENTION=0: use kernels/attention.py instead of kernels/attention_fast.py.
 - BITNET_PY_FUSE=0: run q/k/v and gate/up as separate matmuls instead of one fused parallel region.
+- BITNET_PY_LAYER_STEPS=0: run every layer through the model's general per-kernel path instead of
+  kernels.layer_steps (two compiled calls per layer; same results).
 - BITNET_PY_VNNI=0: ternary dots without `vpdpbusd` on hosts that have VNNI (for comparisons; same results).
   Kernels compiled this way are cached in their own folder (`kernel-cache-<hash>-novnni`).
 - OpenMP waiting (numba's `omp` threading layer, GNU libgomp): a decode step runs ~150 short parallel regions,
@@ -54,6 +56,7 @@ if CACHE:
 TERNARY_KERNEL = os.environ.get("BITNET_PY_TERNARY_KERNEL", "auto")
 FAST_ATTENTION = os.environ.get("BITNET_PY_FAST_ATTENTION", "1") not in ("0", "false", "no")
 FUSE = os.environ.get("BITNET_PY_FUSE", "1") not in ("0", "false", "no")
+LAYER_STEPS = os.environ.get("BITNET_PY_LAYER_STEPS", "1") not in ("0", "false", "no")
 # Flags allowing vectorized reductions without reciprocal/approximate math (keeps divisions exact).
 FASTMATH_REDUCE = {"reassoc", "nsz", "contract"}
 FASTMATH_OFF = False

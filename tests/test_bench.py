@@ -35,7 +35,11 @@ def test_bench_json_structure(capsys):
     assert "vs_bitnet_cpp" not in tg  # not the 2B-4T layout
 
 
-def test_bench_markdown_and_kernel_choice(capsys):
+def test_bench_markdown_and_kernel_choice(capsys, monkeypatch):
+    from kernels import config as kernel_config
+    # `--kernel` sets the process-wide choice (a CLI run is one process): restored after this test, so that
+    # later tests load models with the default kernels
+    monkeypatch.setattr(kernel_config, "TERNARY_KERNEL", kernel_config.TERNARY_KERNEL)
     path = str(fixture_path(*TINY))
     assert bench.main(["-m", path, "-p", "4", "-n", "2", "-t", "1", "-r", "1", "--no-jit", "--kernel", "lut"]) == 0
     out = capsys.readouterr().out

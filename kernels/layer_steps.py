@@ -1,0 +1,109 @@
+"""A transformer layer as two kernel calls around attention, for models whose seven matmuls are all I2_S-style
+ternary (one scale per tensor, one activation floor) and whose KV cache is float16.
+
+A decode step is ~120 small kernel calls; between them the model's Python loop (dispatch, array allocation,
+weight-type checks) cost ~55 us per layer, ~1.7 ms per token of a 30-layer model, more than the parallel
+launches themselves. Here the same kernels run in the same order from compiled code:
+
+- `attention_inputs`: h = rms(x) * attn_norm; q, k, v = Wq h, Wk h, Wv h (one quantization of h, one fused
+  parallel matmul); rope on q and k, k and v stored as float16, q rounded to float16 (kernels.kv_store);
+- `attention_output_and_ffn`: [a = rms(a) * attn_sub_norm]; x += Wo a; h = rms(x) * ffn_norm;
+  f = act(Wgate h) * (Wup h); [f = rms(f) * ffn_sub_norm]; x += Wdown f.
+
+Results are bit-identical to bitnet_py.model's general path (the same kernels, the same row-count thresholds
+for their parallel forms; tested). Sub-norm weights of length 0 mean the arch has none (llama). `HAVE_LAYER_STEPS`
+is False on hosts without F16C (kernels.kv_store is numpy code there).
+"""
+import numpy as np
+from numba import njit
+
+from .activations import relu2_mul, relu2_mul_parallel, silu_mul, silu_mul_parallel
+from .config import JIT
+from .kv_store import rope_store_f16
+from .norms import rms_norm, rms_norm_parallel
+from .quantize import quantize_rows_i8, quantize_rows_i8_parallel
+from .simd import HAVE_F16C
+from .ternary_matmul import i2s_matmul, i2s_matmul_multi
+
+PARALLEL_ROWS = 4  # the row-wise kernels (norms, quantization, activation) go parallel from this many tokens
+HAVE_LAYER_STEPS = HAVE_F16C
+
+
+@njit(**JIT)
+def _norm(x, weight, eps, out):
+    if x.shape[0] >= PARALLEL_ROWS:
+        rms_norm_parallel(x, weight, eps, out)
+    else:
+        rms_norm(x, weight, eps, out)
+
+
+@njit(**JIT)
+def _quantize(x, floor):
+    """x: f32[T, K] -> (i8[T, K], f32[T] scales, i32[T] sums), as bitnet_py.model.quantize_activation."""
+    T, K = x.shape
+    q = np.empty((T, K), np.int8)
+    scales = np.empty(T, np.float32)
+    sums = np.empty(T, np.int32)
+    if T >= PARALLEL_ROWS:
+        quantize_rows_i8_parallel(x, floor, q, scales, sums)
+    else:
+        quantize_rows_i8(x, floor, q, scales, sums)
+    return q, scales, sums
+
+
+@njit(**JIT)
+def _add_linear(x, packed, scale, a, floor):
+    """x: f32[T, M] += W a, W ternary (u8[M*K/4] I2_S, per-tensor scale), a: f32[T, K]."""
+    q, scales, sums = _quantize(a, floor)
+    y = np.empty_like(x)
+    i2s_matmul(packed, q, scales, sums, scale, y)
+    x += y
+
+
+if HAVE_LAYER_STEPS:
+    @njit(**JIT)
+    def attention_inputs(x, attn_norm, eps, wq, wk, wv, sq, sk, sv, floor, positions, cos, sin, neox, n_dims,
+                         slots, k_cache, v_cache, q_out):
+        """x: f32[T, E]; wq, wk, wv: u8 I2_S; sq, sk, sv: f32 scales; positions: i32[T]; slots: i64[T]
+        -> q_out: f32[T, H, D] (roped, float16-rounded); k_cache, v_cache: u16[n_slots, KVH, D] rows slots[t]."""
+        T = x.shape[0]
+        KVH, D = k_cache.shape[1], k_cache.shape[2]
+        h = np.empty_like(x)
+        _norm(x, attn_norm, eps, h)
+        q8, scales, sums = _quantize(h, floor)
+        k = np.empty((T, KVH * D), np.float32)
+        v = np.empty((T, KVH * D), np.float32)
+        q2 = q_out.reshape(T, q_out.shape[1] * q_out.shape[2])  # f32[T, H*D], a view
+        i2s_matmul_multi(wq, wk, wv, q8, scales, sums, sq, sk, sv, q2, k, v)
+        rope_store_f16(q_out, k.reshape(T, KVH, D), v.reshape(T, KVH, D), positions, cos, sin, neox, n_dims, slots,
+                       k_cache, v_cache)
+
+    @njit(**JIT)
+    def attention_output_and_ffn(x, attn, attn_sub_norm, wo, so, ffn_norm, w_gate, w_up, w_down, s_gate, s_up,
+                                 s_down, ffn_sub_norm, floor, eps, relu2):
+        """x: f32[T, E] (updated in place); attn: f32[T, H*D] (attention output; sub-normed in place);
+        w_*: u8 I2_S; s_*: f32 scales; *_sub_norm: f32[n] or f32[0] (none); relu2: squared-ReLU gate, else SiLU."""
+        T = x.shape[0]
+        if attn_sub_norm.shape[0]:
+            _norm(attn, attn_sub_norm, eps, attn)
+        _add_linear(x, wo, so, attn, floor)
+        h = np.empty_like(x)
+        _norm(x, ffn_norm, eps, h)
+        q8, scales, sums = _quantize(h, floor)
+        F = w_gate.shape[0] * 4 // x.shape[1]
+        gate = np.empty((T, F), np.float32)
+        up = np.empty((T, F), np.float32)
+        i2s_matmul_multi(w_gate, w_up, np.empty(0, np.uint8), q8, scales, sums, s_gate, s_up, s_up, gate, up,
+                         np.empty((T, 0), np.float32))
+        if relu2:
+            if T >= PARALLEL_ROWS:
+                relu2_mul_parallel(gate, up, gate)
+            else:
+                relu2_mul(gate, up, gate)
+        elif T >= PARALLEL_ROWS:
+            silu_mul_parallel(gate, up, gate)
+        else:
+            silu_mul(gate, up, gate)
+        if ffn_sub_norm.shape[0]:
+            _norm(gate, ffn_sub_norm, eps, gate)
+        _add_linear(x, w_down, s_down, gate, floor)

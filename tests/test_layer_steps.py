@@ -1,0 +1,73 @@
+"""kernels.layer_steps (a layer as two compiled calls around attention) against the model's general path, which
+runs the same kernels one Python call at a time (each kernel has its own numpy reference in test_kernels*.py):
+logits must be bit-identical, for the three graphs (bitnet-b1.58: squared ReLU and sub-norms; bitnet: SiLU
+and sub-norms; llama: SiLU, no sub-norms), prefill (parallel row kernels), one-token decode and two sequences
+in one step."""
+import numpy as np
+import pytest
+
+from bitnet_py.dummy import make_dummy
+from bitnet_py.model import Batch, Model
+from conftest import fixture_path
+from kernels import config as kernel_config
+from kernels import layer_steps
+
+pytestmark = pytest.mark.skipif(not layer_steps.HAVE_LAYER_STEPS, reason="layer steps need F16C (not this host)")
+
+
+def _steps(model, kv):
+    """A 9-token prefill of sequence 0, a 5-token prefill of sequence 1, then two steps decoding both."""
+    tables = np.array([[0], [1]], np.int32)
+    out = []
+
+    def step(tokens, positions, seqs):
+        tokens, positions, seqs = (np.asarray(a, np.int32) for a in (tokens, positions, seqs))
+        out.append(model.forward(Batch(tokens, positions, seqs, tables, np.arange(len(tokens), dtype=np.int32)), kv))
+
+    step(np.arange(9) + 5, np.arange(9), np.zeros(9))
+    step(np.arange(5) + 40, np.arange(5), np.ones(5))
+    step([17, 23], [9, 5], [0, 1])
+    step([31], [10], [0])
+    return out
+
+
+def _compare(path):
+    model = Model.load(str(path))
+    assert model._steps is not None
+    calls = []
+    inputs = layer_steps.attention_inputs
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(layer_steps, "attention_inputs", lambda *a: (calls.append(1), inputs(*a))[1])
+        fast = _steps(model, model.new_kv_cache(2, 16))
+    assert len(calls) == 4 * model.config.n_layer  # every layer of every step took the two-call path
+    general = Model.load(str(path))
+    general._steps = None
+    for a, b in zip(fast, _steps(general, general.new_kv_cache(2, 16))):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("model,kind", [("tiny-bitnet", "i2_s"), ("tiny-llama", "i2_s"), ("tiny-bitnet", "tl2")])
+def test_layer_steps_identical_to_general_path_on_fixtures(model, kind):
+    _compare(fixture_path(model, f"ggml-model-{kind}.gguf"))
+
+
+def test_layer_steps_identical_on_bitnet_b158_graph(tmp_path):
+    """2B-4T's graph (squared-ReLU gate, sub-norms), random weights."""
+    _compare(make_dummy("tiny", "i2_s", str(tmp_path / "tiny.gguf"), seed=5, progress=False))
+
+
+def test_general_path_where_layer_steps_do_not_apply(tmp_path, monkeypatch):
+    """Float weights, block-scaled (TQ2_0) weights and the switches (BITNET_PY_LAYER_STEPS=0, no fusion, a
+    non-default ternary kernel) keep the general path; a float32 KV cache takes it per call."""
+    assert Model.load(str(fixture_path("tiny-bitnet", "ggml-model-f32.gguf")))._steps is None
+    assert Model.load(make_dummy("tiny", "tq2_0", str(tmp_path / "tq2.gguf"), seed=5, progress=False))._steps is None
+    i2s = str(fixture_path("tiny-bitnet", "ggml-model-i2_s.gguf"))
+    for name, value in (("LAYER_STEPS", False), ("FUSE", False), ("TERNARY_KERNEL", "lut")):
+        with monkeypatch.context() as mp:
+            mp.setattr(kernel_config, name, value)
+            assert Model.load(i2s)._steps is None, name
+    model = Model.load(i2s, cache_type="f32")
+    monkeypatch.setattr(layer_steps, "attention_inputs", lambda *a: pytest.fail("f32 cache took the layer steps"))
+    kv = model.new_kv_cache(2, 16)
+    logits = _steps(model, kv)
+    assert all(np.isfinite(x).all() for x in logits)
