@@ -137,17 +137,21 @@ def _decode_arrays(model) -> list[np.ndarray]:
 
 
 def measure_bandwidth(model, repeats: int = 3) -> float:
-    """GB/s reading the weights a decode step reads, with the current thread count; best of `repeats`.
-    Only memory the model already uses is read, so the probe does not add to the peak RSS."""
-    from kernels.membw import CHUNK, read_sum
+    """GB/s reading the weights a decode step reads (one parallel read per matrix, as the decode step), with the
+    current thread count; best of `repeats`. Only memory the model already uses is read, so the probe does not
+    add to the peak RSS."""
+    import numba
+
+    from kernels.membw import chunk_words, read_sum
     words = _decode_arrays(model)
-    partials = [np.zeros((w.size + CHUNK - 1) // CHUNK, np.uint64) for w in words]
-    for w, part in zip(words, partials):
-        read_sum(w, part)  # first touch + compile
+    chunks = [chunk_words(w.size, numba.get_num_threads()) for w in words]
+    partials = [np.zeros((w.size + c - 1) // c, np.uint64) for w, c in zip(words, chunks)]
+    for w, c, part in zip(words, chunks, partials):
+        read_sum(w, c, part)  # first touch + compile
     best = 0.0
     for _ in range(repeats):
         t0 = time.perf_counter()
-        n = sum(read_sum(w, part) for w, part in zip(words, partials))
+        n = sum(read_sum(w, c, part) for w, c, part in zip(words, chunks, partials))
         best = max(best, n / (time.perf_counter() - t0) / 1e9)
     return best
 

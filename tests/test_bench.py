@@ -130,3 +130,18 @@ def test_bench_says_where_tl2_weights_came_from(capsys):
     assert bench.main(["-m", str(fixture_path(*TINY)), "-p", "4", "-n", "1", "-t", "1", "-r", "1", "--no-jit",
                        "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tl2_source"] == ""
+
+
+@pytest.mark.parametrize("n_words,n_threads", [(10, 1), (5000, 2), (200_000, 2), (200_000, 16), (1_000_003, 3)])
+def test_read_sum_reads_every_word_in_enough_tasks(n_words, n_threads):
+    """The bandwidth probe's kernel against numpy: each task's wrapping sum, every word read once; a matrix
+    gets about 4 tasks per thread (32 KiB at least), so that all threads read on many-core hosts."""
+    from kernels.membw import MIN_CHUNK, chunk_words, read_sum
+    words = np.random.default_rng(n_words).integers(0, 2**63, n_words, dtype=np.uint64)
+    chunk = chunk_words(n_words, n_threads)
+    n_tasks = -(-n_words // chunk)
+    assert chunk >= MIN_CHUNK and (n_tasks >= 4 * n_threads or chunk == MIN_CHUNK)
+    partial = np.zeros(n_tasks, np.uint64)
+    assert read_sum(words, chunk, partial) == 8 * n_words
+    expected = [words[i:i + chunk].sum(dtype=np.uint64) for i in range(0, n_words, chunk)]
+    assert np.array_equal(partial, np.array(expected, np.uint64))
