@@ -10,6 +10,7 @@ launches themselves. Here the same kernels run in the same order from compiled c
 - `attention_output_and_ffn`: [a = rms(a) * attn_sub_norm]; x += Wo a; h = rms(x) * ffn_norm;
   f = act(Wgate h) * (Wup h); [f = rms(f) * ffn_sub_norm]; x += Wdown f.
 
+The model uses them for steps of up to LAYER_STEPS_MAX_TOKENS tokens (decode; bitnet_py/model.py).
 Results are bit-identical to bitnet_py.model's general path (the same kernels, the same row-count thresholds
 for their parallel forms; tested). Sub-norm weights of length 0 mean the arch has none (llama). `HAVE_LAYER_STEPS`
 is False on hosts without F16C (kernels.kv_store is numpy code there).

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bitnet_py.dummy import make_dummy
-from bitnet_py.model import Batch, Model
+from bitnet_py.model import LAYER_STEPS_MAX_TOKENS, Batch, Model
 from conftest import fixture_path
 from kernels import config as kernel_config
 from kernels import layer_steps
@@ -58,7 +58,8 @@ def test_layer_steps_identical_on_bitnet_b158_graph(tmp_path):
 
 def test_general_path_where_layer_steps_do_not_apply(tmp_path, monkeypatch):
     """Float weights, block-scaled (TQ2_0) weights and the switches (BITNET_PY_LAYER_STEPS=0, no fusion, a
-    non-default ternary kernel) keep the general path; a float32 KV cache takes it per call."""
+    non-default ternary kernel) keep the general path; a float32 KV cache and steps of more than
+    LAYER_STEPS_MAX_TOKENS tokens take it per call."""
     assert Model.load(str(fixture_path("tiny-bitnet", "ggml-model-f32.gguf")))._steps is None
     assert Model.load(make_dummy("tiny", "tq2_0", str(tmp_path / "tq2.gguf"), seed=5, progress=False))._steps is None
     i2s = str(fixture_path("tiny-bitnet", "ggml-model-i2_s.gguf"))
@@ -66,8 +67,43 @@ def test_general_path_where_layer_steps_do_not_apply(tmp_path, monkeypatch):
         with monkeypatch.context() as mp:
             mp.setattr(kernel_config, name, value)
             assert Model.load(i2s)._steps is None, name
+    monkeypatch.setattr(layer_steps, "attention_inputs", lambda *a: pytest.fail("took the layer steps"))
     model = Model.load(i2s, cache_type="f32")
-    monkeypatch.setattr(layer_steps, "attention_inputs", lambda *a: pytest.fail("f32 cache took the layer steps"))
-    kv = model.new_kv_cache(2, 16)
-    logits = _steps(model, kv)
-    assert all(np.isfinite(x).all() for x in logits)
+    assert all(np.isfinite(x).all() for x in _steps(model, model.new_kv_cache(2, 16)))
+    model = Model.load(i2s)
+    T = LAYER_STEPS_MAX_TOKENS + 1
+    pos = np.arange(T, dtype=np.int32)
+    logits = model.forward(Batch(pos + 5, pos, np.zeros(T, np.int32), np.array([[0, 1]], np.int32),
+                                 np.array([T - 1], np.int32)), model.new_kv_cache(2, 16))
+    assert np.isfinite(logits).all()
+
+
+def _bench_script():
+    import importlib.util
+
+    from conftest import REPO
+    spec = importlib.util.spec_from_file_location("bench_layer_steps", REPO / "scripts" / "bench_layer_steps.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_layer_steps_script(capsys):
+    """scripts/bench_layer_steps.py: one table row per batch size and thread count, both paths timed, logits
+    checked identical; a model without layer steps is refused with a message."""
+    import numba
+    script = _bench_script()
+    i2s = str(fixture_path("tiny-bitnet", "ggml-model-i2_s.gguf"))
+    threads = numba.get_num_threads()
+    try:
+        assert script.main(["-m", i2s, "-t", "1", "--rounds", "2", "-n", "2", "--tokens", "1,3"]) == 0
+    finally:
+        numba.set_num_threads(threads)  # the script sets the process's thread count
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 |") or
+            line.startswith("| 3 |")]
+    assert len(rows) == 2
+    for row in rows:
+        steps, general, ratio = (float(v) for v in row.strip("|").split("|")[2:])
+        assert steps > 0 and general > 0 and ratio > 0
+    with pytest.raises(SystemExit, match="general path only"):
+        script.main(["-m", str(fixture_path("tiny-bitnet", "ggml-model-f32.gguf")), "--rounds", "1", "-n", "1"])
