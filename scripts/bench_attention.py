@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 H, KVH, D, BLOCK = 20, 5, 128, 16
 CASES = {  # name -> (tokens per sequence, sequences, context length)
     "prefill128": (128, 1, 128),
+    "prefill128d4096": (128, 1, 4096),
     "decode512": (1, 1, 512),
     "decode4096": (1, 1, 4096),
     "batch8x4096": (1, 8, 4096),

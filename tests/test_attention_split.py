@@ -55,6 +55,35 @@ def test_split_equals_fast_bit_for_bit(D, positions, seqs, round_probs):
         np.testing.assert_allclose(split[t], ref, rtol=1e-4, atol=2e-3 if rp[seq[t]] else 2e-5)
 
 
+@pytest.mark.parametrize("D", [128, 80])
+@pytest.mark.parametrize("round_probs", [True, False])
+def test_token_tiles_do_not_change_results(D, round_probs):
+    """attention_fast's tiles of consecutive tokens of one sequence (a prefill shares each block of keys among
+    them): every tile size gives the results of one token per task, bit for bit, for runs of a sequence longer
+    and shorter than a tile, a sequence that comes back later in the batch, token ranges that end inside and at
+    the edge of a key block, and the dims past a multiple of 16 (D = 80)."""
+    from kernels.attention_fast import _token_tiles, paged_attention_tiled
+    positions = list(range(120, 135)) + [60, 61, 62] + [135, 136] + [0]
+    seqs = [0] * 15 + [1] * 3 + [0] * 2 + [2]
+    q, k, v, pos, seq, tables, bs = _case(D, 2, positions, seqs)
+    assert list(_token_tiles(seq, 4)) == [0, 4, 8, 12, 15, 18, 20, 21]
+    rp = np.array([round_probs, not round_probs, round_probs])
+    scale = np.float32(1 / np.sqrt(D))
+    e32 = np.zeros((0, 2, D), np.float32)
+    outs = {}
+    for tile in (1, 2, 3, 4, 7):
+        outs[tile] = np.full_like(q, np.nan)
+        paged_attention_tiled(q, k.view(np.uint16), v.view(np.uint16), e32, e32, False, pos, seq, tables, bs, rp,
+                              scale, outs[tile], tile)
+    for tile in (2, 3, 4, 7):
+        assert np.array_equal(outs[tile].view(np.uint32), outs[1].view(np.uint32)), tile
+    for t in (0, 14, 17, 19, 20):
+        slots = np.array([tables[seq[t], j // bs] * bs + j % bs for j in range(pos[t] + 1)])
+        ref = naive.attention(q[t], k[slots].astype(np.float32), v[slots].astype(np.float32), pos[t] + 1, scale,
+                              rp[seq[t]])
+        np.testing.assert_allclose(outs[4][t], ref, rtol=1e-4, atol=2e-3 if rp[seq[t]] else 2e-5)
+
+
 def test_auto_picks_split_only_for_few_long_tasks(monkeypatch):
     import kernels.attention_split as split_mod
     calls = []
