@@ -24,9 +24,13 @@ calling `@njit` function; everything around them stays ordinary Numba code.
 - `f32_to_f16_bits(x)`: float32 -> nearest float16 as u16 bits (`fptrunc`, vectorizes to vcvtps2ph).
 - `i32_as_f32(bits)`: bit cast int32 -> float32 (builds 2^n in `kernels.expf`).
 
+Unpacking, 1 and 2 rows: one 16-bit shift per 32 weight bytes, not one per code. Masks 3 and 12 on the bytes
+and on the bytes shifted right by 4 give the codes of values 96+p and 32+p, and four times those of 64+p and p;
+the latter go to a second i16 sum whose lanes are multiples of 4, shifted right by 2 (exactly) before
+widening. 4 rows keep one shift per code (two sums per row would spill registers).
 Overflow: per 128-value block and row, |partial| <= 128 * 2 * 128 = 32768 fits the i32 lanes; an i16 lane
-holds the pair sums of BLOCKS_PER_STEP blocks, at most 2 * 4 * 2 * 2 * 128 = 4096 (vpmaddubsw's saturation at
-32767 is never reached).
+holds the pair sums of BLOCKS_PER_STEP blocks, at most 2 * 2 * (2 * 12 * 128) = 12288 in the four-times sum,
+even for the code 3 that I2_S never writes (vpmaddubsw's saturation at 32767 is never reached).
 """
 from llvmlite import binding as llvm_binding
 from llvmlite import ir
@@ -151,6 +155,11 @@ def i2s_dot_pointers(context, builder, signature, args, n_rows):
 
 
 def _make_i2s_dot(n_rows, blocks_per_step):
+    # one shift per 32 weight bytes (two i16 sums per row) where registers allow it: with 4 rows the extra sums
+    # spill and the per-code shifts are cheaper (T = 8 and 128 measured 10 % slower with one shift)
+    one_shift = n_rows <= 2
+    n_sums = 2 if one_shift else 1
+
     @intrinsic
     def i2s_dot(typingctx, packed, w0, q, q0, q_stride, n_blocks):
         sig = i2s_dot_signature(n_rows, packed, w0, q, q0, q_stride, n_blocks)
@@ -168,30 +177,49 @@ def _make_i2s_dot(n_rows, blocks_per_step):
             maddwd = _get_or_insert(module, "llvm.x86.avx2.pmadd.wd", ir.FunctionType(_V8I32, [_V16I16, _V16I16]))
             ones16 = _splat(_I16, 1, 16)
             three = _splat(_I8, 3, 32)
+            twelve = _splat(_I8, 12, 32)
+            two16 = _splat(_I16, 2, 16)
             zero = ir.Constant(_V8I32, None)
             zero16 = ir.Constant(_V16I16, None)
 
-            def blocks(first, count, s16):
-                """Blocks first .. first+count-1: products added to the i16 lane sums s16 (one per row)."""
-                s16 = list(s16)
+            def codes_of(wb):
+                """32 weight bytes -> [(u8 codes or 4 x codes, which i16 sum)] for values p, 32+p, 64+p, 96+p."""
+                if not one_shift:
+                    return [(builder.and_(builder.lshr(wb, _splat(_I8, s, 32)), three) if s
+                             else builder.and_(wb, three), 0) for s in (6, 4, 2, 0)]
+                # one 16-bit shift brings bits 4-7 of every byte down to bits 0-3 (what the pair's other byte
+                # pushes in lands at 4-7 and is masked off); masks 3 and 12 then give the codes of 32+p and 96+p
+                # and four times those of p and 64+p, which go to sum 1
+                wh = builder.bitcast(builder.lshr(builder.bitcast(wb, _V16I16), _splat(_I16, 4, 16)), _V32I8)
+                return [(builder.and_(wh, twelve), 1), (builder.and_(wh, three), 0),
+                        (builder.and_(wb, twelve), 1), (builder.and_(wb, three), 0)]
+
+            def blocks(first, count, sums):
+                """Blocks first .. first+count-1: products added to the i16 lane sums (sums[s][t]: sum s of row
+                t; None = nothing yet) -> new sums."""
+                sums = [list(row) for row in sums]
                 for u in range(count):
                     blk = builder.add(first, c64(u)) if u else first
                     woff = builder.mul(blk, c64(32))
                     if u % 2 == 0:  # one prefetch per 64-byte line
                         _prefetch(builder, builder.gep(wbase, [builder.add(woff, c64(PREFETCH_BYTES))]))
                     wb = builder.load(builder.bitcast(builder.gep(wbase, [woff]), _V32I8.as_pointer()), align=1)
-                    codes = [builder.and_(builder.lshr(wb, _splat(_I8, s, 32)), three) if s
-                             else builder.and_(wb, three) for s in (6, 4, 2, 0)]
+                    codes = codes_of(wb)
                     for t in range(n_rows):
                         qb = builder.gep(qbases[t], [builder.mul(blk, c64(128))])
-                        for j in range(4):
+                        for j, (code, k) in enumerate(codes):
                             qp = builder.bitcast(builder.gep(qb, [c64(32 * j)]), _V32I8.as_pointer())
-                            prod = builder.call(maddubs, [codes[j], builder.load(qp, align=1)])
-                            s16[t] = prod if s16[t] is None else builder.add(s16[t], prod)
-                return s16
+                            prod = builder.call(maddubs, [code, builder.load(qp, align=1)])
+                            sums[k][t] = prod if sums[k][t] is None else builder.add(sums[k][t], prod)
+                return sums
 
-            def widen(accs, s16):
-                return [builder.add(accs[t], builder.call(maddwd, [s16[t], ones16])) for t in range(n_rows)]
+            def widen(accs, sums):
+                """i32 accumulators += sum 0 (+ sum 1 / 4: its lanes are multiples of 4, the shift is exact)."""
+                out = []
+                for t in range(n_rows):
+                    s16 = sums[0][t] if n_sums == 1 else builder.add(sums[0][t], builder.ashr(sums[1][t], two16))
+                    out.append(builder.add(accs[t], builder.call(maddwd, [s16, ones16])))
+                return out
 
             def phis(ty, incoming):
                 out = []
@@ -207,6 +235,7 @@ def _make_i2s_dot(n_rows, blocks_per_step):
             n_steps = builder.sdiv(nb_v, c64(blocks_per_step))
             tail_start = builder.mul(n_steps, c64(blocks_per_step))
             zeros = [zero] * n_rows
+            zeros16 = [[zero16] * n_rows for _ in range(n_sums)]
             entry = builder.block
             main = builder.append_basic_block("i2s_main")
             after_main = builder.append_basic_block("i2s_after_main")
@@ -217,7 +246,8 @@ def _make_i2s_dot(n_rows, blocks_per_step):
             builder.position_at_end(main)
             i = builder.phi(i64)
             accs = [builder.phi(_V8I32) for _ in range(n_rows)]
-            new = widen(accs, blocks(builder.mul(i, c64(blocks_per_step)), blocks_per_step, [None] * n_rows))
+            new = widen(accs, blocks(builder.mul(i, c64(blocks_per_step)), blocks_per_step,
+                                     [[None] * n_rows for _ in range(n_sums)]))
             i_next = builder.add(i, c64(1))
             i.add_incoming(c64(0), entry)
             i.add_incoming(i_next, main)
@@ -232,18 +262,19 @@ def _make_i2s_dot(n_rows, blocks_per_step):
 
             builder.position_at_end(tail)
             j = builder.phi(i64)
-            t16 = [builder.phi(_V16I16) for _ in range(n_rows)]
+            t16 = [[builder.phi(_V16I16) for _ in range(n_rows)] for _ in range(n_sums)]
             tnew = blocks(j, 1, t16)
             j_next = builder.add(j, c64(1))
             j.add_incoming(tail_start, after_main)
             j.add_incoming(j_next, tail)
-            for t in range(n_rows):
-                t16[t].add_incoming(zero16, after_main)
-                t16[t].add_incoming(tnew[t], tail)
+            for k in range(n_sums):
+                for t in range(n_rows):
+                    t16[k][t].add_incoming(zero16, after_main)
+                    t16[k][t].add_incoming(tnew[k][t], tail)
             builder.cbranch(builder.icmp_signed("<", j_next, nb_v), tail, after_tail)
 
             builder.position_at_end(after_tail)
-            last16 = phis(_V16I16, [([zero16] * n_rows, after_main), (tnew, tail)])
+            last16 = [phis(_V16I16, [(zeros16[k], after_main), (tnew[k], tail)]) for k in range(n_sums)]
             final = widen(mid, last16)
             return _return_rows(context, builder, signature, [_reduce_add(builder, f) for f in final], n_rows)
 
