@@ -23,12 +23,13 @@ from .simd import HAVE_F16C
 
 PV_KEY_BLOCK = 64  # keys per p.v block (their V rows stay in L1 for the block's 16-dim slices)
 QK_KEY_BLOCK = 64  # keys per q.k block of a token tile (even: q.k pairs keys)
+QK_PREFETCH_KEYS = 8  # q.k prefetches the K row of the key this far ahead (the stride defeats the hardware's)
 TOKENS_PER_TASK = 8  # consecutive tokens of a sequence per task at most (prefill), sharing each block of K/V
 MIN_TASKS_PER_THREAD = 4  # ... fewer where tiles would leave fewer tasks than this per thread (many-core hosts)
 
 if HAVE_F16C:
     from .simd import f16_to_f32, f32_to_f16_bits
-    from .simd_attention import pv4x16, qk4x2
+    from .simd_attention import prefetch_row, pv4x16, qk4x2
 
     @njit(**JIT)
     def _load_row(c16, c32, use_f32, slot, kvh, buf):
@@ -48,13 +49,18 @@ if HAVE_F16C:
         return acc
 
     @njit(**JIT)
-    def _qk_g4(q, t, h0, k16, kvh, slots, j0, j1, scale, sc):
+    def _qk_g4(q, t, h0, k16, kvh, slots, j0, j1, scale, sc, prefetch):
         """sc[g, j] = scale * (q[t, h0 + g] . K[slots[j], kvh]) for the 4 heads of a GQA group and keys
         j0 <= j < j1 (j0 even), keys in pairs from j0 (`qk4x2`: each q element loaded once for 8 sums) and an
         odd last key alone (the same sums for it). One call per range: a call per key costs more than its
         arithmetic (argument reference counting)."""
+        row_bytes = 2 * q.shape[2]
+        n_slots = slots.shape[0]
         j = j0
         while j + 2 <= j1:
+            if prefetch and j + QK_PREFETCH_KEYS + 1 < n_slots:
+                prefetch_row(k16, slots[j + QK_PREFETCH_KEYS], kvh, 0, row_bytes)
+                prefetch_row(k16, slots[j + QK_PREFETCH_KEYS + 1], kvh, 0, row_bytes)
             a0, a1, a2, a3, b0, b1, b2, b3 = qk4x2(q, t, h0, k16, kvh, slots[j], slots[j + 1])
             sc[0, j], sc[1, j], sc[2, j], sc[3, j] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
             sc[0, j + 1], sc[1, j + 1], sc[2, j + 1], sc[3, j + 1] = b0 * scale, b1 * scale, b2 * scale, b3 * scale
@@ -102,11 +108,18 @@ if HAVE_F16C:
             scores[g, j] = p
 
     @njit(**JIT)
-    def _pv_g4_block(sc, slots, jb, je, v16, kvh, acc, d0):
+    def _pv_g4_block(sc, slots, jb, je, v16, kvh, acc, d0, prefetch):
         """acc[g, i] += sum over keys jb <= j < je of sc[g, j] * V[slots[j], kvh, d0 + i], in key order, for the
         dims i below the last multiple of 16 of acc.shape[1] (`pv4x16`, 16 dims at a time)."""
         W16 = acc.shape[1] - acc.shape[1] % 16
+        # the next block's V rows (the dims this call reads), prefetched a share per 16-dim slice: the rows'
+        # stride defeats the hardware prefetchers, and a decode at depth streams V from memory
+        per_slice = -(-PV_KEY_BLOCK // max(1, W16 // 16))
+        row_bytes = 2 * acc.shape[1]
         for c in range(0, W16, 16):
+            k0 = je + (c // 16) * per_slice
+            for j in range(k0, min(k0 + per_slice, je + PV_KEY_BLOCK, slots.shape[0]) if prefetch else k0):
+                prefetch_row(v16, slots[j], kvh, d0, row_bytes)
             pv4x16(sc, slots, jb, je, v16, kvh, d0 + c, acc, c)
 
     @njit(**JIT)
@@ -129,7 +142,7 @@ if HAVE_F16C:
         time with the sums in registers, in key blocks of PV_KEY_BLOCK so the block's V rows stay in cache
         for all of its 16-dim slices; dims past a multiple of 16 key by key."""
         for jb in range(0, n, PV_KEY_BLOCK):
-            _pv_g4_block(sc, slots, jb, min(n, jb + PV_KEY_BLOCK), v16, kvh, acc, d0)
+            _pv_g4_block(sc, slots, jb, min(n, jb + PV_KEY_BLOCK), v16, kvh, acc, d0, True)
         _pv_g4_tail(sc, slots, n, v16, kvh, acc, d0)
 
     @njit(**JIT)
@@ -175,7 +188,8 @@ if HAVE_F16C:
             for i in range(n_tok):
                 n = positions[t0 + i] + 1
                 if jb < n:
-                    _qk_g4(q, t0 + i, kvh * 4, k16, kvh, slots, jb, min(n, jb + QK_KEY_BLOCK), scale, scores[i])
+                    _qk_g4(q, t0 + i, kvh * 4, k16, kvh, slots, jb, min(n, jb + QK_KEY_BLOCK), scale, scores[i],
+                           i == 0)
         for i in range(n_tok):
             _softmax(scores[i], positions[t0 + i] + 1, rp)
         acc = np.zeros((n_tok, 4, D), dtype=np.float32)
@@ -183,7 +197,8 @@ if HAVE_F16C:
             for i in range(n_tok):
                 n = positions[t0 + i] + 1
                 if jb < n:
-                    _pv_g4_block(scores[i], slots, jb, min(n, jb + PV_KEY_BLOCK), v16, kvh, acc[i], 0)
+                    _pv_g4_block(scores[i], slots, jb, min(n, jb + PV_KEY_BLOCK), v16, kvh, acc[i], 0,
+                                 i == 0)
         for i in range(n_tok):
             _pv_g4_tail(scores[i], slots, positions[t0 + i] + 1, v16, kvh, acc[i], 0)
             for g in range(4):

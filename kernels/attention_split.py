@@ -27,7 +27,7 @@ D_CHUNK = 32  # head dimensions per p.v task
 SPLIT_MIN_KEYS = 256  # split only when some token sees at least this many keys ...
 SPLIT_THREADS_PER_TASK = 2  # ... and there are at least this many threads per (token, KV head) task
 SPLIT_MAX_SCORE_BYTES = 64 << 20  # ... and the scores of all tokens fit in this many bytes
-SPLIT_LONG_KEYS = 3072  # also split decode steps (few tokens) whose tokens see this many keys on average ...
+SPLIT_LONG_KEYS = 2048  # also split decode steps (few tokens) whose tokens see this many keys on average ...
 SPLIT_LONG_MAX_TOKENS = 8  # ... with at most this many tokens in the step
 
 if HAVE_F16C:
@@ -64,7 +64,7 @@ if HAVE_F16C:
             n = positions[t] + 1
             j0 = (c - chunk_offs[t]) * KEY_CHUNK
             sc = scores[t][kvh * 4:kvh * 4 + 4]
-            _qk_g4(q, t, kvh * 4, k16, kvh, slots[t], j0, min(n, j0 + KEY_CHUNK), scale, sc)
+            _qk_g4(q, t, kvh * 4, k16, kvh, slots[t], j0, min(n, j0 + KEY_CHUNK), scale, sc, True)
         for task in prange(T * H):  # 2. softmax per query head
             t, h = task // H, task % H
             n = positions[t] + 1
@@ -90,7 +90,9 @@ if HAVE_F16C:
         """The kernel for a step (one choice for all layers; both give the same results): the split kernel for
         float16 caches, GQA groups of 4 and long contexts when (token, KV head) tasks would leave threads idle,
         or when a decode step's tokens see SPLIT_LONG_KEYS keys on average (2B-4T on 2 threads at 4000 keys:
-        one sequence 9.1 -> 10.3 tok/s, four 14.7 -> 16.1; equal at 2000-3000 keys); attention_fast otherwise."""
+        one sequence 9.1 -> 10.3 tok/s, four 14.7 -> 16.1; with K/V prefetched, one sequence at 2000 keys:
+        12.9 / 12.5 / 13.6 tok/s split against 11.9 / 11.1 / 13.5 fast, mixed at 1000); attention_fast
+        otherwise."""
         n_keys_mean = n_keys_max if n_keys_mean is None else n_keys_mean
         if (not use_f32 and n_head == 4 * n_kv_head and n_keys_max >= SPLIT_MIN_KEYS
                 and n_tokens * n_head * n_keys_max * 4 <= SPLIT_MAX_SCORE_BYTES

@@ -12,13 +12,19 @@ of 128 dims is 16 vector FMAs per accumulator, and LLVM then reduces each of the
   g < 4, i < 16 and keys j0 <= j < j1 in key order, each product rounded before its add (no FMA): the same
   float32 operations, in the same order, as one sequential loop over keys per output element. The sixteen
   sums stay in registers for the whole key range.
+- `prefetch_row(c16, slot, kvh, d0, n_bytes)`: software prefetch of n_bytes of c16[slot, kvh, d0:]. One KV
+  head's rows sit 2 * n_kv_head * D bytes apart (1280 for 2B-4T), a stride the hardware prefetchers lose at
+  each 4 KiB page; q.k prefetches the K rows QK_PREFETCH_KEYS keys ahead and p.v the next block's V rows
+  (kernels.attention_fast). 30 layers of one decode step, 2 threads, caches in memory, one process: the fast
+  kernel at 1000 / 2000 / 4000 keys 14.3 / 19.1 / 45.9 -> 12.1 / 16.0 / 37.9 ms; a 128-token prefill at 4096
+  keys (token tiles, prefetching from the tile's first token only) 2.51 -> 2.20 s.
 """
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .simd import _I32, _as_i64, _close_loop
+from .simd import _I32, _as_i64, _close_loop, _prefetch
 
 _F32 = ir.FloatType()
 _V8F32 = ir.VectorType(_F32, 8)
@@ -140,6 +146,33 @@ def pv4x16(typingctx, sc, slots, j0, j1, v16, kvh, d, acc, c):
         finals = _close_loop(builder, (entry, loop, done), j, j0_v, j1_v, accs, start, new)
         for final, p in zip(finals, acc_ptrs):
             builder.store(final, p, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def prefetch_row(typingctx, c16, slot, kvh, d0, n_bytes):
+    """Prefetch the cache lines holding n_bytes of c16[slot, kvh, d0:] (see the module docstring)."""
+    sig = types.void(c16, slot, kvh, d0, n_bytes)
+
+    def codegen(context, builder, signature, args):
+        c_v, slot_v, kvh_v, d0_v, nb_v = args
+        cty, sty, kty, dty, nty = signature.args
+        slot_v, kvh_v, d0_v, nb_v = _as_i64(context, builder, (slot_v, kvh_v, d0_v, nb_v), (sty, kty, dty, nty))
+        base = builder.bitcast(_ptr(context, builder, cty, c_v, [slot_v, kvh_v, d0_v]), ir.IntType(8).as_pointer())
+        entry = builder.block
+        loop = builder.append_basic_block("pf_loop")
+        done = builder.append_basic_block("pf_done")
+        builder.cbranch(builder.icmp_signed(">", nb_v, _c64(0)), loop, done)
+        builder.position_at_end(loop)
+        off = builder.phi(_I64)
+        _prefetch(builder, builder.gep(base, [off]))
+        nxt = builder.add(off, _c64(64))
+        off.add_incoming(_c64(0), entry)
+        off.add_incoming(nxt, loop)
+        builder.cbranch(builder.icmp_signed("<", nxt, nb_v), loop, done)
+        builder.position_at_end(done)
         return context.get_dummy_value()
 
     return sig, codegen
