@@ -41,7 +41,8 @@ def f16_matmul_bits(w_bits, x, out):
 
 
 if HAVE_F16C:
-    from .simd import f16_dot1, f16_dot2, f16_to_f32
+    from .simd import f16_to_f32
+    from .simd_dense import f16_dot1, f16_dot2
 
     @njit(**JIT_REDUCE)
     def _f16_tail(w_bits, m, x, t, k0):
@@ -123,7 +124,7 @@ def _i8_dot_plain(wq, m, xq, t):
 
 
 if HAVE_AVX2:
-    from .simd import i8_dot_abs1, i8_dot_abs2
+    from .simd_dense import i8_dot_abs1, i8_dot_abs2
 
     @njit(**JIT_PARALLEL)
     def i8_matmul(wq, row_scales, xq, x_scales, out):

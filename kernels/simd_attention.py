@@ -16,8 +16,9 @@ of 128 dims is 16 vector FMAs per accumulator, and LLVM then reduces each of the
   head's rows sit 2 * n_kv_head * D bytes apart (1280 for 2B-4T), a stride the hardware prefetchers lose at
   each 4 KiB page; q.k prefetches the K rows QK_PREFETCH_KEYS keys ahead and p.v the next block's V rows
   (kernels.attention_fast). 30 layers of one decode step, 2 threads, caches in memory, one process: the fast
-  kernel at 1000 / 2000 / 4000 keys 14.3 / 19.1 / 45.9 -> 12.1 / 16.0 / 37.9 ms; a 128-token prefill at 4096
-  keys (token tiles, prefetching from the tile's first token only) 2.51 -> 2.20 s.
+  kernel at 1000 / 2000 / 4000 keys 11.9 / 28.0 / 58.1 -> 10.0 / 21.7 / 48.5 ms (scripts/bench_attention.py
+  --layer-caches --against); in token tiles only the tile's first token prefetches (a 128-token prefill at
+  4096 keys: within the noise).
 """
 from llvmlite import ir
 from numba import types

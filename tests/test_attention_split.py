@@ -1,5 +1,7 @@
 """kernels/attention_split.py: bit-identical to kernels/attention_fast.py (same arithmetic per element, work
 split differently), close to the numpy reference, and chosen by paged_attention_auto only where it should."""
+import sys
+
 import numpy as np
 import pytest
 
@@ -128,6 +130,28 @@ def test_bench_attention_script_prints_checked_table(capsys):
     assert mod.main(["--cases", "decode512", "-r", "1", "-t", "1"]) == 0
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| decode512 |")]
     assert len(row) == 1 and row[0].count("x)") == 3  # fast, split, auto with their speed-ups over plain
+    assert mod.main(["--cases", "decode512", "-r", "1", "-t", "1", "--layer-caches"]) == 0
+    assert "one cache per layer" in capsys.readouterr().out
+
+
+def test_bench_attention_imports_another_revisions_kernels():
+    """--against REV: REV's kernels/ as a second package beside this tree's (imported only; the table itself is
+    the same code path as above)."""
+    import importlib.util
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    if subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True).returncode:
+        pytest.fail("the tests run from a git checkout (CI clones the repository)")
+    spec = importlib.util.spec_from_file_location("bench_attention", root / "scripts" / "bench_attention.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    other = mod.kernels_at("HEAD")
+    assert sorted(other) == ["auto@HEAD", "fast@HEAD", "split@HEAD"]
+    import kernels.attention_fast
+    copy = sys.modules["kernels_HEAD.attention_fast"]
+    assert copy is not kernels.attention_fast and Path(copy.__file__).parent.name == "kernels_HEAD"
+    assert other["fast@HEAD"] is copy.paged_attention_fast
 
 
 def test_model_logits_identical_with_the_split_kernel(tmp_path, monkeypatch):
