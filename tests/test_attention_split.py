@@ -1,6 +1,7 @@
 """kernels/attention_split.py: bit-identical to kernels/attention_fast.py (same arithmetic per element, work
 split differently), close to the numpy reference, and chosen by paged_attention_auto only where it should."""
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from kernels.simd import HAVE_F16C
 pytestmark = pytest.mark.skipif(not HAVE_F16C, reason="the split kernel needs hardware float16 conversion")
 
 RNG = np.random.default_rng(2024)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _case(D, KVH, positions, seqs, bs=16):
@@ -120,13 +122,16 @@ def test_auto_picks_split_only_for_few_long_tasks(monkeypatch):
     assert run(9, split_mod.SPLIT_LONG_KEYS + 8) == "fast"  # more tokens: prefill-like, attention_fast
 
 
-def test_bench_attention_script_prints_checked_table(capsys):
+def _bench_attention_script():
     import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_attention.py"
-    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    spec = importlib.util.spec_from_file_location("bench_attention", ROOT / "scripts" / "bench_attention.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_attention_script_prints_checked_table(capsys):
+    mod = _bench_attention_script()
     assert mod.main(["--cases", "decode512", "-r", "1", "-t", "1"]) == 0
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| decode512 |")]
     assert len(row) == 1 and row[0].count("x)") == 3  # fast, split, auto with their speed-ups over plain
@@ -137,16 +142,10 @@ def test_bench_attention_script_prints_checked_table(capsys):
 def test_bench_attention_imports_another_revisions_kernels():
     """--against REV: REV's kernels/ as a second package beside this tree's (imported only; the table itself is
     the same code path as above)."""
-    import importlib.util
     import subprocess
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
-    if subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True).returncode:
+    if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True).returncode:
         pytest.fail("the tests run from a git checkout (CI clones the repository)")
-    spec = importlib.util.spec_from_file_location("bench_attention", root / "scripts" / "bench_attention.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    other = mod.kernels_at("HEAD")
+    other = _bench_attention_script().kernels_at("HEAD")
     assert sorted(other) == ["auto@HEAD", "fast@HEAD", "split@HEAD"]
     import kernels.attention_fast
     copy = sys.modules["kernels_HEAD.attention_fast"]
