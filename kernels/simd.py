@@ -98,6 +98,17 @@ def _prefetch(builder, ptr):
     builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
 
 
+def _open_loop(builder, name, runs):
+    """The blocks of a counted loop that runs only if `runs` (an i1): -> (entry, loop body, exit), positioned at the
+    start of the body (for `_close_loop`)."""
+    entry = builder.block
+    loop = builder.append_basic_block(name + "_loop")
+    done = builder.append_basic_block(name + "_done")
+    builder.cbranch(runs, loop, done)
+    builder.position_at_end(loop)
+    return entry, loop, done
+
+
 def _close_loop(builder, blocks, counter, first, limit, accs, starts, new):
     """Wire a counted loop (blocks = entry, loop body, exit): `counter` (a phi) runs from `first` while below
     `limit`; accumulator phis `accs` start at `starts` and take `new` each trip. Returns, positioned in the exit

@@ -25,7 +25,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .simd import _I32, _as_i64, _close_loop, _prefetch
+from .simd import _I32, _as_i64, _close_loop, _open_loop, _prefetch
 
 _F32 = ir.FloatType()
 _V8F32 = ir.VectorType(_F32, 8)
@@ -90,11 +90,7 @@ def qk4x2(typingctx, q, t, h0, k16, kvh, s0, s1):
         krows = [_ptr(context, builder, kty, k_v, [s, kvh_v, _c64(0)]) for s in (s0_v, s1_v)]
         n_chunks = builder.sdiv(D, _c64(8))
         zero = ir.Constant(_V8F32, None)
-        entry = builder.block
-        loop = builder.append_basic_block("qk_loop")
-        done = builder.append_basic_block("qk_done")
-        builder.cbranch(builder.icmp_signed(">", n_chunks, _c64(0)), loop, done)
-        builder.position_at_end(loop)
+        blocks = _open_loop(builder, "qk", builder.icmp_signed(">", n_chunks, _c64(0)))
         i = builder.phi(_I64)
         accs = [builder.phi(_V8F32) for _ in range(8)]
         off = builder.mul(i, _c64(8))
@@ -105,7 +101,7 @@ def qk4x2(typingctx, q, t, h0, k16, kvh, s0, s1):
             for g in range(4):
                 prod = builder.fmul(qs[g], ks[key], flags=["contract"])
                 new.append(builder.fadd(accs[key * 4 + g], prod, flags=["contract"]))
-        finals = _close_loop(builder, (entry, loop, done), i, _c64(0), n_chunks, accs, [zero] * 8, new)
+        finals = _close_loop(builder, blocks, i, _c64(0), n_chunks, accs, [zero] * 8, new)
         sums = _reduce8_transposed(builder, finals)
         return context.make_tuple(builder, signature.return_type, sums)
 
@@ -127,11 +123,7 @@ def pv4x16(typingctx, sc, slots, j0, j1, v16, kvh, d, acc, c):
             acc_ptrs += [builder.bitcast(row, _V8F32.as_pointer()),
                          builder.bitcast(builder.gep(row, [_c64(8)]), _V8F32.as_pointer())]
         start = [builder.load(p, align=4) for p in acc_ptrs]
-        entry = builder.block
-        loop = builder.append_basic_block("pv_loop")
-        done = builder.append_basic_block("pv_done")
-        builder.cbranch(builder.icmp_signed("<", j0_v, j1_v), loop, done)
-        builder.position_at_end(loop)
+        blocks = _open_loop(builder, "pv", builder.icmp_signed("<", j0_v, j1_v))
         j = builder.phi(_I64)
         accs = [builder.phi(_V8F32) for _ in range(8)]
         slot = builder.load(_ptr(context, builder, slty, sl_v, [j]))
@@ -144,7 +136,7 @@ def pv4x16(typingctx, sc, slots, j0, j1, v16, kvh, d, acc, c):
             pv = _shuffle(builder, pv, pv, [0] * 8)
             for h in range(2):
                 new.append(builder.fadd(accs[2 * g + h], builder.fmul(pv, vs[h])))  # no contraction: as ref
-        finals = _close_loop(builder, (entry, loop, done), j, j0_v, j1_v, accs, start, new)
+        finals = _close_loop(builder, blocks, j, j0_v, j1_v, accs, start, new)
         for final, p in zip(finals, acc_ptrs):
             builder.store(final, p, align=4)
         return context.get_dummy_value()
@@ -162,18 +154,11 @@ def prefetch_row(typingctx, c16, slot, kvh, d0, n_bytes):
         cty, sty, kty, dty, nty = signature.args
         slot_v, kvh_v, d0_v, nb_v = _as_i64(context, builder, (slot_v, kvh_v, d0_v, nb_v), (sty, kty, dty, nty))
         base = builder.bitcast(_ptr(context, builder, cty, c_v, [slot_v, kvh_v, d0_v]), ir.IntType(8).as_pointer())
-        entry = builder.block
-        loop = builder.append_basic_block("pf_loop")
-        done = builder.append_basic_block("pf_done")
-        builder.cbranch(builder.icmp_signed(">", nb_v, _c64(0)), loop, done)
-        builder.position_at_end(loop)
-        off = builder.phi(_I64)
-        _prefetch(builder, builder.gep(base, [off]))
-        nxt = builder.add(off, _c64(64))
-        off.add_incoming(_c64(0), entry)
-        off.add_incoming(nxt, loop)
-        builder.cbranch(builder.icmp_signed("<", nxt, nb_v), loop, done)
-        builder.position_at_end(done)
+        n_lines = builder.sdiv(builder.add(nb_v, _c64(63)), _c64(64))
+        blocks = _open_loop(builder, "pf", builder.icmp_signed(">", n_lines, _c64(0)))
+        line = builder.phi(_I64)
+        _prefetch(builder, builder.gep(base, [builder.mul(line, _c64(64))]))
+        _close_loop(builder, blocks, line, _c64(0), n_lines, [], [], [])
         return context.get_dummy_value()
 
     return sig, codegen

@@ -14,8 +14,10 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from .simd import (PREFETCH_BYTES, _I8, _I16, _I32, _V8I32, _V16I16, _V32I8, _as_i64, _data_ptr, _get_or_insert,
-                   _prefetch, _reduce_add, _return_rows, _splat)
+from .simd import (PREFETCH_BYTES, _I8, _I16, _I32, _V8I32, _V16I16, _V32I8, _as_i64, _close_loop, _data_ptr,
+                   _get_or_insert, _open_loop, _prefetch, _reduce_add, _return_rows, _splat)
+
+_ALWAYS = ir.Constant(ir.IntType(1), 1)  # callers pass n >= 1: the loops below run at least once
 
 
 def _make_i8_dot_abs(n_rows):
@@ -40,11 +42,7 @@ def _make_i8_dot_abs(n_rows):
             xbases = [_data_ptr(context, builder, xty, x_v, o) for o in offs]
             xabases = [_data_ptr(context, builder, xaty, xa_v, o) for o in offs]
             ones16 = _splat(_I16, 1, 16)
-            entry = builder.block
-            loop = builder.append_basic_block("i8s_loop")
-            done = builder.append_basic_block("i8s_done")
-            builder.branch(loop)
-            builder.position_at_end(loop)
+            blocks = _open_loop(builder, "i8s", _ALWAYS)
             i = builder.phi(i64)
             accs = [builder.phi(_V8I32) for _ in range(n_rows)]
             off = builder.mul(i, ir.Constant(i64, 32))
@@ -59,15 +57,9 @@ def _make_i8_dot_abs(n_rows):
             for t in range(n_rows):
                 prod = builder.call(maddubs, [load(xabases[t]), builder.call(psign, [wv, load(xbases[t])])])
                 new.append(builder.add(accs[t], builder.call(maddwd, [prod, ones16])))
-            i_next = builder.add(i, ir.Constant(i64, 1))
-            i.add_incoming(ir.Constant(i64, 0), entry)
-            i.add_incoming(i_next, loop)
-            for acc, na in zip(accs, new):
-                acc.add_incoming(ir.Constant(_V8I32, None), entry)
-                acc.add_incoming(na, loop)
-            builder.cbranch(builder.icmp_signed("<", i_next, n_v), loop, done)
-            builder.position_at_end(done)
-            return _return_rows(context, builder, signature, [_reduce_add(builder, na) for na in new], n_rows)
+            finals = _close_loop(builder, blocks, i, ir.Constant(i64, 0), n_v, accs,
+                                 [ir.Constant(_V8I32, None)] * n_rows, new)
+            return _return_rows(context, builder, signature, [_reduce_add(builder, f) for f in finals], n_rows)
 
         return sig, codegen
 
@@ -102,11 +94,7 @@ def _make_f16_dot(n_rows):
             xbases = [_data_ptr(context, builder, xty, x_v, builder.add(x0_v, builder.mul(stride_v, c64(t))))
                       for t in range(n_rows)]
             zero = ir.Constant(v8f32, None)
-            entry = builder.block
-            loop = builder.append_basic_block("f16_loop")
-            done = builder.append_basic_block("f16_done")
-            builder.branch(loop)
-            builder.position_at_end(loop)
+            blocks = _open_loop(builder, "f16", _ALWAYS)
             i = builder.phi(i64)
             accs = [[builder.phi(v8f32) for _ in range(4)] for _ in range(n_rows)]
             base = builder.mul(i, c64(32))  # 32 halves = one 64-byte line
@@ -120,18 +108,12 @@ def _make_f16_dot(n_rows):
                     xp = builder.bitcast(builder.gep(xbases[t], [builder.add(base, c64(8 * j))]), v8f32.as_pointer())
                     prod = builder.fmul(wf, builder.load(xp, align=4), flags=["contract"])
                     new[t][j] = builder.fadd(accs[t][j], prod, flags=["contract"])
-            i_next = builder.add(i, c64(1))
-            i.add_incoming(c64(0), entry)
-            i.add_incoming(i_next, loop)
-            for t in range(n_rows):
-                for j in range(4):
-                    accs[t][j].add_incoming(zero, entry)
-                    accs[t][j].add_incoming(new[t][j], loop)
-            builder.cbranch(builder.icmp_signed("<", i_next, n_v), loop, done)
-            builder.position_at_end(done)
+            flat = _close_loop(builder, blocks, i, c64(0), n_v, [a for row in accs for a in row], [zero] * (4 * n_rows),
+                               [v for row in new for v in row])
             sums = []
             for t in range(n_rows):
-                v = builder.fadd(builder.fadd(new[t][0], new[t][1]), builder.fadd(new[t][2], new[t][3]))
+                f = flat[4 * t:4 * t + 4]
+                v = builder.fadd(builder.fadd(f[0], f[1]), builder.fadd(f[2], f[3]))
                 n = 8
                 while n > 1:  # lanes (0..n/2) + (n/2..n), the same order for every row count
                     half = n // 2
