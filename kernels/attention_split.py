@@ -10,10 +10,10 @@ so 2 threads run 3 + 2 of them, and 90 threads leave 85 idle. Here, for float16 
 3. p.v: one task per (token, KV head, slice of D_CHUNK dims of the head): `_pv_g4` as in attention_fast (the
    same order of keys for every output element).
 `choose_attention` (once per step) picks this path when (token, KV head) tasks are scarce and contexts long, or
-for decode steps at very long contexts, else attention_fast; the choice never changes results. The split costs more in total (three parallel regions,
-scores through memory): on one thread, ctx 4096, 30 layers, 65 ms against attention_fast's 42 ms, and on this
-2-vCPU machine 39 against 28 ms. It pays where attention_fast leaves threads idle: from 2 threads per task
-(a decode step of one 2B-4T sequence on 10 or more threads). Not timed here on such a machine.
+for decode steps at long contexts (SPLIT_LONG_KEYS); attention_fast otherwise. The choice never changes results.
+The split runs four parallel regions and passes scores through memory, but keeps every thread busy:
+`python scripts/bench_attention.py -t 2 --layer-caches`, 30 layers each with its own cache, one decode step at
+4096 keys: 35.4 ms split against 48.5 fast; on a 16-core Xeon (one cache for all layers) 9.0 against 19.4.
 """
 import numba
 import numpy as np
