@@ -50,7 +50,7 @@ if HAVE_F16C:
         for t in range(T):
             for c in range(chunk_offs[t], chunk_offs[t + 1]):
                 chunk_token[c] = t
-        slots = np.empty((T, n_max), np.int64)
+        slots = np.zeros((T, n_max), np.int64)  # past a token's keys: slot 0, a valid row for the K/V prefetches
         scores = np.empty((T, H, n_max), np.float32)  # C order: scores[t][h0:h0 + 4] stays contiguous
         for c in prange(chunk_offs[T]):  # 0. slots of each chunk's keys
             t = chunk_token[c]
