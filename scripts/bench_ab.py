@@ -1,0 +1,141 @@
+#!/usr/bin/env python
+"""This tree's engine against another git revision's, in one process, alternated round by round:
+
+    python scripts/bench_ab.py -m out/2b4t-i2s.gguf --against REV [-t 2] [--rounds 8] [-n 16] [-p 128] [-d 0]
+
+The host drifts 10-30 % from one quarter hour to the next, more than most kernel changes gain, so timing two
+trees in separate processes minutes apart decides little. Here REV's `bitnet_py` and `kernels` are extracted
+(`git archive`) into a temporary folder as the packages `bitnet_py_<rev>` and `kernels_<rev>` (their absolute
+imports of each other rewritten), both engines load the same model file (one page cache), and each round runs
+a -p token prefill and -n decode steps from depth -d with one engine, then with the other (the order flips
+every round), each on its own KV cache. Prints tok/s medians per engine and the median of the per-round
+ratios (this tree / REV), and whether the two engines' logits are identical.
+"""
+from __future__ import annotations
+
+import argparse
+import atexit
+import importlib
+import io
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+BLOCK = 16
+PACKAGES = ("bitnet_py", "kernels")
+
+
+def engine_at(rev: str):
+    """REV's bitnet_py.model module, imported as bitnet_py_<rev>.model beside this tree's (with kernels_<rev>)."""
+    suffix = "_" + re.sub(r"\W", "_", rev)
+    data = subprocess.run(["git", "-C", REPO, "archive", rev, *PACKAGES], capture_output=True, check=True).stdout
+    folder = tempfile.mkdtemp(prefix="bench-ab-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(folder, filter="data")
+    pattern = re.compile(r"^(\s*)(from|import) (" + "|".join(PACKAGES) + r")\b", re.MULTILINE)
+    for package in PACKAGES:
+        root = os.path.join(folder, package)
+        for dirpath, _, files in os.walk(root):
+            for name in files:
+                if name.endswith(".py"):
+                    path = os.path.join(dirpath, name)
+                    with open(path, encoding="utf-8") as f:
+                        source = f.read()
+                    with open(path, "w", encoding="utf-8") as f:
+                        f.write(pattern.sub(lambda m: f"{m[1]}{m[2]} {m[3]}{suffix}", source))
+        os.rename(root, root + suffix)
+    sys.path.insert(0, folder)
+    return importlib.import_module(f"bitnet_py{suffix}.model")
+
+
+def _batch(model_module, tokens: np.ndarray, start: int, tables: np.ndarray):
+    T = len(tokens)
+    return model_module.Batch(tokens.astype(np.int32), np.arange(start, start + T, dtype=np.int32),
+                              np.zeros(T, np.int32), tables, np.array([T - 1], np.int32))
+
+
+def run(model_path: str, rev: str, threads: int, rounds: int, n_decode: int, n_prefill: int, depth: int) -> dict:
+    import numba
+
+    from bitnet_py import model as ours_module
+    theirs_module = engine_at(rev)
+    numba.set_num_threads(threads)
+    engines = {"this tree": (ours_module, ours_module.Model.load(model_path)),
+               rev: (theirs_module, theirs_module.Model.load(model_path))}
+    n_ctx = depth + max(n_prefill, 1) + n_decode + 1
+    blocks = (n_ctx + BLOCK - 1) // BLOCK
+    tables = np.arange(blocks, dtype=np.int32)[None]
+    rng = np.random.default_rng(0)
+    context = rng.integers(0, engines["this tree"][1].config.n_vocab, depth + max(n_prefill, 1) + n_decode)
+    caches, logits = {}, {}
+    for name, (module, model) in engines.items():  # the context up to the depth, in chunks; warm-up; logits
+        kv = caches[name] = model.new_kv_cache(blocks, BLOCK)
+        for start in range(0, depth, 512):
+            model.forward(_batch(module, context[start:min(depth, start + 512)], start, tables), kv)
+        logits[name] = model.forward(_batch(module, context[depth:depth + max(n_prefill, 1)], depth, tables), kv)
+    identical = np.array_equal(*logits.values())
+    times = {name: {"prefill": [], "decode": []} for name in engines}
+    for r in range(rounds):
+        for name in (list(engines) if r % 2 == 0 else list(engines)[::-1]):
+            module, model = engines[name]
+            kv = caches[name]
+            if n_prefill:
+                t0 = time.perf_counter()
+                model.forward(_batch(module, context[depth:depth + n_prefill], depth, tables), kv)
+                times[name]["prefill"].append(n_prefill / (time.perf_counter() - t0))
+            position = depth + max(n_prefill, 1)
+            t0 = time.perf_counter()
+            for i in range(n_decode):
+                model.forward(_batch(module, context[position + i:position + i + 1], position + i, tables), kv)
+            if n_decode:
+                times[name]["decode"].append(n_decode / (time.perf_counter() - t0))
+    result = {"identical_logits": bool(identical), "tests": []}
+    ours, theirs = list(engines)
+    for test, n in (("prefill", n_prefill), ("decode", n_decode)):
+        if not n:
+            continue
+        a, b = times[ours][test], times[theirs][test]
+        result["tests"].append(dict(test=f"pp{n}" if test == "prefill" else f"tg{n}", ours=statistics.median(a),
+                                    theirs=statistics.median(b),
+                                    ratio=statistics.median(x / y for x, y in zip(a, b)),
+                                    ahead=sum(x > y for x, y in zip(a, b)), rounds=len(a)))
+    return result
+
+
+def main(argv=None) -> int:
+    import numba
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("-m", "--model", required=True)
+    p.add_argument("--against", required=True, metavar="REV", help="git revision to compare with (e.g. HEAD~1)")
+    p.add_argument("-t", "--threads", type=int, default=numba.config.NUMBA_NUM_THREADS)
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("-n", "--n-decode", type=int, default=16, help="decode steps per round (0: none)")
+    p.add_argument("-p", "--n-prefill", type=int, default=128, help="prefill tokens per round (0: none)")
+    p.add_argument("-d", "--depth", type=int, default=0, help="tokens already in the KV cache")
+    a = p.parse_args(argv)
+    if a.rounds < 1 or a.n_decode < 0 or a.n_prefill < 0 or a.depth < 0 or a.n_decode + a.n_prefill == 0:
+        raise SystemExit("error: need --rounds >= 1, -n/-p/-d >= 0 and something to time (-n or -p)")
+    res = run(a.model, a.against, a.threads, a.rounds, a.n_decode, a.n_prefill, a.depth)
+    print(f"{os.path.basename(a.model)}, {a.threads} threads, depth {a.depth}, {a.rounds} rounds, load avg "
+          f"{os.getloadavg()[0]:.1f}; logits identical to {a.against}: {res['identical_logits']}\n")
+    print(f"| test | this tree tok/s | {a.against} tok/s | ratio (median per round) | rounds ahead |")
+    print("|---|---|---|---|---|")
+    for t in res["tests"]:
+        print(f"| {t['test']} | {t['ours']:.2f} | {t['theirs']:.2f} | {t['ratio']:.3f} | {t['ahead']}/{t['rounds']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
