@@ -36,16 +36,17 @@ BLOCK = 16
 PACKAGES = ("bitnet_py", "kernels")
 
 
-def engine_at(rev: str):
-    """REV's bitnet_py.model module, imported as bitnet_py_<rev>.model beside this tree's (with kernels_<rev>)."""
+def packages_at(rev: str, packages=PACKAGES) -> str:
+    """Extract REV's `packages` (`git archive`) into a temporary folder as `<package>_<rev>`, rewrite their absolute
+    imports of each other to those names, and put the folder on sys.path -> the suffix `_<rev>`."""
     suffix = "_" + re.sub(r"\W", "_", rev)
-    data = subprocess.run(["git", "-C", REPO, "archive", rev, *PACKAGES], capture_output=True, check=True).stdout
+    data = subprocess.run(["git", "-C", REPO, "archive", rev, *packages], capture_output=True, check=True).stdout
     folder = tempfile.mkdtemp(prefix="bench-ab-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         tar.extractall(folder, filter="data")
-    pattern = re.compile(r"^(\s*)(from|import) (" + "|".join(PACKAGES) + r")\b", re.MULTILINE)
-    for package in PACKAGES:
+    pattern = re.compile(r"^(\s*)(from|import) (" + "|".join(packages) + r")\b", re.MULTILINE)
+    for package in packages:
         root = os.path.join(folder, package)
         for dirpath, _, files in os.walk(root):
             for name in files:
@@ -57,7 +58,12 @@ def engine_at(rev: str):
                         f.write(pattern.sub(lambda m: f"{m[1]}{m[2]} {m[3]}{suffix}", source))
         os.rename(root, root + suffix)
     sys.path.insert(0, folder)
-    return importlib.import_module(f"bitnet_py{suffix}.model")
+    return suffix
+
+
+def engine_at(rev: str):
+    """REV's bitnet_py.model module, imported as bitnet_py_<rev>.model beside this tree's (with kernels_<rev>)."""
+    return importlib.import_module(f"bitnet_py{packages_at(rev)}.model")
 
 
 def _batch(model_module, tokens: np.ndarray, start: int, tables: np.ndarray):

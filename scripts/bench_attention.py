@@ -16,23 +16,17 @@ interleaved with the working tree's (a copy of REV's kernels/ imported as a seco
 from __future__ import annotations
 
 import argparse
-import atexit
 import importlib
-import io
 import os
-import re
-import shutil
 import statistics
-import subprocess
 import sys
-import tarfile
-import tempfile
 import time
 
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "scripts"))  # bench_ab's packages_at, also when loaded from a file path
 
 H, KVH, D, BLOCK = 20, 5, 128, 16
 CASES = {  # name -> (tokens per sequence, sequences, context length)
@@ -65,16 +59,10 @@ def make_case(per_seq: int, n_seq: int, n_ctx: int, rng, n_caches: int = 1):
 
 
 def kernels_at(rev: str) -> dict:
-    """fast, split and auto attention of git revision `rev`: its kernels/ extracted to a temporary folder as the
-    package `kernels_<rev>` (the kernels import each other relatively), imported beside the working tree's."""
-    pkg = "kernels_" + re.sub(r"\W", "_", rev)
-    data = subprocess.run(["git", "-C", REPO, "archive", rev, "kernels"], capture_output=True, check=True).stdout
-    folder = tempfile.mkdtemp(prefix="bench-attention-")
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        tar.extractall(folder, filter="data")
-    os.rename(os.path.join(folder, "kernels"), os.path.join(folder, pkg))
-    sys.path.insert(0, folder)
+    """fast, split and auto attention of git revision `rev`, from its kernels/ imported as `kernels_<rev>` beside
+    the working tree's (scripts/bench_ab.py's `packages_at`)."""
+    from bench_ab import packages_at
+    pkg = "kernels" + packages_at(rev, ("kernels",))
     fast = importlib.import_module(pkg + ".attention_fast")
     split = importlib.import_module(pkg + ".attention_split")
     return {f"fast@{rev}": fast.paged_attention_fast, f"split@{rev}": split.paged_attention_split_g4,
