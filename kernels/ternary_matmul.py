@@ -61,11 +61,6 @@ if HAVE_AVX2:
         row_bytes = K // 4
         n_blocks = K // 128
         qf = q.reshape(-1)  # i8[T*K]
-        if T == 1:  # decode: the loop below with its token bookkeeping hoisted out (~7 % at K = 2560)
-            for m in range(m_lo, m_hi):
-                d0 = i2s_dot1(packed, m * row_bytes, qf, 0, K, n_blocks)
-                out[0, m] = np.float32(d0 - act_sums[0]) / act_scales[0] * scale
-            return
         t = 0
         while t + 4 <= T:
             for m in range(m_lo, m_hi):
