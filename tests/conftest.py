@@ -15,6 +15,15 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures"
 
 
+def load_script(name: str):
+    """scripts/<name>.py as a module (the scripts are files, not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def fixture_path(*parts: str) -> Path:
     p = FIXTURES.joinpath(*parts)
     if not p.exists():

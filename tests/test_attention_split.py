@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 import naive
+from conftest import REPO as ROOT, load_script
 from kernels.simd import HAVE_F16C
 
 pytestmark = pytest.mark.skipif(not HAVE_F16C, reason="the split kernel needs hardware float16 conversion")
 
 RNG = np.random.default_rng(2024)
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _case(D, KVH, positions, seqs, bs=16):
@@ -122,16 +122,8 @@ def test_auto_picks_split_only_for_few_long_tasks(monkeypatch):
     assert run(9, split_mod.SPLIT_LONG_KEYS + 8) == "fast"  # more tokens: prefill-like, attention_fast
 
 
-def _bench_attention_script():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_attention", ROOT / "scripts" / "bench_attention.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_bench_attention_script_prints_checked_table(capsys):
-    mod = _bench_attention_script()
+    mod = load_script("bench_attention")
     assert mod.main(["--cases", "decode512", "-r", "1", "-t", "1"]) == 0
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| decode512 |")]
     assert len(row) == 1 and row[0].count("x)") == 3  # fast, split, auto with their speed-ups over plain
@@ -145,7 +137,7 @@ def test_bench_attention_imports_another_revisions_kernels():
     import subprocess
     if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True).returncode:
         pytest.fail("the tests run from a git checkout (CI clones the repository)")
-    other = _bench_attention_script().kernels_at("HEAD")
+    other = load_script("bench_attention").kernels_at("HEAD")
     assert sorted(other) == ["auto@HEAD", "fast@HEAD", "split@HEAD"]
     import kernels.attention_fast
     copy = sys.modules["kernels_HEAD.attention_fast"]

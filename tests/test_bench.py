@@ -9,7 +9,7 @@ import pytest
 
 from bitnet_py import bench
 from bitnet_py.model import Model
-from conftest import REPO, fixture_path
+from conftest import REPO, fixture_path, load_script
 
 TINY = "tiny-bitnet", "ggml-model-i2_s.gguf"
 
@@ -147,19 +147,11 @@ def test_read_sum_reads_every_word_in_enough_tasks(n_words, n_threads):
     assert np.array_equal(partial, np.array(expected, np.uint64))
 
 
-def _script(name: str):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_bench_ab_imports_another_revision_beside_this_tree():
     """scripts/bench_ab.py --against REV: REV's bitnet_py and kernels become bitnet_py_<rev> / kernels_<rev>, their
     imports of each other rewritten, so the copy runs its own kernels, not this tree's."""
     import bitnet_py.model
-    theirs = _script("bench_ab").engine_at("HEAD")
+    theirs = load_script("bench_ab").engine_at("HEAD")
     assert theirs.__name__ == "bitnet_py_HEAD.model" and theirs.Model is not bitnet_py.model.Model
     assert theirs.ternary_kernels.__module__ == "kernels_HEAD.select"
     assert theirs.f16_matmul.py_func.__module__ == "kernels_HEAD.dense"
@@ -170,7 +162,7 @@ def test_bench_ab_rounds_and_ratios(monkeypatch, capsys):
     """The A/B loop on the tiny model, with this tree standing in for the other revision (no second JIT): logits
     identical, every round timed for both engines, ratios per round."""
     import bitnet_py.model
-    mod = _script("bench_ab")
+    mod = load_script("bench_ab")
     monkeypatch.setattr(mod, "engine_at", lambda rev: bitnet_py.model)
     path = str(fixture_path(*TINY))
     res = mod.run(path, "HEAD", threads=1, rounds=3, n_decode=2, n_prefill=5, depth=7)

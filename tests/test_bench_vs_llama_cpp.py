@@ -5,14 +5,13 @@ same hf/ weights for llama.cpp (the layouts match). Needs llama-cpp-python (CI i
 skip, unless BITNET_PARITY_REQUIRE_PEER=1)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, fixture_path
+from conftest import fixture_path, load_script
 
 try:
     import llama_cpp
@@ -21,13 +20,6 @@ except ImportError:
 
 pytestmark = pytest.mark.skipif(llama_cpp is None and os.environ.get("BITNET_PARITY_REQUIRE_PEER") != "1",
                                 reason="llama-cpp-python not installed (scripts/install_llama_cpp_python.sh)")
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("bench_vs_llama_cpp", REPO / "scripts" / "bench_vs_llama_cpp.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +32,9 @@ def peer_file(tmp_path_factory) -> Path:
 
 def test_both_engines_timed_with_their_ratio(peer_file, capsys):
     ours = fixture_path("tiny-bitnet", "ggml-model-i2_s.gguf")
-    rc = _script().main(["--ours", str(ours), "--peer", str(peer_file), "-p", "8", "-n", "4", "-t", "1",
-                         "-r", "2", "--rounds", "2", "--json"])
+    script = load_script("bench_vs_llama_cpp")
+    rc = script.main(["--ours", str(ours), "--peer", str(peer_file), "-p", "8", "-n", "4", "-t", "1",
+                      "-r", "2", "--rounds", "2", "--json"])
     assert rc == 0
     res = json.loads(capsys.readouterr().out)
     assert res["layout"]["arch"] == "bitnet" and "I2_S" in res["layout"]["matrix_types"]
@@ -56,15 +49,16 @@ def test_both_engines_timed_with_their_ratio(peer_file, capsys):
 
 def test_markdown_table(peer_file, capsys):
     ours = fixture_path("tiny-bitnet", "ggml-model-i2_s.gguf")
-    assert _script().main(["--ours", str(ours), "--peer", str(peer_file), "-p", "4", "-n", "0", "-t", "1",
-                           "-r", "1", "--rounds", "1"]) == 0
+    script = load_script("bench_vs_llama_cpp")
+    assert script.main(["--ours", str(ours), "--peer", str(peer_file), "-p", "4", "-n", "0", "-t", "1",
+                        "-r", "1", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert "| test | threads | bitnet-py tok/s | llama.cpp tok/s | ratio |" in out
     assert sum(line.startswith("| pp4 | 1 |") for line in out.splitlines()) == 1
 
 
 def test_different_layouts_and_bad_input_are_refused(peer_file, capsys, tmp_path):
-    script = _script()
+    script = load_script("bench_vs_llama_cpp")
     other = fixture_path("tiny-llama", "ggml-model-f32.gguf")
     assert script.main(["--ours", str(other), "--peer", str(peer_file)]) == 1
     assert "different layouts: arch llama vs bitnet" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import pytest
 
 from bitnet_py.dummy import make_dummy
 from bitnet_py.model import LAYER_STEPS_MAX_TOKENS, Batch, Model
-from conftest import fixture_path
+from conftest import fixture_path, load_script
 from kernels import config as kernel_config
 from kernels import layer_steps
 
@@ -78,21 +78,11 @@ def test_general_path_where_layer_steps_do_not_apply(tmp_path, monkeypatch):
     assert np.isfinite(logits).all()
 
 
-def _bench_script():
-    import importlib.util
-
-    from conftest import REPO
-    spec = importlib.util.spec_from_file_location("bench_layer_steps", REPO / "scripts" / "bench_layer_steps.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_bench_layer_steps_script(capsys):
     """scripts/bench_layer_steps.py: one table row per batch size and thread count, both paths timed, logits
     checked identical; a model without layer steps is refused with a message."""
     import numba
-    script = _bench_script()
+    script = load_script("bench_layer_steps")
     i2s = str(fixture_path("tiny-bitnet", "ggml-model-i2_s.gguf"))
     threads = numba.get_num_threads()
     try:
