@@ -198,6 +198,40 @@ def test_ternary_kernels_multi_exact(name, T, Ms, K):
         assert np.array_equal(out, naive.ternary_matmul(w, q, s, sc))
 
 
+@pytest.mark.skipif(not HAVE_AVX2, reason="the vpmaddubsw dots need AVX2")
+def test_i2s_dots_largest_i16_lane_sums_stay_exact():
+    # every code 3 (the largest code a byte can hold; I2_S writes 0-2) against -128 and 127 on every value: the
+    # i16 lane sums of a whole loop step (BLOCKS_PER_STEP[n] blocks before widening) at their largest, plus the
+    # single-block tail, for 1, 2 and 4 rows; compared with the byte layout's own definition of the codes
+    from numba import njit
+
+    from kernels.simd import BLOCKS_PER_STEP, i2s_dot1, i2s_dot2, i2s_dot4
+
+    @njit(cache=False)
+    def dots(packed, q, K, out):
+        nb = K // 128
+        out[0] = i2s_dot1(packed, 0, q, 0, K, nb)
+        out[1], out[2] = i2s_dot2(packed, 0, q, 0, K, nb)
+        out[3], out[4], out[5], out[6] = i2s_dot4(packed, 0, q, 0, K, nb)
+
+    assert max(BLOCKS_PER_STEP.values()) * 2 * (2 * 12 * 128) < 32768  # the four-times sum's bound
+    for K in (128 * max(BLOCKS_PER_STEP.values()), 128 * (2 * max(BLOCKS_PER_STEP.values()) + 3)):
+        for fill in (0xFF, 0xAA, 0x55, None):
+            packed = (np.full(K // 4, fill, np.uint8) if fill is not None
+                      else RNG.integers(0, 256, K // 4).astype(np.uint8))
+            blocks = packed.reshape(-1, 32)
+            codes = np.concatenate([(blocks >> s) & 3 for s in (6, 4, 2, 0)], axis=1).reshape(-1)  # value order
+            q = np.empty((4, K), np.int8)
+            q[0], q[1] = -128, 127
+            q[2] = RNG.integers(-128, 128, K)
+            q[3] = np.where(np.arange(K) % 2, -128, 127)
+            out = np.zeros(7, np.int64)
+            dots(packed, q.reshape(-1), K, out)
+            want = (codes.astype(np.int64) * q.astype(np.int64)).sum(axis=1)
+            assert out[0] == want[0] and out[1:3].tolist() == want[:2].tolist(), (K, fill)
+            assert out[3:].tolist() == want.tolist(), (K, fill)
+
+
 def test_simd_kernel_is_used_where_available():
     # the fast kernel must actually be the SIMD one on AVX2 hosts (else the tests above test plain loops twice)
     from kernels.select import ternary_kernels
