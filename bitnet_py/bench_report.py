@@ -45,6 +45,17 @@ def cpu_name() -> str:
     return "unknown"
 
 
+def memory_note(memory: dict | None, file_bytes: int) -> str:
+    """', file mapped' or ', --no-mmap: anonymous copy, N GiB of it in huge pages' for the model-load line."""
+    if not memory:
+        return ""
+    if memory["kind"] == "mmap":
+        return ", file mapped"
+    huge = memory.get("huge_page_bytes")
+    share = "" if huge is None else f", {huge / 2**30:.2f} of {file_bytes / 2**30:.2f} GiB in huge pages"
+    return f", --no-mmap: anonymous copy{share}"
+
+
 def markdown(res: dict) -> str:
     gb = 1e9
     lines = [f"model: `{res['model']}` ({res['arch']}, {res['type']}, {res['file_bytes'] / 2**30:.2f} GiB), "
@@ -60,7 +71,8 @@ def markdown(res: dict) -> str:
                      f"{r['load']:.1f} | {fmt_steal(r)} | {roof} | {vs} |")
     db = res["decode_bytes"]
     tl2 = f" (TL2 weights: {res['tl2_source']})" if res.get("tl2_source") else ""
-    lines += ["", f"- model load: {res['load_ms']:.0f} ms{tl2}"]
+    memory = memory_note(res.get("weights_memory"), res["file_bytes"])
+    lines += ["", f"- model load: {res['load_ms']:.0f} ms{tl2}{memory}"]
     if res["jit"]:
         c, w = res["jit"]["cold"], res["jit"]["cached"]
         lines.append(f"- JIT warm-up (first forwards of 1, 2, 3, 5 tokens minus the same forwards compiled): cold "

@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tl2-config", default=None, help="bitnet.cpp kernel_config.ini for TL2 files")
     p.add_argument("--cache-type", choices=("f16", "f32"), default="f16", help="KV cache precision")
     p.add_argument("--head-type", choices=("f16", "int8"), default="f16", help="int8: approximate, faster head")
+    p.add_argument("--no-mmap", action="store_true",
+                   help="copy the model into anonymous memory (huge pages where the host offers them) instead of "
+                        "mapping the file: slower start, ~5 %% faster decode")
     return p
 
 
@@ -56,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     try:
         path = resolve_model(args.model)
-        model = Model.load(path, tl2_config=args.tl2_config, cache_type=args.cache_type, head_type=args.head_type)
+        model = Model.load(path, tl2_config=args.tl2_config, cache_type=args.cache_type, head_type=args.head_type,
+                           no_mmap=args.no_mmap)
         tok = model.tokenizer
     except (GGUFError, ModelResolveError, ValueError, OSError) as e:
         return _error(str(e))

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .gguf.anonymous_copy import copy_to_anonymous
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bump when the repacked layout or this file format changes
@@ -78,7 +80,9 @@ class RepackCache:
     """The cache file of one source GGUF and tiling: `get(name)` -> mapped u8 array or None (a miss);
     `put(name, packed)` collects this load's repacked tensors; `save()` writes them if anything missed."""
 
-    def __init__(self, source: str | os.PathLike, tiling: dict, folder: Path | None = None):
+    def __init__(self, source: str | os.PathLike, tiling: dict, folder: Path | None = None, anonymous: bool = False):
+        """anonymous: copy a cache file that is hit into anonymous memory (the model's no_mmap)."""
+        self.anonymous = anonymous
         real = os.path.realpath(source)
         st = os.stat(real)
         tiles = sorted((m, k, t.bm, t.bk) for (m, k), t in tiling.items())
@@ -110,6 +114,8 @@ class RepackCache:
             meta = json.loads(head[len(MAGIC):].rstrip(b"\0"))
             if meta.get("key") != self.key:
                 raise ValueError("key mismatch")
+            if self.anonymous:
+                mm = copy_to_anonymous(mm, size)
             data = np.frombuffer(mm, dtype=np.uint8)
             out = {}
             for name, (offset, nbytes) in meta["tensors"].items():

@@ -13,6 +13,7 @@ import numpy as np
 from kernels.tl2_repack import pack_i2s, tl2_to_i2s_packed, tq2_0_to_i2s_packed
 
 from .config import ModelConfig
+from .gguf.anonymous_copy import release
 from .gguf.constants import DEQUANT_TYPES, I2S_BLOCK, TL2_ROWPERM, TQ_BLOCK, GGMLType
 from .gguf.reader import GGUFError, GGUFFile, TensorInfo
 from .gguf.ternary_unpack import i2s_scale, tl2_region, unpack_tq1_0
@@ -169,7 +170,7 @@ def load_weights(f: GGUFFile, cfg: ModelConfig, tiling: dict[tuple[int, int], TL
     when it holds this file; otherwise they are repacked and the cache is written."""
     E, F, Q, KV = cfg.n_embd, cfg.n_ff, cfg.q_dim, cfg.kv_dim
     repacks = bool(tiling) or any(t.type_id in (GGMLType.TQ1_0, GGMLType.TQ2_0) for t in f.tensors.values())
-    repacked = RepackCache(f.path, tiling) if repacks and cache_enabled() else None
+    repacked = RepackCache(f.path, tiling, anonymous=not f.mapped) if repacks and cache_enabled() else None
 
     def linear(name: str, m: int, k: int):
         return load_linear(f, name, m, k, tiling, repacked)
@@ -212,7 +213,8 @@ INT8_HEAD_CHUNK_ROWS = 8192  # rows of the f16 head quantized (then released fro
 def int8_head(f: GGUFFile, w: DenseWeight) -> DenseWeight:
     """The f16 output head quantized to int8 with per-row scales (head_type="int8"): half the bytes per
     decoded token, not bit-exact with bitnet.cpp. The f16 pages read here are released from this process's
-    resident set afterwards (they stay in the page cache; tied embedding rows fault back in on use)."""
+    resident set afterwards (they stay in the page cache; tied embedding rows fault back in on use), except
+    from an anonymous copy (no_mmap), where the embedding still needs them."""
     from kernels.dense import quantize_f16_rows_i8
     if w.f16_bits is None:
         raise ValueError(f"the int8 head needs an F16 output head, this one is {w.source_type}")
@@ -221,22 +223,17 @@ def int8_head(f: GGUFFile, w: DenseWeight) -> DenseWeight:
     for lo in range(0, w.m, INT8_HEAD_CHUNK_ROWS):  # in chunks, so the f16 pages never all sit in RSS at once
         hi = min(w.m, lo + INT8_HEAD_CHUNK_ROWS)
         quantize_f16_rows_i8(w.f16_bits[lo:hi], q[lo:hi], scales[lo:hi])
-        _release_pages(f, w.f16_bits[lo:hi])
+        _release_pages(f, w.f16_bits[lo:hi], read_again=True)  # a tied embedding reads its rows
     return DenseWeight(w.m, w.k, None, None, "I8(F16)", q, scales)
 
 
-def _release_pages(f: GGUFFile, view: np.ndarray) -> None:
-    """madvise(DONTNEED) the whole pages of a memory-mapped view (read-only shared map: pages stay cached)."""
-    import mmap
-    base = f._data.ctypes.data
-    start = view.ctypes.data - base
-    page = mmap.PAGESIZE
-    lo, hi = (start + page - 1) // page * page, (start + view.nbytes) // page * page
-    if hi > lo and hasattr(f._mmap, "madvise"):
-        try:
-            f._mmap.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-        except (OSError, ValueError):
-            pass
+def _release_pages(f: GGUFFile, view: np.ndarray, read_again: bool = False) -> None:
+    """Release the whole pages of a view of the file's bytes from the resident set: from a file map they
+    leave it and stay cached (faulted back in if read again). An anonymous copy (`no_mmap`) frees them, so
+    there only views never read again (read_again False) are released."""
+    if f.mapped or not read_again:
+        start = view.ctypes.data - f._data.ctypes.data
+        release(f._mmap, start, start + view.nbytes)
 
 
 def embedding_rows(f: GGUFFile, info: TensorInfo, ids: np.ndarray) -> np.ndarray:

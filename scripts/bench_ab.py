@@ -72,13 +72,14 @@ def _batch(model_module, tokens: np.ndarray, start: int, tables: np.ndarray):
                               np.zeros(T, np.int32), tables, np.array([T - 1], np.int32))
 
 
-def run(model_path: str, rev: str, threads: int, rounds: int, n_decode: int, n_prefill: int, depth: int) -> dict:
+def run(model_path: str, rev: str, threads: int, rounds: int, n_decode: int, n_prefill: int, depth: int,
+        no_mmap: bool = False) -> dict:
     import numba
 
     from bitnet_py import model as ours_module
     theirs_module = engine_at(rev)
     numba.set_num_threads(threads)
-    engines = {"this tree": (ours_module, ours_module.Model.load(model_path)),
+    engines = {"this tree": (ours_module, ours_module.Model.load(model_path, no_mmap=no_mmap)),
                rev: (theirs_module, theirs_module.Model.load(model_path))}
     n_ctx = depth + max(n_prefill, 1) + n_decode + 1
     blocks = (n_ctx + BLOCK - 1) // BLOCK
@@ -130,12 +131,16 @@ def main(argv=None) -> int:
     p.add_argument("-n", "--n-decode", type=int, default=16, help="decode steps per round (0: none)")
     p.add_argument("-p", "--n-prefill", type=int, default=128, help="prefill tokens per round (0: none)")
     p.add_argument("-d", "--depth", type=int, default=0, help="tokens already in the KV cache")
+    p.add_argument("--no-mmap", action="store_true",
+                   help="load this tree's model with --no-mmap (REV's maps the file): with --against HEAD and a "
+                        "clean tree, the A/B of the two ways to hold the weights")
     a = p.parse_args(argv)
     if a.rounds < 1 or a.n_decode < 0 or a.n_prefill < 0 or a.depth < 0 or a.n_decode + a.n_prefill == 0:
         raise SystemExit("error: need --rounds >= 1, -n/-p/-d >= 0 and something to time (-n or -p)")
-    res = run(a.model, a.against, a.threads, a.rounds, a.n_decode, a.n_prefill, a.depth)
+    res = run(a.model, a.against, a.threads, a.rounds, a.n_decode, a.n_prefill, a.depth, a.no_mmap)
     print(f"{os.path.basename(a.model)}, {a.threads} threads, depth {a.depth}, {a.rounds} rounds, load avg "
-          f"{os.getloadavg()[0]:.1f}; logits identical to {a.against}: {res['identical_logits']}\n")
+          f"{os.getloadavg()[0]:.1f}{'; this tree --no-mmap' if a.no_mmap else ''}; logits identical to "
+          f"{a.against}: {res['identical_logits']}\n")
     print(f"| test | this tree tok/s | {a.against} tok/s | ratio (median per round) | rounds ahead |")
     print("|---|---|---|---|---|")
     for t in res["tests"]:

@@ -33,6 +33,16 @@ def test_bench_json_structure(capsys):
     assert res["rss_ratio"] == pytest.approx(res["peak_rss_bytes"] / (res["file_bytes"] + res["kv_bytes"]))
     assert res["type"] == "I2_S" and res["threading_layer"] in ("omp", "tbb", "workqueue")
     assert "vs_bitnet_cpp" not in tg  # not the 2B-4T layout
+    assert res["weights_memory"] == {"kind": "mmap", "huge_page_bytes": 0}
+
+
+def test_bench_no_mmap_reports_the_copy(capsys):
+    path = str(fixture_path(*TINY))
+    assert bench.main(["-m", path, "-p", "4", "-n", "1", "-t", "1", "-r", "1", "--no-jit", "--json", "--no-mmap"]) == 0
+    memory = json.loads(capsys.readouterr().out)["weights_memory"]
+    assert memory["kind"] == "anonymous" and 0 <= memory["huge_page_bytes"] <= 2 ** 21 * 2
+    assert bench.main(["-m", path, "-p", "4", "-n", "1", "-t", "1", "-r", "1", "--no-jit", "--no-mmap"]) == 0
+    assert "--no-mmap: anonymous copy, " in capsys.readouterr().out
 
 
 def test_bench_markdown_and_kernel_choice(capsys, monkeypatch):
@@ -167,6 +177,11 @@ def test_bench_ab_rounds_and_ratios(monkeypatch, capsys):
     path = str(fixture_path(*TINY))
     res = mod.run(path, "HEAD", threads=1, rounds=3, n_decode=2, n_prefill=5, depth=7)
     assert res["identical_logits"] is True
+    loads, load = [], Model.load
+    monkeypatch.setattr(Model, "load", lambda p, **kw: loads.append(kw) or load(p, **kw))
+    assert mod.run(path, "HEAD", threads=1, rounds=1, n_decode=1, n_prefill=0, depth=0,
+                   no_mmap=True)["identical_logits"] is True
+    assert loads == [{"no_mmap": True}, {}]  # this tree's copy, the other revision's map
     assert [t["test"] for t in res["tests"]] == ["pp5", "tg2"]
     for t in res["tests"]:
         assert t["rounds"] == 3 and 0 <= t["ahead"] <= 3 and t["ours"] > 0 and t["theirs"] > 0 and t["ratio"] > 0

@@ -167,16 +167,16 @@ echo "serve $*" >> "$STUB_LOG"
 """
 
 
-def _run_script(name: str, tmp_path: Path, num_threads: str) -> list[str]:
+def _run_script(name: str, tmp_path: Path, num_threads: str, extra_env: dict | None = None) -> list[str]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     stub = bin_dir / "python"
     stub.write_text(STUB_PYTHON)
     stub.chmod(0o755)
-    log = tmp_path / f"log-{num_threads or 'empty'}"
+    log = tmp_path / f"log-{num_threads or 'empty'}-{'-'.join(f'{k}{v}' for k, v in (extra_env or {}).items())}"
     envs = load(name)["envs"]
     env = {**os.environ, **{k: str(v) for k, v in envs.items()}, "NUM_THREADS": num_threads,
-           "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_LOG": str(log)}
+           "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_LOG": str(log), **(extra_env or {})}
     subprocess.run(["bash", "-c", load(name)["run"]], cwd=REPO_ROOT, env=env, check=True, timeout=60)
     return log.read_text().splitlines()
 
@@ -187,9 +187,11 @@ def test_run_threads_follow_vcpus(name, tmp_path):
     hub_line, serve_line = _run_script(name, tmp_path, "")
     assert "offline=1" in hub_line and "microsoft/BitNet-b1.58-2B-4T --quant-type" in hub_line
     args = serve_line.split()
-    assert args[:2] == ["serve", "serve.py"]
-    flags = dict(zip(args[2::2], args[3::2]))
+    assert args[:2] == ["serve", "serve.py"] and args[-1] == "--no-mmap"  # NO_MMAP defaults to 1
+    flags = dict(zip(args[2:-1:2], args[3:-1:2]))
     assert flags == {"--model": "/models/fake.gguf", "--threads": nproc, "--ctx-size": "8192",
                      "--host": "0.0.0.0", "--port": "8080"}
     _, serve_line = _run_script(name, tmp_path, "3")
     assert "--threads 3 " in serve_line
+    _, serve_line = _run_script(name, tmp_path, "3", {"NO_MMAP": "0"})
+    assert "--no-mmap" not in serve_line

@@ -4,7 +4,6 @@ exit 0 within a bound) and damaged model files (clear one-line error, exit != 0,
 from __future__ import annotations
 
 import json
-import os
 import signal
 import struct
 import subprocess

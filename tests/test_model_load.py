@@ -71,10 +71,11 @@ def _cli(*args):
                           timeout=300)
 
 
-def test_cli_generate_matches_reference_text():
+@pytest.mark.parametrize("memory", [[], ["--no-mmap"]])
+def test_cli_generate_matches_reference_text(memory):
     ref = load_reference("tiny-llama", "i2_s")["results"][0]
     r = _cli("generate", "-m", str(fixture_path("tiny-llama", "ggml-model-i2_s.gguf")), "-p", ref["prompt"],
-             "-n", "16", "--temp", "0", "-t", "1")
+             "-n", "16", "--temp", "0", "-t", "1", *memory)
     assert r.returncode == 0, r.stderr
     from bitnet_py.tokenizer import Tokenizer
     from bitnet_py.gguf.reader import GGUFFile

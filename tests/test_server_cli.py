@@ -63,6 +63,14 @@ def test_cache_and_head_type_flags_reach_the_model():
                                       "--cache-type", "f32", "--head-type", "int8"])
     model = make_loader(args.model, args.tl2_config, args.cache_type, args.head_type)()
     assert model.cache_type == "f32" and model.new_kv_cache(2, 16).is_f32
-    assert model.weights.output.i8 is not None
+    assert model.weights.output.i8 is not None and model.gguf.mapped
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--cache-type", "q4"])
+
+
+def test_no_mmap_flag_reaches_the_model():
+    from bitnet_py.server_cli import build_parser, make_loader
+    args = build_parser().parse_args(["--model", str(fixture_path("tiny-bitnet", "ggml-model-i2_s.gguf")),
+                                      "--no-mmap"])
+    model = make_loader(args.model, args.tl2_config, args.cache_type, args.head_type, args.no_mmap)()
+    assert not model.gguf.mapped

@@ -17,6 +17,7 @@ import numpy as np
 from .constants import (GGML_BLOCK_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_SCALAR_DTYPES,
                         GGUF_SUPPORTED_VERSIONS, I2S_TAIL_BYTES, TL2_TAIL_BYTES, GGMLType,
                         GGUFValueType, Keys)
+from .anonymous_copy import copy_to_anonymous
 from .string_array import StringArray, scan_string_array
 
 MAX_TENSORS = 1 << 20
@@ -153,7 +154,9 @@ def _read_value(cur: _Cursor, vtype: int, key: str) -> Any:
 class GGUFFile:
     """A memory-mapped GGUF file: `metadata`, `tensors` (name -> TensorInfo) and zero-copy views."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, no_mmap: bool = False):
+        """no_mmap: after parsing, copy the file into anonymous memory advised to use huge pages
+        (`anonymous_copy`): slower to open, faster to stream from; `mapped` says which."""
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise GGUFError(f"no such model file: {self.path}")
@@ -163,10 +166,24 @@ class GGUFFile:
         with open(self.path, "rb") as f:
             self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self._data = np.frombuffer(self._mmap, dtype=np.uint8)
+        self.mapped = True
         try:
             self._parse()
         except GGUFError as e:
             raise GGUFError(f"{self.path}: {e}") from None
+        if no_mmap:
+            self._copy_to_anonymous()
+
+    def _copy_to_anonymous(self) -> None:
+        file_map = self._mmap
+        self._mmap = copy_to_anonymous(file_map, self.file_size)
+        self._data = np.frombuffer(self._mmap, dtype=np.uint8)
+        self._data.flags.writeable = False  # as read-only as the file map it replaces
+        self.mapped = False
+        try:
+            file_map.close()
+        except BufferError:
+            pass  # views made while parsing (lazy string arrays) keep the file map; its pages were released
 
     def _parse(self) -> None:
         cur = _Cursor(memoryview(self._mmap), self.file_size)

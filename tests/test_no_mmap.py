@@ -1,0 +1,125 @@
+"""--no-mmap: the model copied into anonymous memory advised to use huge pages (bitnet_py.gguf.anonymous_copy)."""
+import shutil
+
+import numpy as np
+import pytest
+
+from bitnet_py.gguf.anonymous_copy import copy_to_anonymous, huge_page_bytes, huge_pages_mode, huge_pages_possible
+from bitnet_py.gguf.reader import GGUFFile
+from bitnet_py.model import Batch, Model
+from conftest import fixture_path
+
+I2S = ("tiny-bitnet", "ggml-model-i2_s.gguf")  # tied f16 embedding: the head's rows are also the embedding's
+
+
+def _logits(model, tokens=(1, 50, 300, 7, 1000, 42)):
+    tokens = np.array(tokens, np.int32)
+    T = len(tokens)
+    kv = model.new_kv_cache(1, 16)
+    batch = Batch(tokens, np.arange(T, dtype=np.int32), np.zeros(T, np.int32), np.zeros((1, 1), np.int32),
+                  np.arange(T, dtype=np.int32))
+    return model.forward(batch, kv)
+
+
+def _smaps(view: np.ndarray) -> dict[str, list[str]]:
+    """The /proc/self/smaps fields of the mapping that holds view."""
+    address = view.ctypes.data
+    fields, inside = {}, False
+    with open("/proc/self/smaps", encoding="ascii", errors="replace") as f:
+        for line in f:
+            parts = line.split()
+            if "-" in parts[0] and not parts[0].endswith(":"):
+                if inside:
+                    break
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                inside = lo <= address < hi
+            elif inside:
+                fields[parts[0].rstrip(":")] = parts[1:]
+    assert fields, "mapping not found"
+    return fields
+
+
+def _vm_flags(view: np.ndarray) -> list[str]:
+    return _smaps(view)["VmFlags"]
+
+
+def _rss(view: np.ndarray) -> int:
+    return int(_smaps(view)["Rss"][0]) * 1024
+
+
+def test_copy_holds_the_file_and_outlives_changes_to_it(tmp_path):
+    path = tmp_path / "m.gguf"
+    shutil.copy(fixture_path(*I2S), path)
+    mapped, copied = GGUFFile(path), GGUFFile(path, no_mmap=True)
+    assert mapped.mapped and not copied.mapped
+    assert copied.tensors == mapped.tensors and list(copied.metadata) == list(mapped.metadata)
+    before = {name: mapped.raw(name).copy() for name in mapped.tensors}
+    for name in mapped.tensors:
+        assert np.array_equal(copied.raw(name), before[name])
+        assert not copied.raw(name).flags.writeable
+    with open(path, "r+b") as f:  # overwrite every tensor byte: a map would show the change, the copy must not
+        f.seek(mapped.data_offset)
+        f.write(b"\0" * (mapped.file_size - mapped.data_offset))
+    assert not all(np.array_equal(mapped.raw(name), before[name]) for name in mapped.tensors)
+    for name in mapped.tensors:
+        assert np.array_equal(copied.raw(name), before[name])
+
+
+def test_copy_is_advised_huge_pages_where_the_host_has_them():
+    copied = GGUFFile(fixture_path(*I2S), no_mmap=True)
+    flags = _vm_flags(copied._data)
+    assert ("hg" in flags) == huge_pages_possible(), flags  # MADV_HUGEPAGE shows as "hg"
+    assert "hg" not in _vm_flags(GGUFFile(fixture_path(*I2S))._data)
+    assert huge_page_bytes(copied._data) is not None
+
+
+def test_huge_pages_mode_reads_the_kernel_setting(tmp_path):
+    setting = tmp_path / "enabled"
+    setting.write_text("always [madvise] never\n")
+    assert huge_pages_mode(str(setting)) == "madvise"
+    setting.write_text("[always] madvise never\n")
+    assert huge_pages_mode(str(setting)) == "always"
+    assert huge_pages_mode(str(tmp_path / "missing")) == ""
+
+
+def test_copy_releases_the_file_maps_pages_as_it_goes():
+    # the file's pages leave the resident set as they are copied: the process never holds both copies
+    import mmap
+    with open(fixture_path(*I2S), "rb") as f:
+        src = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    data = np.frombuffer(src, np.uint8)
+    want = data.copy()  # touches every page of the map
+    assert _rss(data) >= len(src) // mmap.PAGESIZE * mmap.PAGESIZE
+    dst = copy_to_anonymous(src, len(src))
+    assert np.array_equal(np.frombuffer(dst, np.uint8), want)
+    assert _rss(data) <= mmap.PAGESIZE  # at most the partial last page
+
+
+@pytest.mark.parametrize("head_type", ["f16", "int8"])
+def test_model_from_a_copy_computes_the_same_logits(head_type):
+    # the int8 head releases the f16 head's pages after quantizing them; from a copy that would free (zero) the
+    # rows that the tied embedding still reads, so it must not
+    mapped = Model.load(str(fixture_path(*I2S)), head_type=head_type)
+    copied = Model.load(str(fixture_path(*I2S)), head_type=head_type, no_mmap=True)
+    assert mapped.gguf.mapped and not copied.gguf.mapped
+    for L in copied.weights.layers:
+        assert np.shares_memory(L.wq.packed, copied.gguf._data)
+    assert np.array_equal(_logits(copied), _logits(mapped))
+
+
+def test_tl2_model_from_a_copy_computes_the_same_logits(tmp_path, monkeypatch):
+    monkeypatch.setenv("BITNET_PY_REPACK_CACHE", "1")
+    monkeypatch.setenv("BITNET_PY_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "m.gguf"
+    shutil.copy(fixture_path("tiny-bitnet", "ggml-model-tl2.gguf"), path)
+    shutil.copy(fixture_path("tl2-kernel_config.ini"), tmp_path / "kernel_config.ini")
+    mapped = Model.load(str(path))  # decodes TL2 and writes the repack cache
+    copied = Model.load(str(path), no_mmap=True)  # a cache hit: the repacked bytes copied as well
+    assert mapped.weights.tl2_source == "decoded" and copied.weights.tl2_source == "repack cache"
+    packed = copied.weights.layers[0].wq.packed
+    assert "hg" in _vm_flags(packed) or not huge_pages_possible()
+    assert np.array_equal(_logits(copied), _logits(mapped))
+    monkeypatch.setenv("BITNET_PY_CACHE", str(tmp_path / "empty"))  # a miss: decoded from the copy
+    decoded = Model.load(str(path), no_mmap=True)
+    assert decoded.weights.tl2_source == "decoded"
+    assert np.array_equal(_logits(decoded), _logits(mapped))
