@@ -123,3 +123,23 @@ def test_tl2_model_from_a_copy_computes_the_same_logits(tmp_path, monkeypatch):
     decoded = Model.load(str(path), no_mmap=True)
     assert decoded.weights.tl2_source == "decoded"
     assert np.array_equal(_logits(decoded), _logits(mapped))
+
+
+def test_a_copy_larger_than_the_available_memory_falls_back_to_the_map(monkeypatch, caplog):
+    from bitnet_py.gguf import reader
+    monkeypatch.setattr(reader, "available_memory", lambda: 1000)
+    with caplog.at_level("WARNING"):
+        f = GGUFFile(fixture_path(*I2S), no_mmap=True)
+    assert f.mapped and "larger than the memory available" in caplog.text
+    assert np.array_equal(f.raw("token_embd.weight"), GGUFFile(fixture_path(*I2S)).raw("token_embd.weight"))
+
+
+def test_available_memory_reads_memavailable(tmp_path):
+    from bitnet_py.gguf.anonymous_copy import available_memory
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24683520 kB\nMemFree:        21490148 kB\nMemAvailable:   23631452 kB\n")
+    assert available_memory(str(meminfo)) == 23631452 * 1024
+    meminfo.write_text("MemTotal:       24683520 kB\n")
+    assert available_memory(str(meminfo)) is None
+    assert available_memory(str(tmp_path / "missing")) is None
+    assert available_memory() is None or available_memory() > 0

@@ -10,7 +10,8 @@ memory to find free 2 MiB pages (0.1-4 s for 1.2 GB measured on a host whose pag
 The copy advises huge pages where the host offers them (`transparent_hugepage/enabled` = always or madvise);
 elsewhere it is an ordinary anonymous copy (the file can then change or go away without affecting the model).
 The file's pages are released from the process's resident set chunk by chunk as they are copied (a read-only
-file map: they stay in the page cache), so the resident set never holds both copies.
+file map: they stay in the page cache), so the resident set never holds both copies. A file larger than the
+memory available (MemAvailable) is not copied: GGUFFile keeps the map and logs a warning.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import re
 import numpy as np
 
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
+MEMINFO = "/proc/meminfo"
 COPY_CHUNK = 64 << 20  # bytes copied (then released from the file map) at a time
 
 
@@ -31,6 +33,19 @@ def huge_pages_mode(path: str = THP_ENABLED) -> str:
     except OSError:
         return ""
     return found[1] if found else ""
+
+
+def available_memory(path: str = MEMINFO) -> int | None:
+    """Bytes the kernel could hand out without swapping (MemAvailable: free memory plus reclaimable caches,
+    the file's own cached pages included), or None where it does not say."""
+    try:
+        with open(path, encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def huge_pages_possible() -> bool:

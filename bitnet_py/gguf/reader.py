@@ -7,6 +7,7 @@ Long string arrays (vocabulary, merges) are validated at open but decoded only o
 """
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 from dataclasses import dataclass
@@ -17,8 +18,10 @@ import numpy as np
 from .constants import (GGML_BLOCK_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_SCALAR_DTYPES,
                         GGUF_SUPPORTED_VERSIONS, I2S_TAIL_BYTES, TL2_TAIL_BYTES, GGMLType,
                         GGUFValueType, Keys)
-from .anonymous_copy import copy_to_anonymous
+from .anonymous_copy import available_memory, copy_to_anonymous
 from .string_array import StringArray, scan_string_array
+
+log = logging.getLogger(__name__)
 
 MAX_TENSORS = 1 << 20
 MAX_KV = 1 << 20
@@ -175,6 +178,11 @@ class GGUFFile:
             self._copy_to_anonymous()
 
     def _copy_to_anonymous(self) -> None:
+        available = available_memory()
+        if available is not None and self.file_size > available:
+            log.warning("no_mmap: %s (%.2f GB) is larger than the memory available (%.2f GB); mapping the file "
+                        "instead of copying it", self.path, self.file_size / 1e9, available / 1e9)
+            return
         file_map = self._mmap
         self._mmap = copy_to_anonymous(file_map, self.file_size)
         self._data = np.frombuffer(self._mmap, dtype=np.uint8)
