@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from .bench_report import cpu_name, cpu_times, markdown, print_result, progress, steal_pct
-from .gguf.anonymous_copy import huge_page_bytes
+from .huge_pages import huge_page_bytes
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,7 @@
 """Paged KV storage: k, v [n_layer, n_blocks * block_size, n_kv_head, head_dim], as float16 bits (uint16,
-cache type "f16", what llama.cpp/bitnet.cpp use) or float32 (cache type "f32", what float32 frameworks use).
+cache type "f16", what llama.cpp/bitnet.cpp use) or float32 (cache type "f32", what float32 frameworks use),
+zeroed, in memory advised huge pages (`bitnet_py.huge_pages.zeros`: attention reads a head's K/V rows 1280 bytes
+apart, a 4 KiB page every ~3 keys; decode at depth 3800 measured 1.15x against np.zeros).
 
 Physical slot of position p of a sequence = block_tables[seq, p // block_size] * block_size + p % block_size.
 Allocation (which blocks a sequence owns) is the engine's block manager's job; this only holds the arrays.
@@ -9,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from . import huge_pages
 
 CACHE_DTYPES = {"f16": np.uint16, "f32": np.float32}
 
@@ -28,7 +32,7 @@ class KVCache:
             raise ValueError(f"cache type must be one of {sorted(CACHE_DTYPES)}, got {cache_type!r}")
         shape = (n_layer, n_blocks * block_size, n_kv_head, head_dim)
         dtype = CACHE_DTYPES[cache_type]
-        return cls(np.zeros(shape, dtype=dtype), np.zeros(shape, dtype=dtype), block_size)
+        return cls(huge_pages.zeros(shape, dtype), huge_pages.zeros(shape, dtype), block_size)
 
     @property
     def is_f32(self) -> bool:

@@ -210,7 +210,7 @@ class Model:
              head_type: str = "f16", no_mmap: bool = False) -> "Model":
         """head_type "int8": quantize an f16 output head to int8 per row at load (half the decode bytes of
         the head; logits no longer bit-comparable with bitnet.cpp). Default "f16" is exact.
-        no_mmap: copy the file into anonymous memory backed by huge pages (bitnet_py.gguf.anonymous_copy):
+        no_mmap: copy the file into anonymous memory backed by huge pages (bitnet_py.huge_pages):
         a slower load (0.2-4 s per GB), a faster decode (~5 % measured); same results."""
         if head_type not in HEAD_TYPES:
             raise ValueError(f"head type must be one of {HEAD_TYPES}, got {head_type!r}")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .gguf.anonymous_copy import copy_to_anonymous
+from .huge_pages import copy_to_anonymous
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import numpy as np
 from .constants import (GGML_BLOCK_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_SCALAR_DTYPES,
                         GGUF_SUPPORTED_VERSIONS, I2S_TAIL_BYTES, TL2_TAIL_BYTES, GGMLType,
                         GGUFValueType, Keys)
-from .anonymous_copy import available_memory, copy_to_anonymous
+from ..huge_pages import available_memory, copy_to_anonymous
 from .string_array import StringArray, scan_string_array
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ class GGUFFile:
 
     def __init__(self, path: str | os.PathLike, no_mmap: bool = False):
         """no_mmap: after parsing, copy the file into anonymous memory advised to use huge pages
-        (`anonymous_copy`): slower to open, faster to stream from; `mapped` says which."""
+        (`bitnet_py.huge_pages`): slower to open, faster to stream from; `mapped` says which."""
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise GGUFError(f"no such model file: {self.path}")

@@ -1,10 +1,10 @@
-"""--no-mmap: the model copied into anonymous memory advised to use huge pages (bitnet_py.gguf.anonymous_copy)."""
+"""bitnet_py.huge_pages: the KV cache, and the model copied by --no-mmap, in memory advised to use huge pages."""
 import shutil
 
 import numpy as np
 import pytest
 
-from bitnet_py.gguf.anonymous_copy import copy_to_anonymous, huge_page_bytes, huge_pages_mode, huge_pages_possible
+from bitnet_py.huge_pages import copy_to_anonymous, huge_page_bytes, huge_pages_mode, huge_pages_possible
 from bitnet_py.gguf.reader import GGUFFile
 from bitnet_py.model import Batch, Model
 from conftest import fixture_path
@@ -135,7 +135,7 @@ def test_a_copy_larger_than_the_available_memory_falls_back_to_the_map(monkeypat
 
 
 def test_available_memory_reads_memavailable(tmp_path):
-    from bitnet_py.gguf.anonymous_copy import available_memory
+    from bitnet_py.huge_pages import available_memory
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       24683520 kB\nMemFree:        21490148 kB\nMemAvailable:   23631452 kB\n")
     assert available_memory(str(meminfo)) == 23631452 * 1024
@@ -143,3 +143,15 @@ def test_available_memory_reads_memavailable(tmp_path):
     assert available_memory(str(meminfo)) is None
     assert available_memory(str(tmp_path / "missing")) is None
     assert available_memory() is None or available_memory() > 0
+
+
+@pytest.mark.parametrize("cache_type", ["f16", "f32"])
+def test_kv_cache_is_zeroed_writable_memory_advised_huge_pages(cache_type):
+    model = Model.load(str(fixture_path(*I2S)), cache_type=cache_type)
+    kv = model.new_kv_cache(64, 16)
+    for a in (kv.k, kv.v):
+        assert a.flags.writeable and a.flags.c_contiguous and not a.any()
+        assert ("hg" in _vm_flags(a)) == huge_pages_possible()
+    assert not np.shares_memory(kv.k, kv.v)
+    kv.k[1, 17] = 5
+    assert kv.k.sum() == 5 * kv.k.shape[-2] * kv.k.shape[-1] and not kv.v.any()

@@ -1,17 +1,20 @@
-"""`--no-mmap`: a model file's bytes copied out of the file map into anonymous memory backed by huge pages.
+"""Memory backed by huge pages (2 MiB): the KV cache, and the model's bytes under `--no-mmap`.
 
-A memory-mapped file is served from the page cache in 4 KiB pages, and Linux does not map those as 2 MiB pages
-(`MADV_COLLAPSE` refuses file maps that are not executable). A decode step streams every weight once, so the
-weights' TLB misses add up: on this project's Zen 3 dev machine the same matmuls read 7-14 % faster from memory
-advised `MADV_HUGEPAGE`, and a decode step of the 2B-4T layout ran ~5 % faster (scripts/bench_ab.py, one
-process). The price is start-up time: the copy itself is ~0.2 s per GB, but the kernel may first have to compact
-memory to find free 2 MiB pages (0.1-4 s for 1.2 GB measured on a host whose page cache held several models).
+Streams that cross many 4 KiB pages (every weight once per decode step; the K/V rows of one head, 1280 bytes
+apart in a 2B-4T cache) pay a page-table walk per page. Linux backs anonymous memory with transparent huge pages
+where `transparent_hugepage/enabled` is `always`, or `madvise` and the memory is advised `MADV_HUGEPAGE`; numpy
+does not advise its large arrays here (numpy 2.4: no `hg` in their VmFlags), and page-cache maps of ordinary files
+stay in 4 KiB pages (`MADV_COLLAPSE` refuses them). Measured on this project's Zen 3 dev machine, one process,
+rounds alternated:
+- `zeros(shape, dtype)` (the KV cache): decode at depth 1000 / 2000 / 3800 1.060 / 1.069 / 1.147 against np.zeros.
+- `copy_to_anonymous` (`--no-mmap`): the same ternary matmuls and f16 head read 7-14 % faster than from the file
+  map, a decode step ~5-9 % (scripts/bench_ab.py --no-mmap). The price is start-up time: ~0.2 s per GB where the
+  memory is already backed, 0.5-4.8 s for 1.2 GB on this VM, which faults every new page in from its host.
 
-The copy advises huge pages where the host offers them (`transparent_hugepage/enabled` = always or madvise);
-elsewhere it is an ordinary anonymous copy (the file can then change or go away without affecting the model).
-The file's pages are released from the process's resident set chunk by chunk as they are copied (a read-only
-file map: they stay in the page cache), so the resident set never holds both copies. A file larger than the
-memory available (MemAvailable) is not copied: GGUFFile keeps the map and logs a warning.
+Where huge pages are not offered these are ordinary anonymous maps. The copy releases the file's pages from the
+resident set chunk by chunk as they are copied (a read-only file map: they stay in the page cache), so the
+resident set never holds both copies. A file larger than the memory available (MemAvailable) is not copied:
+GGUFFile keeps the map and logs a warning.
 """
 from __future__ import annotations
 
@@ -64,18 +67,29 @@ def release(m: mmap.mmap, lo: int, hi: int) -> None:
             pass
 
 
-def copy_to_anonymous(src: mmap.mmap, size: int) -> mmap.mmap:
-    """A private anonymous map holding src's first `size` bytes (advised MADV_HUGEPAGE where possible); src's
-    pages are released as they are copied."""
+def anonymous_map(size: int) -> mmap.mmap:
+    """A private anonymous map of `size` bytes (zeros until written), advised MADV_HUGEPAGE where possible."""
     if not hasattr(mmap, "MAP_ANONYMOUS"):  # Windows: an anonymous map without flags
-        dst = mmap.mmap(-1, size)
-    else:
-        dst = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        return mmap.mmap(-1, max(1, size))
+    m = mmap.mmap(-1, max(1, size), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if huge_pages_possible():
         try:
-            dst.madvise(mmap.MADV_HUGEPAGE)
+            m.madvise(mmap.MADV_HUGEPAGE)
         except OSError:
             pass
+    return m
+
+
+def zeros(shape: tuple, dtype) -> np.ndarray:
+    """np.zeros(shape, dtype) in an anonymous map advised huge pages (untouched pages are not resident)."""
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    return np.frombuffer(anonymous_map(count * dtype.itemsize), dtype, count=count).reshape(shape)
+
+
+def copy_to_anonymous(src: mmap.mmap, size: int) -> mmap.mmap:
+    """anonymous_map(size) holding src's first `size` bytes; src's pages are released as they are copied."""
+    dst = anonymous_map(size)
     source = np.frombuffer(src, np.uint8, count=size)
     target = np.frombuffer(dst, np.uint8)
     for lo in range(0, size, COPY_CHUNK):
