@@ -43,13 +43,19 @@ CASES = {  # name -> (tokens per sequence, sequences, context length)
 N_LAYERS = 30
 
 
+def _cache(rng, n_slots: int) -> np.ndarray:
+    """u16[n_slots, KVH, D] float16 bits of random values, in memory like the model's KV cache (huge pages)."""
+    from bitnet_py import huge_pages
+    out = huge_pages.zeros((n_slots, KVH, D), np.uint16)
+    out[...] = rng.standard_normal((n_slots, KVH, D)).astype(np.float16).view(np.uint16)
+    return out
+
+
 def make_case(per_seq: int, n_seq: int, n_ctx: int, rng, n_caches: int = 1):
     """-> q, k, v (lists of n_caches float16 caches), positions, sequence index, block tables, round_probs."""
     blocks = (n_ctx + BLOCK - 1) // BLOCK
-    k = [rng.standard_normal((n_seq * blocks * BLOCK, KVH, D)).astype(np.float16).view(np.uint16)
-         for _ in range(n_caches)]
-    v = [rng.standard_normal((n_seq * blocks * BLOCK, KVH, D)).astype(np.float16).view(np.uint16)
-         for _ in range(n_caches)]
+    k = [_cache(rng, n_seq * blocks * BLOCK) for _ in range(n_caches)]
+    v = [_cache(rng, n_seq * blocks * BLOCK) for _ in range(n_caches)]
     tables = np.arange(n_seq * blocks, dtype=np.int32).reshape(n_seq, blocks)
     pos = np.concatenate([np.arange(n_ctx - per_seq, n_ctx) for _ in range(n_seq)]).astype(np.int32)
     seq = np.repeat(np.arange(n_seq), per_seq).astype(np.int32)
