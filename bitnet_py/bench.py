@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from .bench_report import cpu_name, cpu_times, markdown, print_result, progress, steal_pct
-from .huge_pages import huge_page_bytes
+from .huge_pages import huge_page_bytes, huge_pages_mode
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +287,7 @@ def run(args) -> dict:
                 file_bytes=file_bytes,
                 kernel=kernel_config.TERNARY_KERNEL, threading_layer=numba.threading_layer(),
                 load_ms=load_ms, tl2_source=model.weights.tl2_source, jit=jit, peak_rss_bytes=peak_rss,
-                weights_memory=weights_memory(model),
+                weights_memory=weights_memory(model), huge_pages_mode=huge_pages_mode(),
                 kv_bytes=kv.nbytes,
                 rss_ratio=peak_rss / (file_bytes + kv.nbytes), bandwidth_gb_s=bandwidth,
                 decode_bytes=db, results=results, cpu=cpu_name(), n_cpu=os.cpu_count())

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from bitnet_py import bench
+from bitnet_py.huge_pages import huge_pages_mode
 from bitnet_py.model import Model
 from conftest import REPO, fixture_path, load_script
 
@@ -34,6 +35,7 @@ def test_bench_json_structure(capsys):
     assert res["type"] == "I2_S" and res["threading_layer"] in ("omp", "tbb", "workqueue")
     assert "vs_bitnet_cpp" not in tg  # not the 2B-4T layout
     assert res["weights_memory"] == {"kind": "mmap", "huge_page_bytes": 0}
+    assert res["huge_pages_mode"] == huge_pages_mode() and res["huge_pages_mode"] in ("always", "madvise", "never", "")
 
 
 def test_bench_no_mmap_reports_the_copy(capsys):
