@@ -51,6 +51,12 @@ def available_memory(path: str = MEMINFO) -> int | None:
     return None
 
 
+def fits_in_memory(size: int) -> bool:
+    """Whether `size` more bytes fit in the memory available (True where the kernel does not say)."""
+    available = available_memory()
+    return available is None or size <= available
+
+
 def huge_pages_possible() -> bool:
     return hasattr(mmap, "MADV_HUGEPAGE") and huge_pages_mode() in ("always", "madvise")
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .huge_pages import copy_to_anonymous
+from .huge_pages import copy_to_anonymous, fits_in_memory
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class RepackCache:
             meta = json.loads(head[len(MAGIC):].rstrip(b"\0"))
             if meta.get("key") != self.key:
                 raise ValueError("key mismatch")
-            if self.anonymous:
+            if self.anonymous and fits_in_memory(size):
                 mm = copy_to_anonymous(mm, size)
             data = np.frombuffer(mm, dtype=np.uint8)
             out = {}

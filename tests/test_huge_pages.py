@@ -126,8 +126,8 @@ def test_tl2_model_from_a_copy_computes_the_same_logits(tmp_path, monkeypatch):
 
 
 def test_a_copy_larger_than_the_available_memory_falls_back_to_the_map(monkeypatch, caplog):
-    from bitnet_py.gguf import reader
-    monkeypatch.setattr(reader, "available_memory", lambda: 1000)
+    from bitnet_py import huge_pages
+    monkeypatch.setattr(huge_pages, "available_memory", lambda: 1000)
     with caplog.at_level("WARNING"):
         f = GGUFFile(fixture_path(*I2S), no_mmap=True)
     assert f.mapped and "larger than the memory available" in caplog.text
@@ -155,3 +155,19 @@ def test_kv_cache_is_zeroed_writable_memory_advised_huge_pages(cache_type):
     assert not np.shares_memory(kv.k, kv.v)
     kv.k[1, 17] = 5
     assert kv.k.sum() == 5 * kv.k.shape[-2] * kv.k.shape[-1] and not kv.v.any()
+
+
+def test_a_repack_cache_too_large_for_memory_stays_mapped(tmp_path, monkeypatch):
+    from bitnet_py import huge_pages
+    monkeypatch.setenv("BITNET_PY_REPACK_CACHE", "1")
+    monkeypatch.setenv("BITNET_PY_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "m.gguf"
+    shutil.copy(fixture_path("tiny-bitnet", "ggml-model-tl2.gguf"), path)
+    shutil.copy(fixture_path("tl2-kernel_config.ini"), tmp_path / "kernel_config.ini")
+    mapped = Model.load(str(path))  # writes the repack cache
+    answers = iter([1 << 40, 1000])  # room for the GGUF copy, none left for the cache's
+    monkeypatch.setattr(huge_pages, "available_memory", lambda: next(answers))
+    fallback = Model.load(str(path), no_mmap=True)
+    assert not fallback.gguf.mapped and fallback.weights.tl2_source == "repack cache"
+    assert "hg" not in _vm_flags(fallback.weights.layers[0].wq.packed)
+    assert np.array_equal(_logits(fallback), _logits(mapped))

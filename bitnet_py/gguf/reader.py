@@ -18,7 +18,7 @@ import numpy as np
 from .constants import (GGML_BLOCK_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_SCALAR_DTYPES,
                         GGUF_SUPPORTED_VERSIONS, I2S_TAIL_BYTES, TL2_TAIL_BYTES, GGMLType,
                         GGUFValueType, Keys)
-from ..huge_pages import available_memory, copy_to_anonymous
+from ..huge_pages import copy_to_anonymous, fits_in_memory
 from .string_array import StringArray, scan_string_array
 
 log = logging.getLogger(__name__)
@@ -178,10 +178,9 @@ class GGUFFile:
             self._copy_to_anonymous()
 
     def _copy_to_anonymous(self) -> None:
-        available = available_memory()
-        if available is not None and self.file_size > available:
-            log.warning("no_mmap: %s (%.2f GB) is larger than the memory available (%.2f GB); mapping the file "
-                        "instead of copying it", self.path, self.file_size / 1e9, available / 1e9)
+        if not fits_in_memory(self.file_size):
+            log.warning("no_mmap: %s (%.2f GB) is larger than the memory available; mapping the file instead of "
+                        "copying it", self.path, self.file_size / 1e9)
             return
         file_map = self._mmap
         self._mmap = copy_to_anonymous(file_map, self.file_size)
