@@ -107,12 +107,18 @@ def test_model_from_a_copy_computes_the_same_logits(head_type):
     assert np.array_equal(_logits(copied), _logits(mapped))
 
 
-def test_tl2_model_from_a_copy_computes_the_same_logits(tmp_path, monkeypatch):
+def _tl2_file_with_repack_cache(tmp_path, monkeypatch):
+    """The tiny TL2 model (and its kernel_config.ini) in tmp_path, with the repack cache on, kept in tmp_path."""
     monkeypatch.setenv("BITNET_PY_REPACK_CACHE", "1")
     monkeypatch.setenv("BITNET_PY_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "m.gguf"
     shutil.copy(fixture_path("tiny-bitnet", "ggml-model-tl2.gguf"), path)
     shutil.copy(fixture_path("tl2-kernel_config.ini"), tmp_path / "kernel_config.ini")
+    return path
+
+
+def test_tl2_model_from_a_copy_computes_the_same_logits(tmp_path, monkeypatch):
+    path = _tl2_file_with_repack_cache(tmp_path, monkeypatch)
     mapped = Model.load(str(path))  # decodes TL2 and writes the repack cache
     copied = Model.load(str(path), no_mmap=True)  # a cache hit: the repacked bytes copied as well
     assert mapped.weights.tl2_source == "decoded" and copied.weights.tl2_source == "repack cache"
@@ -159,11 +165,7 @@ def test_kv_cache_is_zeroed_writable_memory_advised_huge_pages(cache_type):
 
 def test_a_repack_cache_too_large_for_memory_stays_mapped(tmp_path, monkeypatch):
     from bitnet_py import huge_pages
-    monkeypatch.setenv("BITNET_PY_REPACK_CACHE", "1")
-    monkeypatch.setenv("BITNET_PY_CACHE", str(tmp_path / "cache"))
-    path = tmp_path / "m.gguf"
-    shutil.copy(fixture_path("tiny-bitnet", "ggml-model-tl2.gguf"), path)
-    shutil.copy(fixture_path("tl2-kernel_config.ini"), tmp_path / "kernel_config.ini")
+    path = _tl2_file_with_repack_cache(tmp_path, monkeypatch)
     mapped = Model.load(str(path))  # writes the repack cache
     answers = iter([1 << 40, 1000])  # room for the GGUF copy, none left for the cache's
     monkeypatch.setattr(huge_pages, "available_memory", lambda: next(answers))
