@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from .bench_report import cpu_name, cpu_times, markdown, print_result, progress, steal_pct
-from .huge_pages import huge_page_bytes, huge_pages_mode
+from .huge_pages import NO_MMAP_HELP, huge_page_bytes, huge_pages_mode
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output head: f16 (exact, default) or int8 (per-row scales, approximate)")
     p.add_argument("--tl2-config", default=None, help="TL2 kernel_config.ini (TL2 files)")
     p.add_argument("--no-mmap", action="store_true",
-                   help="copy the model into anonymous memory (huge pages where the host offers them) instead of "
-                        "mapping the file: slower start, ~5 %% faster decode")
+                   help=NO_MMAP_HELP)
     p.add_argument("--no-jit", action="store_true", help="skip the cold/cached JIT start-up probes")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of markdown")
     p.add_argument("--seed", type=int, default=0)

@@ -13,6 +13,8 @@ import time
 
 import numpy as np
 
+from .huge_pages import NO_MMAP_HELP
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bitnet_py generate", description=__doc__.split("\n\n")[0])
@@ -30,8 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-type", choices=("f16", "f32"), default="f16", help="KV cache precision")
     p.add_argument("--head-type", choices=("f16", "int8"), default="f16", help="int8: approximate, faster head")
     p.add_argument("--no-mmap", action="store_true",
-                   help="copy the model into anonymous memory (huge pages where the host offers them) instead of "
-                        "mapping the file: slower start, ~5 %% faster decode")
+                   help=NO_MMAP_HELP)
     return p
 
 

@@ -26,6 +26,8 @@ import numpy as np
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 MEMINFO = "/proc/meminfo"
 COPY_CHUNK = 64 << 20  # bytes copied (then released from the file map) at a time
+NO_MMAP_HELP = ("copy the model into anonymous memory (huge pages where the host offers them) instead of mapping "
+                "the file: slower start, ~5 %% faster decode")  # the --no-mmap flag of serve.py, bench, generate
 
 
 def huge_pages_mode(path: str = THP_ENABLED) -> str:
@@ -106,19 +108,30 @@ def copy_to_anonymous(src: mmap.mmap, size: int) -> mmap.mmap:
     return dst
 
 
-def huge_page_bytes(view: np.ndarray) -> int | None:
-    """Bytes of the anonymous mapping that holds `view` that the kernel backs with huge pages now
-    (AnonHugePages in /proc/self/smaps), or None where that file is not readable."""
+def smaps_fields(view: np.ndarray) -> dict[str, list[str]] | None:
+    """The /proc/self/smaps fields (name -> values, e.g. "VmFlags" -> ["rd", "wr", ..., "hg"], "Rss" -> ["812",
+    "kB"]) of the mapping that holds `view`; {} if no mapping does, None where that file is not readable."""
     address = view.ctypes.data
+    fields: dict[str, list[str]] = {}
+    inside = False
     try:
         with open("/proc/self/smaps", encoding="ascii", errors="replace") as f:
-            inside = False
             for line in f:
                 head = re.match(r"^([0-9a-f]+)-([0-9a-f]+) ", line)
                 if head:
+                    if inside:
+                        break
                     inside = int(head[1], 16) <= address < int(head[2], 16)
-                elif inside and line.startswith("AnonHugePages:"):
-                    return int(line.split()[1]) * 1024
+                elif inside:
+                    name, *values = line.split()
+                    fields[name.rstrip(":")] = values
     except OSError:
         return None
-    return 0
+    return fields
+
+
+def huge_page_bytes(view: np.ndarray) -> int | None:
+    """Bytes of the anonymous mapping that holds `view` that the kernel backs with huge pages now
+    (AnonHugePages in /proc/self/smaps), or None where that file is not readable."""
+    fields = smaps_fields(view)
+    return None if fields is None else int(fields.get("AnonHugePages", ["0"])[0]) * 1024

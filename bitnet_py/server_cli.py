@@ -20,6 +20,7 @@ API_KEY_ENV = "BITNET_PY_API_KEY"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .huge_pages import NO_MMAP_HELP
     p = argparse.ArgumentParser(prog="serve.py", description="OpenAI-compatible server for BitNet b1.58 GGUF models")
     p.add_argument("--model", "-m", default=None,
                    help="GGUF path, local HF folder or hub repo id (default: the bundled model)")
@@ -44,8 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-type", choices=("f16", "int8"), default="f16",
                    help="int8: quantize an f16 output head per row at load (faster decode, approximate logits)")
     p.add_argument("--no-mmap", action="store_true",
-                   help="copy the model into anonymous memory (huge pages where the host offers them) instead of "
-                        "mapping the file: slower start, ~5 %% faster decode")
+                   help=NO_MMAP_HELP)
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds a request may take before it is cancelled with a 504 (0 = no limit)")
     p.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024, help="largest accepted request body")

@@ -13,11 +13,11 @@ import numpy as np
 from kernels.tl2_repack import pack_i2s, tl2_to_i2s_packed, tq2_0_to_i2s_packed
 
 from .config import ModelConfig
-from .huge_pages import release
 from .gguf.constants import DEQUANT_TYPES, I2S_BLOCK, TL2_ROWPERM, TQ_BLOCK, GGMLType
 from .gguf.reader import GGUFError, GGUFFile, TensorInfo
 from .gguf.ternary_unpack import i2s_scale, tl2_region, unpack_tq1_0
 from .gguf.tl2_tiling import TL2Tile
+from .huge_pages import release
 from .repack_cache import TQ_SCALES_SUFFIX, RepackCache, cache_enabled
 
 log = logging.getLogger(__name__)

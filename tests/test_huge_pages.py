@@ -4,7 +4,8 @@ import shutil
 import numpy as np
 import pytest
 
-from bitnet_py.huge_pages import copy_to_anonymous, huge_page_bytes, huge_pages_mode, huge_pages_possible
+from bitnet_py.huge_pages import (copy_to_anonymous, huge_page_bytes, huge_pages_mode, huge_pages_possible,
+                                  smaps_fields)
 from bitnet_py.gguf.reader import GGUFFile
 from bitnet_py.model import Batch, Model
 from conftest import fixture_path
@@ -23,18 +24,7 @@ def _logits(model, tokens=(1, 50, 300, 7, 1000, 42)):
 
 def _smaps(view: np.ndarray) -> dict[str, list[str]]:
     """The /proc/self/smaps fields of the mapping that holds view."""
-    address = view.ctypes.data
-    fields, inside = {}, False
-    with open("/proc/self/smaps", encoding="ascii", errors="replace") as f:
-        for line in f:
-            parts = line.split()
-            if "-" in parts[0] and not parts[0].endswith(":"):
-                if inside:
-                    break
-                lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                inside = lo <= address < hi
-            elif inside:
-                fields[parts[0].rstrip(":")] = parts[1:]
+    fields = smaps_fields(view)
     assert fields, "mapping not found"
     return fields
 
