@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernel", default=None, help="ternary kernel: auto, mad, plain, lut (default: auto)")
     p.add_argument("--head-type", default="f16", choices=("f16", "int8"),
                    help="output head: f16 (exact, default) or int8 (per-row scales, approximate)")
+    p.add_argument("--logits", default="all", choices=("all", "greedy"),
+                   help="all (default): every step computes all n_vocab logits, as llama-bench; greedy: only what "
+                        "a greedy sampler reads, the exact top logit from the screened head (bitnet_py.screened_head)")
     p.add_argument("--tl2-config", default=None, help="TL2 kernel_config.ini (TL2 files)")
     p.add_argument("--no-mmap", action="store_true",
                    help=NO_MMAP_HELP)
@@ -81,16 +84,16 @@ def _batch(tokens: np.ndarray, start: int, tables: np.ndarray):
                  seq_index=np.zeros(T, np.int32), block_tables=tables, logit_rows=np.array([T - 1], np.int32))
 
 
-def run_prefill(model, kv, tables, tokens, start: int = 0) -> float:
+def run_prefill(model, kv, tables, tokens, start: int = 0, heads=None) -> float:
     t0 = time.perf_counter()
-    model.forward(_batch(tokens, start, tables), kv)
+    model.forward(_batch(tokens, start, tables), kv, heads)
     return time.perf_counter() - t0
 
 
-def run_decode(model, kv, tables, tokens, start: int = 0) -> float:
+def run_decode(model, kv, tables, tokens, start: int = 0, heads=None) -> float:
     t0 = time.perf_counter()
     for i, tok in enumerate(tokens):
-        model.forward(_batch(tokens[i:i + 1], start + i, tables), kv)
+        model.forward(_batch(tokens[i:i + 1], start + i, tables), kv, heads)
     return time.perf_counter() - t0
 
 
@@ -103,8 +106,10 @@ def stats(values: list[float]) -> dict:
             "median": statistics.median(values), "runs": values}
 
 
-def decode_bytes(model, n_ctx: int) -> dict:
-    """Bytes one decode step reads: weights of every matmul + KV cache at n_ctx (+ norms, negligible)."""
+def decode_bytes(model, n_ctx: int, screened: bool = False) -> dict:
+    """Bytes one decode step reads: weights of every matmul + KV cache at n_ctx (+ norms, negligible); `screened`
+    (--logits greedy): the head's int8 copy and row terms (plus the exact rows recomputed, ~0.01-1 % of the f16
+    head) instead of the head."""
     from .weights import DenseWeight, TernaryWeight
     W, c = model.weights, model.config
 
@@ -116,13 +121,15 @@ def decode_bytes(model, n_ctx: int) -> dict:
         return w.f16_bits.nbytes if w.f16_bits is not None else w.f32.nbytes
 
     ternary = sum(nbytes(w) for L in W.layers for w in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down))
-    head = nbytes(W.output)
+    screen = W.screen if screened else None
+    head = nbytes(W.output) if screen is None else screen.q.nbytes + 3 * screen.row_scales.nbytes
+    head_type = W.output.source_type if isinstance(W.output, DenseWeight) else "?"
     kv = 2 * c.n_layer * c.n_kv_head * c.head_dim * n_ctx * (2 if model.cache_type == "f16" else 4)
     return {"layers": ternary, "head": head, "kv": kv, "total": ternary + head + kv,
-            "head_type": W.output.source_type if isinstance(W.output, DenseWeight) else "?"}
+            "head_type": head_type if screen is None else f"I8 screen of {head_type}"}
 
 
-def _decode_arrays(model) -> list[np.ndarray]:
+def _decode_arrays(model, screened: bool = False) -> list[np.ndarray]:
     """The weight arrays a decode step streams (ternary layers and the output head, as the model holds them:
     mapped file pages, or the repacked / int8 copies) as u64 words."""
     from .weights import TernaryWeight
@@ -130,7 +137,8 @@ def _decode_arrays(model) -> list[np.ndarray]:
     arrays = [w.packed for L in W.layers for w in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down)
               if isinstance(w, TernaryWeight)]
     head = W.output
-    arrays.append(next(a for a in (head.i8, head.f16_bits, head.f32) if a is not None))
+    arrays.append(W.screen.q if screened else
+                  next(a for a in (head.i8, head.f16_bits, head.f32) if a is not None))
     words = []
     for a in arrays:
         b = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
@@ -139,14 +147,14 @@ def _decode_arrays(model) -> list[np.ndarray]:
     return words
 
 
-def measure_bandwidth(model, repeats: int = 3) -> float:
+def measure_bandwidth(model, screened: bool = False, repeats: int = 3) -> float:
     """GB/s reading the weights a decode step reads (one parallel read per matrix, as the decode step), with the
     current thread count; best of `repeats`. Only memory the model already uses is read, so the probe does not
     add to the peak RSS."""
     import numba
 
     from kernels.membw import chunk_words, read_sum
-    words = _decode_arrays(model)
+    words = _decode_arrays(model, screened)
     chunks = [chunk_words(w.size, numba.get_num_threads()) for w in words]
     partials = [np.zeros((w.size + c - 1) // c, np.uint64) for w, c in zip(words, chunks)]
     for w, c, part in zip(words, chunks, partials):
@@ -176,14 +184,15 @@ t0 = time.perf_counter()
 import numpy as np
 from bitnet_py.model import Model
 from bitnet_py.bench import _batch, _tables
+from bitnet_py.sampling import TopRequest
 t1 = time.perf_counter()
 m = Model.load(sys.argv[1], tl2_config=sys.argv[2] or None)
 t2 = time.perf_counter()
 kv = m.new_kv_cache(1, 16)
 tables = _tables(16, 16)
 def steps():
-    for n in (1, 2, 3, 5):  # every kernel specialization a server meets (1..4-token tiles)
-        m.forward(_batch(np.arange(n) + 5, 0, tables), kv)
+    for n in (1, 2, 3, 5):  # every kernel specialization a server meets (1..4-token tiles), both head paths
+        m.forward(_batch(np.arange(n) + 5, 0, tables), kv, [TopRequest(1)] if n % 2 else None)
 steps()
 t3 = time.perf_counter()
 steps()  # same work again, compiled: the difference is compilation / cache loading
@@ -217,6 +226,7 @@ def run(args) -> dict:
 
     from kernels import config as kernel_config
     from .model import Model
+    from .sampling import TopRequest
     if args.kernel:
         kernel_config.TERNARY_KERNEL = args.kernel
     if max(args.threads, default=1) > numba.config.NUMBA_NUM_THREADS:
@@ -228,7 +238,12 @@ def run(args) -> dict:
         raise SystemExit("error: -d must be >= 0")
     jit = None if args.no_jit else jit_probe(args.model, args.tl2_config)
     t0 = time.perf_counter()
-    model = Model.load(args.model, tl2_config=args.tl2_config, head_type=args.head_type, no_mmap=args.no_mmap)
+    greedy = args.logits == "greedy"
+    model = Model.load(args.model, tl2_config=args.tl2_config, head_type=args.head_type, no_mmap=args.no_mmap,
+                       screen_head=greedy)
+    if greedy and model.weights.screen is None:
+        raise SystemExit("error: --logits greedy needs an F16 output head, --head-type f16 and a host with F16C")
+    heads = [TopRequest(1)] if greedy else None
     load_ms = (time.perf_counter() - t0) * 1000
     rng = np.random.default_rng(args.seed)
     n_ctx = max(args.depth) + max(args.n_prompt + args.n_gen + [1])
@@ -238,7 +253,7 @@ def run(args) -> dict:
     tables = _tables(n_ctx, 16)
     vocab = model.config.n_vocab
     wtype = weight_type(model)
-    db = decode_bytes(model, max(args.n_gen + [1]) // 2)
+    db = decode_bytes(model, max(args.n_gen + [1]) // 2, greedy)
     results = []
     bandwidth = {}
     for depth in sorted(set(args.depth)):
@@ -248,14 +263,14 @@ def run(args) -> dict:
         for nt in args.threads:
             numba.set_num_threads(nt)
             if nt not in bandwidth:
-                bandwidth[nt] = measure_bandwidth(model)
+                bandwidth[nt] = measure_bandwidth(model, greedy)
             for p in args.n_prompt:
                 if p == 0:
                     continue
                 toks = rng.integers(0, vocab, p)
-                run_prefill(model, kv, tables, toks, depth)  # warm-up (compiles this shape's kernels)
+                run_prefill(model, kv, tables, toks, depth, heads)  # warm-up (compiles this shape's kernels)
                 c0 = cpu_times()
-                times = [run_prefill(model, kv, tables, toks, depth) for _ in range(args.repetitions)]
+                times = [run_prefill(model, kv, tables, toks, depth, heads) for _ in range(args.repetitions)]
                 results.append(dict(test=test_name("pp", p, depth), threads=nt, n=p, depth=depth,
                                     load=os.getloadavg()[0], steal_pct=steal_pct(c0, cpu_times()),
                                     tok_s=stats([p / t for t in times])))
@@ -264,12 +279,12 @@ def run(args) -> dict:
                 if n == 0:
                     continue
                 toks = rng.integers(0, vocab, n)
-                run_decode(model, kv, tables, toks[:min(n, 4)], depth)  # warm-up
+                run_decode(model, kv, tables, toks[:min(n, 4)], depth, heads)  # warm-up
                 c0 = cpu_times()
-                times = [run_decode(model, kv, tables, toks, depth) for _ in range(args.repetitions)]
+                times = [run_decode(model, kv, tables, toks, depth, heads) for _ in range(args.repetitions)]
                 r = dict(test=test_name("tg", n, depth), threads=nt, n=n, depth=depth, load=os.getloadavg()[0],
                          steal_pct=steal_pct(c0, cpu_times()), tok_s=stats([n / t for t in times]))
-                roof = bandwidth[nt] * 1e9 / decode_bytes(model, depth + n // 2)["total"]  # KV grows with depth
+                roof = bandwidth[nt] * 1e9 / decode_bytes(model, depth + n // 2, greedy)["total"]  # KV grows with depth
                 r["roofline_tok_s"] = roof
                 r["roofline_pct"] = 100 * r["tok_s"]["median"] / roof
                 results.append(r)
@@ -282,7 +297,7 @@ def run(args) -> dict:
             r["vs_bitnet_cpp"] = r["tok_s"]["median"] / ref
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     file_bytes = os.path.getsize(args.model)
-    return dict(model=args.model, arch=model.config.arch, type=wtype, head_type=args.head_type,
+    return dict(model=args.model, arch=model.config.arch, type=wtype, head_type=args.head_type, logits=args.logits,
                 file_bytes=file_bytes,
                 kernel=kernel_config.TERNARY_KERNEL, threading_layer=numba.threading_layer(),
                 load_ms=load_ms, tl2_source=model.weights.tl2_source, jit=jit, peak_rss_bytes=peak_rss,

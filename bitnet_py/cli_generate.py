@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from .huge_pages import NO_MMAP_HELP
+from .sampling import NO_SCREEN_HELP
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-type", choices=("f16", "int8"), default="f16", help="int8: approximate, faster head")
     p.add_argument("--no-mmap", action="store_true",
                    help=NO_MMAP_HELP)
+    p.add_argument("--no-screen-head", action="store_true", help=NO_SCREEN_HELP)
     return p
 
 
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.n_predict < 0 or args.ctx_size <= 0 or (args.threads is not None and args.threads <= 0):
         return _error("-n must be >= 0, -c and -t must be > 0")
     try:
-        from .sampling import SamplingParams, make_rng, sample_token
+        from .sampling import SamplingParams, head_request, make_rng, sample_token
         params = SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     except ValueError as e:
         return _error(str(e))
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = resolve_model(args.model)
         model = Model.load(path, tl2_config=args.tl2_config, cache_type=args.cache_type, head_type=args.head_type,
-                           no_mmap=args.no_mmap)
+                           no_mmap=args.no_mmap, screen_head=not args.no_screen_head)
         tok = model.tokenizer
     except (GGUFError, ModelResolveError, ValueError, OSError) as e:
         return _error(str(e))
@@ -71,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     def run(seq: Sequence1, ids: list[int], history: list[int]) -> tuple[str, float, int, float]:
         from .detokenizer import IncrementalDetokenizer
         t0 = time.perf_counter()
-        logits = seq.feed(ids)
-        prompt_s = time.perf_counter() - t0
         history.extend(ids)
+        logits = seq.feed(ids, head=head_request(params, np.asarray(history, np.int32)))
+        prompt_s = time.perf_counter() - t0
         detok = IncrementalDetokenizer(tok, skip_special=True)
         out, n_gen, t1 = [], 0, time.perf_counter()
         for _ in range(args.n_predict):
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             print(piece, end="", flush=True)
             if seq.n_past >= n_ctx:
                 break
-            logits = seq.feed([token])
+            logits = seq.feed([token], head=head_request(params, np.asarray(history, np.int32)))
         tail = detok.flush()
         print(tail, flush=True)
         return "".join(out) + tail, prompt_s, n_gen, time.perf_counter() - t1

@@ -19,7 +19,7 @@ import numpy as np
 
 from bitnet_py.block_manager import BlockManager
 from bitnet_py.metrics import Metrics
-from bitnet_py.sampling import SamplingParams, SamplingParamsError, sample_token
+from bitnet_py.sampling import SamplingParams, SamplingParamsError, TopRequest, head_request, sample_token
 from bitnet_py.scheduler import Scheduler, build_batch, make_batch
 from bitnet_py.sequence import FinishReason, SeqEvent, Sequence, SeqStatus, make_detokenizer
 
@@ -213,9 +213,11 @@ class Engine:
         if self.blocks.n_blocks < 2:
             return
         tables = [[0], [1]]
-        # two-token prefill of one sequence next to a one-token decode of another, then a lone decode
-        self.model.forward(make_batch([tok, tok, tok], [0, 1, 0], [0, 0, 1], tables, [1, 2]), self.kv)
-        self.model.forward(make_batch([tok], [2], [0], tables[:1], [0]), self.kv)
+        # two-token prefill of one sequence next to a one-token decode of another, then a lone decode; a screened
+        # and a full logits row (the head's two paths), then a top-k row
+        self.model.forward(make_batch([tok, tok, tok], [0, 1, 0], [0, 0, 1], tables, [1, 2]), self.kv,
+                           [TopRequest(1), None])
+        self.model.forward(make_batch([tok], [2], [0], tables[:1], [0]), self.kv, [TopRequest(40)])
 
     # ---- API for request handlers (any thread) ------------------------------------------------------------
     def submit(self, req: GenerationRequest, emit: Callable[[SeqEvent], None]) -> str:
@@ -348,8 +350,9 @@ class Engine:
                 chunk.seq.first_scheduled = now
                 self.metrics.on_queued(now - chunk.seq.arrival)
         batch, sample_rows = build_batch(plan, self.blocks.block_size)
+        heads = [head_request(c.seq.params, self._context(c.seq)) for c in plan.chunks if c.sample]
         try:
-            logits = self.model.forward(batch, self.kv)       # float32[R, n_vocab]
+            logits = self.model.forward(batch, self.kv, heads)       # float32[R, n_vocab]
         except Exception as exc:      # noqa: BLE001 - fail this batch's sequences, keep serving
             logger.exception("model.forward failed on a batch of %d tokens", len(batch.tokens))
             for chunk in plan.chunks:
@@ -373,9 +376,14 @@ class Engine:
                     self._finish(chunk.seq, FinishReason.ERROR, error=f"internal error: {type(exc).__name__}")
         self.metrics.on_step(plan.num_tokens, n_prompt, n_generated)
 
+    @staticmethod
+    def _context(seq: Sequence) -> np.ndarray:
+        """The token history the sampler reads (prompt + output so far), where its penalties need it."""
+        return seq.context_array() if seq.params.uses_context else _NO_CONTEXT
+
     def _on_token(self, seq: Sequence, logits_row: np.ndarray) -> None:
         try:
-            context = seq.context_array() if seq.params.uses_context else _NO_CONTEXT
+            context = self._context(seq)
             token, info = sample_token(logits_row, seq.params, seq.rng, context)
         except Exception as exc:      # noqa: BLE001
             logger.exception("sampling failed for %s", seq)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .model import Batch, Model
+from .sampling import TopRequest
 
 
 @dataclass
@@ -31,8 +32,9 @@ class Sequence1:
         self.tables = np.zeros((1, 1), dtype=np.int32)
         self.n_past = 0
 
-    def feed(self, ids: list[int], ubatch: int = 512) -> np.ndarray:
-        """Evaluate ids after the current ones, in micro-batches; -> logits of the last token f32[n_vocab]."""
+    def feed(self, ids: list[int], ubatch: int = 512, head: TopRequest | None = None) -> np.ndarray:
+        """Evaluate ids after the current ones, in micro-batches; -> logits of the last token f32[n_vocab]
+        (with `head`, only those a sampler reads are exact: Model.forward)."""
         if self.n_past + len(ids) > self.n_ctx:
             raise ValueError(f"context full: {self.n_past} + {len(ids)} tokens > n_ctx {self.n_ctx}")
         logits = None
@@ -44,7 +46,7 @@ class Sequence1:
                           seq_index=np.zeros(n, dtype=np.int32),
                           block_tables=self.tables,
                           logit_rows=np.array([n - 1], dtype=np.int32))
-            logits = self.model.forward(batch, self.kv)[0]
+            logits = self.model.forward(batch, self.kv, None if head is None else [head])[0]
             self.n_past += n
         return logits
 
@@ -58,12 +60,14 @@ def generate(model: Model, prompt_ids: list[int], n_predict: int, n_ctx: int | N
              ubatch: int = 512, sampler=None, keep_logits: bool = False,
              stop_ids: frozenset[int] = frozenset()) -> GenerationResult:
     """Prefill the prompt (in micro-batches of `ubatch`), then decode one token per forward.
-    `sampler(logits, history) -> id` defaults to greedy."""
+    `sampler(logits, history) -> id` defaults to greedy, which reads only the top logit (a screened head computes
+    no other unless keep_logits)."""
     n_ctx = n_ctx or min(model.max_positions, len(prompt_ids) + n_predict)
     seq = Sequence1(model, n_ctx)
     res = GenerationResult(list(prompt_ids))
     t0 = time.perf_counter()
-    logits = seq.feed(list(prompt_ids), ubatch)
+    head = TopRequest(1) if sampler is None and not keep_logits else None
+    logits = seq.feed(list(prompt_ids), ubatch, head)
     res.prompt_ms = (time.perf_counter() - t0) * 1000
     t1 = time.perf_counter()
     history = list(prompt_ids)
@@ -75,6 +79,6 @@ def generate(model: Model, prompt_ids: list[int], n_predict: int, n_ctx: int | N
         history.append(tok)
         if tok in stop_ids or step == n_predict - 1 or seq.n_past >= n_ctx:
             break
-        logits = seq.feed([tok])
+        logits = seq.feed([tok], head=head)
     res.gen_ms = (time.perf_counter() - t1) * 1000
     return res

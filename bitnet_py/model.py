@@ -37,6 +37,8 @@ from .gguf.constants import TQ_BLOCK, GGMLType
 from .gguf.reader import GGUFFile
 from .gguf.tl2_tiling import resolve_tiling
 from .kv_cache import CACHE_DTYPES, KVCache
+from .sampling import TopRequest
+from .screened_head import screened_logits, screening_possible
 from .weights import DenseWeight, ModelWeights, TernaryWeight, embedding_rows, int8_head, load_weights
 
 log = logging.getLogger(__name__)
@@ -208,9 +210,11 @@ class Model:
 
     @classmethod
     def load(cls, path: str, tl2_config: str | None = None, cache_type: str = "f16",
-             head_type: str = "f16", no_mmap: bool = False) -> "Model":
+             head_type: str = "f16", no_mmap: bool = False, screen_head: bool = True) -> "Model":
         """head_type "int8": quantize an f16 output head to int8 per row at load (half the decode bytes of
         the head; logits no longer bit-comparable with bitnet.cpp). Default "f16" is exact.
+        screen_head (f16 heads): also keep the head's int8 copy with error bounds, so that `forward` can return
+        exact top-k logits from half the head's bytes (bitnet_py.screened_head); built once, then cached.
         no_mmap: copy the file into anonymous memory backed by huge pages (bitnet_py.huge_pages):
         a slower load (0.2-4 s per GB), a faster decode (~5 % measured); same results."""
         if head_type not in HEAD_TYPES:
@@ -221,9 +225,12 @@ class Model:
         cfg = ModelConfig.from_gguf(f)
         tl2_shapes = {t.np_shape for t in f.tensors.values() if t.type_id == GGMLType.TL2}
         tiling = resolve_tiling(tl2_shapes, f.metadata, path, tl2_config) if tl2_shapes else {}
-        weights = load_weights(f, cfg, tiling)
-        if head_type == "int8":
-            weights.output = int8_head(f, weights.output)
+        int8 = head_type == "int8"
+        weights = load_weights(f, cfg, tiling, quantize_head=int8 or (screen_head and screening_possible()))
+        if int8:
+            if weights.screen is None:
+                raise ValueError(f"the int8 head needs an F16 output head, this one is {weights.output.source_type}")
+            weights.output, weights.screen = int8_head(weights.output, weights.screen), None
         model = cls(f, cfg, weights, cache_type)
         model.load_ms = (time.perf_counter() - t0) * 1000
         log.info("loaded %s (%s, %d layers, %d vocab) in %.0f ms", path, cfg.arch, cfg.n_layer, cfg.n_vocab,
@@ -248,8 +255,9 @@ class Model:
         c = self.config
         return KVCache.allocate(c.n_layer, n_blocks, block_size, c.n_kv_head, c.head_dim, self.cache_type)
 
-    def forward(self, batch: Batch, kv: KVCache) -> np.ndarray:
-        """-> logits f32[len(batch.logit_rows), n_vocab]."""
+    def forward(self, batch: Batch, kv: KVCache, heads: list[TopRequest | None] | None = None) -> np.ndarray:
+        """-> logits f32[len(batch.logit_rows), n_vocab]. heads[r] (with a screened head): row r needs only the
+        exact logits a TopRequest names; the rest of that row may come back as -inf (bitnet_py.screened_head)."""
         c, W = self.config, self.weights
         tokens = np.ascontiguousarray(batch.tokens, dtype=np.int32)
         pos = np.ascontiguousarray(batch.positions, dtype=np.int32)
@@ -321,4 +329,10 @@ class Model:
             x += linear(L.w_down, gate)
         rows = np.ascontiguousarray(x[np.asarray(batch.logit_rows, dtype=np.int64)])
         norm(rows, W.output_norm, c.rms_eps, rows)
+        if heads is not None and W.screen is not None and any(h is not None for h in heads):
+            if len(heads) != rows.shape[0]:
+                raise ValueError(f"{len(heads)} head requests for {rows.shape[0]} logit rows")
+            if not f32:
+                round_rows_f16(rows.reshape(-1), rows.reshape(-1))  # as linear() does for f16 weights
+            return screened_logits(W.output.f16_bits, W.screen, rows, heads)
         return linear(W.output, rows, round_f16=not f32)

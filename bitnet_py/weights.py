@@ -19,6 +19,7 @@ from .gguf.ternary_unpack import i2s_scale, tl2_region, unpack_tq1_0
 from .gguf.tl2_tiling import TL2Tile
 from .huge_pages import release
 from .repack_cache import TQ_SCALES_SUFFIX, RepackCache, cache_enabled
+from .screened_head import ScreenedHead, cached_head, quantize_head
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class ModelWeights:
     output_norm: np.ndarray  # f32[E]
     output: DenseWeight  # [n_vocab, E]; the tied embedding when the file has no output.weight
     tl2_source: str = ""  # TL2 files: "repack cache" (mapped) or "decoded" (at this load); "" otherwise
+    screen: ScreenedHead | None = None  # the f16 head's int8 copy (screened or int8 head), when asked for
 
 
 def tl2_to_i2s(raw: np.ndarray, m: int, k: int, tile: TL2Tile) -> tuple[np.ndarray, np.float32]:
@@ -165,12 +167,15 @@ def load_linear(f: GGUFFile, name: str, m: int, k: int, tiling: dict[tuple[int, 
     raise GGUFError(f"{f.path}: tensor {name} has unsupported type {info.type_name}")
 
 
-def load_weights(f: GGUFFile, cfg: ModelConfig, tiling: dict[tuple[int, int], TL2Tile]) -> ModelWeights:
+def load_weights(f: GGUFFile, cfg: ModelConfig, tiling: dict[tuple[int, int], TL2Tile],
+                 quantize_head: bool = False) -> ModelWeights:
     """All weights of the model. TL2 and TQ1_0/TQ2_0 tensors come from the repack cache (bitnet_py.repack_cache)
-    when it holds this file; otherwise they are repacked and the cache is written."""
+    when it holds this file; otherwise they are repacked and the cache is written. quantize_head: also the int8
+    copy of an f16 head (`screen`), kept in the same cache."""
     E, F, Q, KV = cfg.n_embd, cfg.n_ff, cfg.q_dim, cfg.kv_dim
     repacks = bool(tiling) or any(t.type_id in (GGMLType.TQ1_0, GGMLType.TQ2_0) for t in f.tensors.values())
-    repacked = RepackCache(f.path, tiling, anonymous=not f.mapped) if repacks and cache_enabled() else None
+    cached = (repacks or quantize_head) and cache_enabled()
+    repacked = RepackCache(f.path, tiling, anonymous=not f.mapped) if cached else None
 
     def linear(name: str, m: int, k: int):
         return load_linear(f, name, m, k, tiling, repacked)
@@ -201,30 +206,31 @@ def load_weights(f: GGUFFile, cfg: ModelConfig, tiling: dict[tuple[int, int], TL
     if not isinstance(output, DenseWeight):
         raise GGUFError(f"{f.path}: ternary output heads are not supported ({head_name} is "
                         f"{f.info(head_name).type_name})")
+    screen = quantized_head(f, output, repacked) if quantize_head and output.f16_bits is not None else None
     tl2_source = "" if not tiling else "repack cache" if repacked is not None and repacked.hit else "decoded"
     if repacked is not None:
         repacked.save()
-    return ModelWeights(embd, layers, _float_vector(f, "output_norm.weight", E), output, tl2_source)
+    return ModelWeights(embd, layers, _float_vector(f, "output_norm.weight", E), output, tl2_source, screen)
 
 
-INT8_HEAD_CHUNK_ROWS = 8192  # rows of the f16 head quantized (then released from RSS) at a time
+def quantized_head(f: GGUFFile, w: DenseWeight, repacked: RepackCache | None) -> ScreenedHead:
+    """The f16 head's int8 copy with its error terms (bitnet_py.screened_head), from the repack cache or built in
+    row chunks whose f16 pages are then released from this process's resident set (they stay in the page cache;
+    the rows a step reads exactly, and tied embedding rows, fault back in on use); an anonymous copy (no_mmap)
+    keeps them, as the embedding and the exact rows read them."""
+    def release(lo: int, hi: int) -> None:
+        _release_pages(f, w.f16_bits[lo:hi], read_again=True)
+
+    name = "output.weight" if "output.weight" in f.tensors else "token_embd.weight"
+    if repacked is None:
+        return quantize_head(w.f16_bits, release)
+    return cached_head(repacked.get, repacked.put, name, w.f16_bits, release)
 
 
-def int8_head(f: GGUFFile, w: DenseWeight) -> DenseWeight:
-    """The f16 output head quantized to int8 with per-row scales (head_type="int8"): half the bytes per
-    decoded token, not bit-exact with bitnet.cpp. The f16 pages read here are released from this process's
-    resident set afterwards (they stay in the page cache; tied embedding rows fault back in on use), except
-    from an anonymous copy (no_mmap), where the embedding still needs them."""
-    from kernels.dense import quantize_f16_rows_i8
-    if w.f16_bits is None:
-        raise ValueError(f"the int8 head needs an F16 output head, this one is {w.source_type}")
-    q = np.empty((w.m, w.k), np.int8)
-    scales = np.empty(w.m, np.float32)
-    for lo in range(0, w.m, INT8_HEAD_CHUNK_ROWS):  # in chunks, so the f16 pages never all sit in RSS at once
-        hi = min(w.m, lo + INT8_HEAD_CHUNK_ROWS)
-        quantize_f16_rows_i8(w.f16_bits[lo:hi], q[lo:hi], scales[lo:hi])
-        _release_pages(f, w.f16_bits[lo:hi], read_again=True)  # a tied embedding reads its rows
-    return DenseWeight(w.m, w.k, None, None, "I8(F16)", q, scales)
+def int8_head(w: DenseWeight, head: ScreenedHead) -> DenseWeight:
+    """The optional approximate head (head_type="int8"): the int8 codes and row scales alone, half the bytes per
+    decoded token, not bit-exact with bitnet.cpp."""
+    return DenseWeight(w.m, w.k, None, None, "I8(F16)", head.q, head.row_scales)
 
 
 def _release_pages(f: GGUFFile, view: np.ndarray, read_again: bool = False) -> None:

@@ -90,20 +90,28 @@ else:
     f16_matmul = f16_matmul_bits
 
 
-# --- optional int8 head (`head_type="int8"`): approximate, half the bytes of the f16 head ---
+# --- int8 copies of the head: the optional approximate head (`head_type="int8"`) and the screened head ---
+
+BOUND_SAFETY = 1.0 + 2.0 ** -20  # rounds the float64 error terms up past their own rounding and the f32 store
+
 
 @njit(**JIT_REDUCE_PARALLEL)
-def quantize_f16_rows_i8(w_bits, q, row_scales):
+def quantize_f16_rows_i8(w_bits, q, row_scales, err_bound, q_norm):
     """w_bits: u16[M, K] float16 bits -> q: i8[M, K], row_scales: f32[M]: w ~= q * scale with
-    scale = max|w_row| / 127 (1 for an all-zero row), q = round_half_even(w / scale)."""
+    scale = max|w_row| / 127 (1 for an all-zero row), q = round_half_even(w / scale); and the error terms of the
+    screened head (kernels.head_screen): err_bound: f32[M] >= ||w - scale*q||_2 + (K + 8) * 2^-24 * ||w||_2
+    (the second term covers the f32 sum of the exact f16 dot), inf for a row holding an inf or NaN;
+    q_norm: f32[M] >= scale * ||q||_2."""
     M, K = w_bits.shape
     n_tasks = (M + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in prange(n_tasks):
         row_f = np.empty(K, dtype=np.float32)
         row_u = row_f.view(np.uint32)
         for m in range(task * ROWS_PER_TASK, min(M, (task + 1) * ROWS_PER_TASK)):
+            finite = True
             for k in range(K):
                 h = np.uint32(w_bits[m, k])
+                finite &= (h & np.uint32(0x7C00)) != np.uint32(0x7C00)
                 row_u[k] = ((h & np.uint32(0x8000)) << np.uint32(16)) | ((h & np.uint32(0x7FFF)) << np.uint32(13))
             amax = np.float32(0.0)
             for k in range(K):
@@ -111,8 +119,18 @@ def quantize_f16_rows_i8(w_bits, q, row_scales):
                 amax = max(amax, abs(row_f[k]))
             scale = amax / np.float32(127.0) if amax > 0 else np.float32(1.0)
             row_scales[m] = scale
+            e2 = w2 = q2 = 0.0  # float64 sums
             for k in range(K):
-                q[m, k] = np.int8(np.rint(row_f[k] / scale))
+                qk = np.rint(row_f[k] / scale)
+                q[m, k] = np.int8(qk)
+                wk = np.float64(row_f[k])
+                e = wk - np.float64(scale) * np.float64(qk)  # exact: a 24-bit scale times an 8-bit integer
+                e2 += e * e
+                w2 += wk * wk
+                q2 += np.float64(qk) * np.float64(qk)
+            bound = (np.sqrt(e2) + (K + 8) * 2.0 ** -24 * np.sqrt(w2)) * BOUND_SAFETY
+            err_bound[m] = np.float32(bound) if finite else np.float32(np.inf)
+            q_norm[m] = np.float32(np.float64(scale) * np.sqrt(q2) * BOUND_SAFETY)
 
 
 @njit(**JIT)

@@ -1,9 +1,10 @@
 """Head (dense weight) dot products as LLVM IR intrinsics, built from the helpers of `kernels.simd`.
 
-- `i8_dot_abs{1,2}(w, w0, x, xabs, x0, x_stride, n_chunks)`: exact int32 dots of 32*n_chunks int8 weights
-  (flat `w` from `w0`) with 1/2 int8 rows of flat `x` (row t at `x0 + t*x_stride`; `xabs` = |x| as u8 at the
-  same offsets), for the int8 head: `vpsignb` moves the sign of x onto w, `vpmaddubsw` multiplies by |x| (pair
-  sums <= 2 * 128 * 127 never saturate), `vpmaddwd` widens; weights loaded once for both rows and prefetched.
+- `i8_dot_abs{1,2,4}(w, w0, x, xabs, x0, x_stride, n_chunks)`: exact int32 dots of 32*n_chunks int8 weights
+  (flat `w` from `w0`) with 1/2/4 int8 rows of flat `x` (row t at `x0 + t*x_stride`; `xabs` = |x| as u8 at the
+  same offsets), for the int8 and the screened heads: `vpsignb` moves the sign of x onto w, `vpmaddubsw`
+  multiplies by |x| (pair sums <= 2 * 128 * 127 never saturate), `vpmaddwd` widens; weights loaded once for all
+  rows and prefetched.
 - `f16_dot{1,2}(w, w0, x, x0, x_stride, n_lines)`: float32 dot products of 32*n_lines float16 weights (u16
   bits, flat `w` from `w0`) with 1/2 float32 rows of flat `x` (row t at `x0 + t*x_stride`); each weight line is
   converted once for both rows. Four 8-lane accumulators per row (lane j of vector k sums elements 32i+8k+j),
@@ -68,6 +69,7 @@ def _make_i8_dot_abs(n_rows):
 
 i8_dot_abs1 = _make_i8_dot_abs(1)
 i8_dot_abs2 = _make_i8_dot_abs(2)
+i8_dot_abs4 = _make_i8_dot_abs(4)  # the screened head: (hi, lo) halves of two tokens
 
 
 def _make_f16_dot(n_rows):

@@ -9,7 +9,9 @@ trees in separate processes minutes apart decides little. Here REV's `bitnet_py`
 imports of each other rewritten), both engines load the same model file (one page cache), and each round runs
 a -p token prefill and -n decode steps from depth -d with one engine, then with the other (the order flips
 every round), each on its own KV cache. Prints tok/s medians per engine and the median of the per-round
-ratios (this tree / REV), and whether the two engines' logits are identical.
+ratios (this tree / REV), and whether the two engines' logits are identical. `--top-k K`: this tree's steps ask
+only for the top K logits (the screened head, bitnet_py/screened_head.py; `--against HEAD` on a clean tree is the
+A/B of the screened and the full head), and "identical" compares the logits it computed and the top K ids.
 """
 from __future__ import annotations
 
@@ -72,11 +74,21 @@ def _batch(model_module, tokens: np.ndarray, start: int, tables: np.ndarray):
                               np.zeros(T, np.int32), tables, np.array([T - 1], np.int32))
 
 
+def same_logits(ours: np.ndarray, theirs: np.ndarray, top_k: int) -> bool:
+    """All logits equal; with top_k, those `ours` computed (finite) equal and the top k ids are the same."""
+    if not top_k:
+        return np.array_equal(ours, theirs)
+    read = np.isfinite(ours)
+    top = [np.argsort(-x, axis=1, kind="stable")[:, :top_k] for x in (ours, theirs)]
+    return bool(np.array_equal(ours[read], theirs[read]) and np.array_equal(*top))
+
+
 def run(model_path: str, rev: str, threads: int, rounds: int, n_decode: int, n_prefill: int, depth: int,
-        no_mmap: bool = False) -> dict:
+        no_mmap: bool = False, top_k: int = 0) -> dict:
     import numba
 
     from bitnet_py import model as ours_module
+    from bitnet_py.sampling import TopRequest
     theirs_module = engine_at(rev)
     numba.set_num_threads(threads)
     engines = {"this tree": (ours_module, ours_module.Model.load(model_path, no_mmap=no_mmap)),
@@ -87,12 +99,14 @@ def run(model_path: str, rev: str, threads: int, rounds: int, n_decode: int, n_p
     rng = np.random.default_rng(0)
     context = rng.integers(0, engines["this tree"][1].config.n_vocab, depth + max(n_prefill, 1) + n_decode)
     caches, logits = {}, {}
+    extra = {"this tree": (([TopRequest(top_k)],) if top_k else ()), rev: ()}  # forward's head requests, if any
     for name, (module, model) in engines.items():  # the context up to the depth, in chunks; warm-up; logits
         kv = caches[name] = model.new_kv_cache(blocks, BLOCK)
         for start in range(0, depth, 512):
             model.forward(_batch(module, context[start:min(depth, start + 512)], start, tables), kv)
-        logits[name] = model.forward(_batch(module, context[depth:depth + max(n_prefill, 1)], depth, tables), kv)
-    identical = np.array_equal(*logits.values())
+        logits[name] = model.forward(_batch(module, context[depth:depth + max(n_prefill, 1)], depth, tables), kv,
+                                     *extra[name])
+    identical = same_logits(*logits.values(), top_k)
     times = {name: {"prefill": [], "decode": []} for name in engines}
     for r in range(rounds):
         for name in (list(engines) if r % 2 == 0 else list(engines)[::-1]):
@@ -100,12 +114,13 @@ def run(model_path: str, rev: str, threads: int, rounds: int, n_decode: int, n_p
             kv = caches[name]
             if n_prefill:
                 t0 = time.perf_counter()
-                model.forward(_batch(module, context[depth:depth + n_prefill], depth, tables), kv)
+                model.forward(_batch(module, context[depth:depth + n_prefill], depth, tables), kv, *extra[name])
                 times[name]["prefill"].append(n_prefill / (time.perf_counter() - t0))
             position = depth + max(n_prefill, 1)
             t0 = time.perf_counter()
             for i in range(n_decode):
-                model.forward(_batch(module, context[position + i:position + i + 1], position + i, tables), kv)
+                model.forward(_batch(module, context[position + i:position + i + 1], position + i, tables), kv,
+                              *extra[name])
             if n_decode:
                 times[name]["decode"].append(n_decode / (time.perf_counter() - t0))
     result = {"identical_logits": bool(identical), "tests": []}
@@ -134,12 +149,16 @@ def main(argv=None) -> int:
     p.add_argument("--no-mmap", action="store_true",
                    help="load this tree's model with --no-mmap (REV's maps the file): with --against HEAD and a "
                         "clean tree, the A/B of the two ways to hold the weights")
+    p.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="this tree's steps ask only for the top K logits (screened head); 0 = all (default)")
     a = p.parse_args(argv)
-    if a.rounds < 1 or a.n_decode < 0 or a.n_prefill < 0 or a.depth < 0 or a.n_decode + a.n_prefill == 0:
-        raise SystemExit("error: need --rounds >= 1, -n/-p/-d >= 0 and something to time (-n or -p)")
-    res = run(a.model, a.against, a.threads, a.rounds, a.n_decode, a.n_prefill, a.depth, a.no_mmap)
+    if (a.rounds < 1 or a.n_decode < 0 or a.n_prefill < 0 or a.depth < 0 or a.n_decode + a.n_prefill == 0
+            or a.top_k < 0):
+        raise SystemExit("error: need --rounds >= 1, -n/-p/-d/--top-k >= 0 and something to time (-n or -p)")
+    res = run(a.model, a.against, a.threads, a.rounds, a.n_decode, a.n_prefill, a.depth, a.no_mmap, a.top_k)
     print(f"{os.path.basename(a.model)}, {a.threads} threads, depth {a.depth}, {a.rounds} rounds, load avg "
-          f"{os.getloadavg()[0]:.1f}{'; this tree --no-mmap' if a.no_mmap else ''}; logits identical to "
+          f"{os.getloadavg()[0]:.1f}{'; this tree --no-mmap' if a.no_mmap else ''}"
+          f"{f'; this tree reads the top {a.top_k} logits' if a.top_k else ''}; logits identical to "
           f"{a.against}: {res['identical_logits']}\n")
     print(f"| test | this tree tok/s | {a.against} tok/s | ratio (median per round) | rounds ahead |")
     print("|---|---|---|---|---|")

@@ -128,7 +128,8 @@ class FakeModel:
     def new_kv_cache(self, n_blocks: int, block_size: int) -> FakeKV:
         return FakeKV(n_blocks, block_size)
 
-    def forward(self, batch, kv: FakeKV) -> np.ndarray:
+    def forward(self, batch, kv: FakeKV, heads=None) -> np.ndarray:
+        self.head_requests = heads  # what the engine asked of the head (a real model may screen)
         tokens = np.asarray(batch.tokens)
         positions = np.asarray(batch.positions)
         seq_index = np.asarray(batch.seq_index)

@@ -38,6 +38,24 @@ def test_bench_json_structure(capsys):
     assert res["huge_pages_mode"] == huge_pages_mode() and res["huge_pages_mode"] in ("always", "madvise", "never", "")
 
 
+def test_bench_greedy_logits_read_the_screened_head(capsys, monkeypatch):
+    from bitnet_py import screened_head
+    calls = []
+    real = screened_head.screened_logits
+    monkeypatch.setattr(screened_head, "screened_logits", lambda *a: calls.append(a[3]) or real(*a))
+    monkeypatch.setattr("bitnet_py.model.screened_logits", screened_head.screened_logits)
+    path = str(fixture_path(*TINY))
+    assert bench.main(["-m", path, "-p", "4", "-n", "3", "-t", "1", "-r", "2", "--no-jit", "--json",
+                       "--logits", "greedy"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["logits"] == "greedy" and len(calls) == 1 + 2 + 3 + 2 * 3  # warm-ups and runs of pp4 and tg3
+    assert all(len(c) == 1 and c[0].k == 1 for c in calls)
+    db = res["decode_bytes"]
+    assert db["head"] == 2048 * 256 + 3 * 4 * 2048 and db["head_type"] == "I8 screen of F16"
+    assert bench.main(["-m", path, "-p", "0", "-n", "1", "-t", "1", "-r", "1", "--no-jit"]) == 0
+    assert "logits: all n_vocab per step" in capsys.readouterr().out and len(calls) == 12
+
+
 def test_bench_no_mmap_reports_the_copy(capsys):
     path = str(fixture_path(*TINY))
     assert bench.main(["-m", path, "-p", "4", "-n", "1", "-t", "1", "-r", "1", "--no-jit", "--json", "--no-mmap"]) == 0
@@ -91,9 +109,9 @@ def test_bench_depth_runs_tests_after_a_filled_context(capsys, monkeypatch):
     starts = []
     real_forward = model_mod.Model.forward
 
-    def recording_forward(self, batch, kv):
+    def recording_forward(self, batch, kv, heads=None):
         starts.append((int(batch.positions[0]), len(batch.positions)))
-        return real_forward(self, batch, kv)
+        return real_forward(self, batch, kv, heads)
     monkeypatch.setattr(model_mod.Model, "forward", recording_forward)
     path = str(fixture_path(*TINY))
     assert bench.main(["-m", path, "-p", "4", "-n", "3", "-d", "0,20", "-t", "1", "-r", "2", "--no-jit",
@@ -127,8 +145,8 @@ def test_bench_depth_fill_goes_in_chunks(capsys, monkeypatch):
     real_forward = model_mod.Model.forward
     monkeypatch.setattr(bench, "DEPTH_FILL_CHUNK", 8)
     monkeypatch.setattr(model_mod.Model, "forward",
-                        lambda self, b, kv: starts.append((int(b.positions[0]), len(b.positions))) or
-                        real_forward(self, b, kv))
+                        lambda self, b, kv, heads=None: starts.append((int(b.positions[0]), len(b.positions))) or
+                        real_forward(self, b, kv, heads))
     assert bench.main(["-m", str(fixture_path(*TINY)), "-p", "0", "-n", "1", "-d", "20", "-t", "1", "-r", "1",
                        "--no-jit", "--json"]) == 0
     assert starts[:3] == [(0, 8), (8, 8), (16, 4)]
@@ -184,6 +202,11 @@ def test_bench_ab_rounds_and_ratios(monkeypatch, capsys):
     assert mod.run(path, "HEAD", threads=1, rounds=1, n_decode=1, n_prefill=0, depth=0,
                    no_mmap=True)["identical_logits"] is True
     assert loads == [{"no_mmap": True}, {}]  # this tree's copy, the other revision's map
+    forward, heads = Model.forward, []
+    monkeypatch.setattr(Model, "forward", lambda self, b, kv, *h: heads.append(h) or forward(self, b, kv, *h))
+    assert mod.run(path, "HEAD", threads=1, rounds=1, n_decode=1, n_prefill=2, depth=0,
+                   top_k=3)["identical_logits"] is True  # the screened head's logits against the full head's
+    assert [len(h) and h[0][0].k for h in heads] == [3, 0, 3, 3, 0, 0]  # only this tree's steps ask for the top 3
     assert [t["test"] for t in res["tests"]] == ["pp5", "tg2"]
     for t in res["tests"]:
         assert t["rounds"] == 3 and 0 <= t["ahead"] <= 3 and t["ours"] > 0 and t["theirs"] > 0 and t["ratio"] > 0

@@ -319,13 +319,25 @@ def test_int8_head_quantization_and_matmul_exact():
     M, K, T = 77, 2560 + 40, 5  # K not a multiple of 32: SIMD body + scalar tail
     w = (RNG.standard_normal((M, K)) * 0.05).astype(np.float16)
     w[3] = 0  # all-zero row: scale 1
+    w[5, 7] = np.inf  # a row holding inf: no finite error bound
     q, scales = np.empty((M, K), np.int8), np.empty(M, np.float32)
-    quantize_f16_rows_i8(w.view(np.uint16), q, scales)
+    err, q_norm = np.empty(M, np.float32), np.empty(M, np.float32)
+    quantize_f16_rows_i8(w.view(np.uint16), q, scales, err, q_norm)
     w32 = w.astype(np.float32)
+    finite = np.isfinite(w32).all(1)
+    w32[~finite] = 0
+    ok = np.where(finite)[0]
     ref_scales = np.where(np.abs(w32).max(1) > 0, np.abs(w32).max(1) / np.float32(127), np.float32(1)).astype(
         np.float32)
-    assert np.array_equal(scales, ref_scales)
-    assert np.array_equal(q, np.rint(w32 / ref_scales[:, None]).astype(np.int8))
+    assert np.array_equal(scales[ok], ref_scales[ok])
+    assert np.array_equal(q[ok], np.rint(w32[ok] / ref_scales[ok, None]).astype(np.int8))
+    # the screened head's error terms: upper bounds, and tight ones (float64 reference)
+    w64, q64, s64 = w32.astype(np.float64), q.astype(np.float64), scales.astype(np.float64)
+    ref_err = np.linalg.norm(w64 - s64[:, None] * q64, axis=1) + (K + 8) * 2.0 ** -24 * np.linalg.norm(w64, axis=1)
+    ref_qn = s64 * np.linalg.norm(q64, axis=1)
+    assert (err[ok] >= ref_err[ok]).all() and (err[ok] <= ref_err[ok] * (1 + 2.0 ** -18)).all()
+    assert (q_norm[ok] >= ref_qn[ok]).all() and (q_norm[ok] <= ref_qn[ok] * (1 + 2.0 ** -18)).all()
+    assert np.isinf(err[5]) and err[3] == 0
     xq = RNG.integers(-128, 128, size=(T, K)).astype(np.int8)
     xq[0] = -128
     q[0] = -127
@@ -359,18 +371,24 @@ def test_int8_head_model_close_to_f16():
 
 def test_int8_head_in_chunks_equals_one_pass(monkeypatch):
     # the head is quantized in row chunks (peak RSS); chunk edges must not change a single value
-    from bitnet_py import weights
+    from bitnet_py import screened_head
     from bitnet_py.model import Model
     from conftest import fixture_path
     from kernels.dense import quantize_f16_rows_i8
     path = str(fixture_path("tiny-bitnet", "ggml-model-i2_s.gguf"))
     f16 = Model.load(path).weights.output.f16_bits
-    q, scales = np.empty(f16.shape, np.int8), np.empty(f16.shape[0], np.float32)
-    quantize_f16_rows_i8(f16, q, scales)
-    monkeypatch.setattr(weights, "INT8_HEAD_CHUNK_ROWS", 300)  # 2048 rows: 7 chunks, the last one short
-    m = Model.load(path)
-    head = weights.int8_head(m.gguf, m.weights.output)
-    assert np.array_equal(head.i8, q) and np.array_equal(head.i8_scales, scales)
+    M = f16.shape[0]
+    q, rows = np.empty(f16.shape, np.int8), np.empty((3, M), np.float32)
+    quantize_f16_rows_i8(f16, q, rows[0], rows[1], rows[2])
+    monkeypatch.setattr(screened_head, "CHUNK_ROWS", 300)  # 2048 rows: 7 chunks, the last one short
+    released = []
+    head = screened_head.quantize_head(f16, lambda lo, hi: released.append((lo, hi)))
+    assert released[0] == (0, 300) and released[-1] == (1800, 2048) and len(released) == 7
+    assert np.array_equal(head.q, q)
+    for got, want in zip((head.row_scales, head.err_bound, head.q_norm), rows):
+        assert np.array_equal(got, want)
+    int8 = Model.load(path, head_type="int8").weights.output
+    assert np.array_equal(int8.i8, q) and np.array_equal(int8.i8_scales, rows[0])
 
 
 @pytest.mark.parametrize("round_probs", [False, True])

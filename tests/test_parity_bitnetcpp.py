@@ -95,3 +95,19 @@ def test_threads_do_not_change_results():
         runs.append((res.ids, np.stack(res.step_logits)))
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     assert runs[0][0] == runs[1][0] and np.array_equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("name,kind", [(m, k) for m, k in FILES if k != "f32"])
+def test_screened_head_greedy_matches_bitnetcpp(name, kind):
+    """Greedy generation through the screened head (exact top-1 from the int8 copy; bitnet_py/screened_head.py):
+    bitnet.cpp's ids up to the first near-tie, and every id the full f16 head picks."""
+    ref = load_reference(name, kind)
+    model = _model(name, kind)
+    assert model.weights.screen is not None  # these files have f16 heads: the screen is in use
+    ubatch = 1 if kind == "tl2" else 512
+    for r in ref["results"]:
+        screened = generate(model, r["prompt_ids"], ref["n_predict"], ubatch=ubatch)
+        full = generate(model, r["prompt_ids"], ref["n_predict"], ubatch=ubatch, keep_logits=True)
+        n = _agreeing_prefix(r["steps"], r["gen_ids"], screened.ids)
+        assert screened.ids[:n] == r["gen_ids"][:n]
+        assert screened.ids == full.ids

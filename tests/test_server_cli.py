@@ -74,3 +74,13 @@ def test_no_mmap_flag_reaches_the_model():
                                       "--no-mmap"])
     model = make_loader(args.model, args.tl2_config, args.cache_type, args.head_type, args.no_mmap)()
     assert not model.gguf.mapped
+
+
+def test_screened_head_is_on_unless_switched_off():
+    from bitnet_py.server_cli import build_parser, make_loader
+    path = str(fixture_path("tiny-bitnet", "ggml-model-i2_s.gguf"))
+    for flags, screened in (([], True), (["--no-screen-head"], False)):
+        args = build_parser().parse_args(["--model", path, *flags])
+        model = make_loader(args.model, args.tl2_config, args.cache_type, args.head_type, args.no_mmap,
+                            not args.no_screen_head)()
+        assert (model.weights.screen is not None) == screened

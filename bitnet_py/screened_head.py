@@ -1,0 +1,126 @@
+"""The screened head: the exact logits a sampler reads, from half the bytes of a float16 output head.
+
+A 2B-4T decode step reads 0.52 GB of ternary weights and 0.66 GB of f16 head. Greedy decoding reads one logit
+of the head's 128256, top-k sampling (the server's default, k = 40) k of them plus the few that penalties and
+logit_bias touch. The screened head keeps an int8 copy of the head with per-row error terms
+(`kernels.dense.quantize_f16_rows_i8`), bounds every logit from it (`kernels.head_screen`: 0.33 GB read), and
+computes exact f16 logits only for the rows whose bound interval reaches the k-th best lower bound (tens to
+hundreds of rows). Every other row is provably below the top k, and those rows come back as -inf. The sampler
+then picks exactly the token it would have picked from the full row; `TopRequest` says per row what it reads.
+Requests that need the whole distribution (logprobs, top_k disabled) get the full f16 head.
+
+The int8 copy is built at the first load (0.3-1.5 s at 2B-4T on 2 vCPUs) and kept in the repack cache
+(`bitnet_py.repack_cache`), so later loads map it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kernels.dense import f16_matmul, quantize_f16_rows_i8
+from kernels.head_screen import screen_bounds, split_activation
+from kernels.simd import HAVE_F16C
+
+from .huge_pages import zeros
+from .sampling import TopRequest
+
+SCREEN_MAX_K = 256  # larger top_k values read the full head: the candidate rows would cost more than they save
+CHUNK_ROWS = 8192  # rows of the f16 head quantized (then released from RSS) at a time
+CACHE_SUFFIXES = ("#screen_q", "#screen_rows")  # repack cache entries: i8[M, K], f32[3, M] (scales, err, q norm)
+
+
+@dataclass
+class ScreenedHead:
+    q: np.ndarray  # i8[M, K]: int8 codes of the f16 head
+    row_scales: np.ndarray  # f32[M]: w ~= q * scale
+    err_bound: np.ndarray  # f32[M]: >= ||w - scale q|| + float32-sum term; inf for rows holding inf / NaN
+    q_norm: np.ndarray  # f32[M]: >= scale ||q||
+
+
+def quantize_head(w_bits: np.ndarray, release_rows=None) -> ScreenedHead:
+    """u16[M, K] float16 bits -> ScreenedHead in anonymous memory (huge pages where offered), in row chunks;
+    `release_rows(lo, hi)` is called after each chunk (to release its f16 pages from the resident set)."""
+    M, K = w_bits.shape
+    q = zeros((M, K), np.int8)
+    rows = np.empty((3, M), np.float32)
+    for lo in range(0, M, CHUNK_ROWS):
+        hi = min(M, lo + CHUNK_ROWS)
+        quantize_f16_rows_i8(w_bits[lo:hi], q[lo:hi], rows[0, lo:hi], rows[1, lo:hi], rows[2, lo:hi])
+        if release_rows is not None:
+            release_rows(lo, hi)
+    return ScreenedHead(q, rows[0], rows[1], rows[2])
+
+
+def cached_head(get, put, name: str, w_bits: np.ndarray, release_rows=None) -> ScreenedHead:
+    """The head's int8 copy from a cache (`get(key, nbytes)` -> u8 array or None), or built and `put(key, u8)`."""
+    M, K = w_bits.shape
+    q_bytes, rows_bytes = get(name + CACHE_SUFFIXES[0], M * K), get(name + CACHE_SUFFIXES[1], 12 * M)
+    if q_bytes is not None and rows_bytes is not None:
+        rows = rows_bytes.view(np.float32).reshape(3, M)
+        return ScreenedHead(q_bytes.view(np.int8).reshape(M, K), rows[0], rows[1], rows[2])
+    head = quantize_head(w_bits, release_rows)
+    put(name + CACHE_SUFFIXES[0], head.q.reshape(-1).view(np.uint8))
+    put(name + CACHE_SUFFIXES[1], np.stack([head.row_scales, head.err_bound, head.q_norm]).reshape(-1).view(np.uint8))
+    return head
+
+
+def screening_possible() -> bool:
+    """The exact rows are recomputed with f16_matmul's hardware-conversion kernel, whose per-row results do not
+    depend on which rows share a call; the bit-conversion fallback gives no such guarantee."""
+    return HAVE_F16C
+
+
+def candidates(lower: np.ndarray, upper: np.ndarray, request: TopRequest) -> np.ndarray | None:
+    """lower, upper: f32[M] bounds of one row -> i64[C] ids that hold the top k and `keep`, or None when the
+    screen cannot cut (k too large for the rows left)."""
+    M = lower.shape[0]
+    keep = np.unique(request.keep)
+    if not 1 <= request.k <= min(SCREEN_MAX_K, M - keep.size - 1):
+        return None
+    lo = lower
+    if keep.size:
+        lo = lower.copy()
+        lo[keep] = -np.inf  # the sampler may move these: they are ranked from their exact values
+    cut = lo.max() if request.k == 1 else np.partition(lo, M - request.k)[M - request.k]
+    # every row outside the candidates sits strictly below k rows (their lower bounds reach `cut`)
+    return np.union1d(np.flatnonzero(upper >= cut), keep)
+
+
+def screened_logits(w_bits: np.ndarray, head: ScreenedHead, y: np.ndarray,
+                    requests: list[TopRequest | None]) -> np.ndarray:
+    """w_bits: u16[M, K] the f16 head; y: f32[R, K] the activations exactly as the f16 kernel takes them
+    (rounded to f16 where ggml rounds); requests[r] None for a full row -> logits f32[R, M], exact where a
+    sampler reads them, -inf at the rows the screen proves below the top k."""
+    R, K = y.shape
+    M = w_bits.shape[0]
+    out = np.empty((R, M), np.float32)
+    finite = np.isfinite(y).all(axis=1) & (np.abs(y).max(axis=1, initial=0.0) > 0)
+    screened = [r for r in range(R) if requests[r] is not None and finite[r]]
+    full = [r for r in range(R) if r not in screened]
+    if screened:
+        ys = np.ascontiguousarray(y[screened])
+        S = len(screened)
+        xs, xa = np.empty((S, 2, K), np.int8), np.empty((S, 2, K), np.uint8)
+        x_scale, x_norm, d_norm = np.empty(S), np.empty(S), np.empty(S)
+        split_activation(ys, xs, xa, x_scale, x_norm, d_norm)
+        lower, upper = np.empty((S, M), np.float32), np.empty((S, M), np.float32)
+        screen_bounds(head.q, head.row_scales, head.err_bound, head.q_norm, xs, xa, x_scale, x_norm, d_norm,
+                      lower, upper)
+        for j, r in enumerate(screened):
+            ids = candidates(lower[j], upper[j], requests[r])
+            if ids is None:
+                full.append(r)
+                continue
+            rows = w_bits[ids]
+            rows.flags.writeable = False  # the same compiled f16_matmul as the mapped head (one JIT per type)
+            vals = np.empty((1, ids.size), np.float32)
+            f16_matmul(rows, ys[j:j + 1], vals)
+            out[r].fill(-np.inf)
+            out[r, ids] = vals[0]
+    if full:
+        full.sort()
+        vals = np.empty((len(full), M), np.float32)
+        f16_matmul(w_bits, np.ascontiguousarray(y[full]), vals)
+        out[full] = vals
+    return out
