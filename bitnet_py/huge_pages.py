@@ -95,14 +95,23 @@ def zeros(shape: tuple, dtype) -> np.ndarray:
     return np.frombuffer(anonymous_map(count * dtype.itemsize), dtype, count=count).reshape(shape)
 
 
-def copy_to_anonymous(src: mmap.mmap, size: int) -> mmap.mmap:
-    """anonymous_map(size) holding src's first `size` bytes; src's pages are released as they are copied."""
+def copy_to_anonymous(src: mmap.mmap, size: int, skip: list[tuple[int, int]] = ()) -> mmap.mmap:
+    """anonymous_map(size) holding src's first `size` bytes, except the whole pages inside the `skip` byte ranges
+    (left untouched: zeros, not resident); src's pages are released as they are copied."""
+    page = mmap.PAGESIZE
+    holes = sorted(((lo + page - 1) // page * page, hi // page * page) for lo, hi in skip)
+    holes = [(lo, hi) for lo, hi in holes if hi > lo]
     dst = anonymous_map(size)
     source = np.frombuffer(src, np.uint8, count=size)
     target = np.frombuffer(dst, np.uint8)
     for lo in range(0, size, COPY_CHUNK):
         hi = min(size, lo + COPY_CHUNK)
-        target[lo:hi] = source[lo:hi]
+        start = lo
+        for h_lo, h_hi in holes:  # the parts of [lo, hi) outside the holes
+            if h_hi > start and h_lo < hi:
+                target[start:max(start, h_lo)] = source[start:max(start, h_lo)]
+                start = min(hi, max(start, h_hi))
+        target[start:hi] = source[start:hi]
         release(src, lo, hi)
     del source, target
     return dst

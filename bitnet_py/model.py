@@ -39,7 +39,8 @@ from .gguf.tl2_tiling import resolve_tiling
 from .kv_cache import CACHE_DTYPES, KVCache
 from .sampling import TopRequest
 from .screened_head import screened_logits, screening_possible
-from .weights import DenseWeight, ModelWeights, TernaryWeight, embedding_rows, int8_head, load_weights
+from .weights import (DenseWeight, ModelWeights, TernaryWeight, embedding_rows, int8_head, load_weights,
+                      sparse_tensors)
 
 log = logging.getLogger(__name__)
 
@@ -221,12 +222,15 @@ class Model:
             raise ValueError(f"head type must be one of {HEAD_TYPES}, got {head_type!r}")
         keep_freed_buffers()  # process-wide: activation buffers reused from the heap, not faulted in per layer
         t0 = time.perf_counter()
-        f = GGUFFile(path, no_mmap=no_mmap)
+        f = GGUFFile(path)
         cfg = ModelConfig.from_gguf(f)
+        int8 = head_type == "int8"
+        quantize_head = int8 or (screen_head and screening_possible())
+        if no_mmap:
+            f.copy_to_anonymous(sparse=sparse_tensors(f, quantize_head))
         tl2_shapes = {t.np_shape for t in f.tensors.values() if t.type_id == GGMLType.TL2}
         tiling = resolve_tiling(tl2_shapes, f.metadata, path, tl2_config) if tl2_shapes else {}
-        int8 = head_type == "int8"
-        weights = load_weights(f, cfg, tiling, quantize_head=int8 or (screen_head and screening_possible()))
+        weights = load_weights(f, cfg, tiling, quantize_head=quantize_head)
         if int8:
             if weights.screen is None:
                 raise ValueError(f"the int8 head needs an F16 output head, this one is {weights.output.source_type}")

@@ -17,7 +17,6 @@ from .gguf.constants import DEQUANT_TYPES, I2S_BLOCK, TL2_ROWPERM, TQ_BLOCK, GGM
 from .gguf.reader import GGUFError, GGUFFile, TensorInfo
 from .gguf.ternary_unpack import i2s_scale, tl2_region, unpack_tq1_0
 from .gguf.tl2_tiling import TL2Tile
-from .huge_pages import release
 from .repack_cache import TQ_SCALES_SUFFIX, RepackCache, cache_enabled
 from .screened_head import ScreenedHead, cached_head, quantize_head
 
@@ -129,7 +128,7 @@ def load_linear(f: GGUFFile, name: str, m: int, k: int, tiling: dict[tuple[int, 
         if cached is not None:
             return TernaryWeight(m, k, cached, tl2_scale(raw, m, k), None, TL2_ACT_FLOOR, "TL2")
         packed, scale = tl2_to_i2s(raw, m, k, tiling[(m, k)])
-        _release_pages(f, raw)  # only the repacked copy is used from here on
+        f.release(raw)  # only the repacked copy is used from here on
         if repacked is not None:
             repacked.put(name, packed)
         return TernaryWeight(m, k, packed, scale, None, TL2_ACT_FLOOR, "TL2")
@@ -148,7 +147,7 @@ def load_linear(f: GGUFFile, name: str, m: int, k: int, tiling: dict[tuple[int, 
         else:
             w, block_scales = unpack_tq1_0(raw, m, k)
             pack_i2s(np.ascontiguousarray(w), packed)
-        _release_pages(f, raw)  # only the repacked copy is used from here on
+        f.release(raw)  # only the repacked copy is used from here on
         block_scales = np.ascontiguousarray(block_scales, dtype=np.float32)
         if repacked is not None:
             repacked.put(name, packed)
@@ -201,7 +200,7 @@ def load_weights(f: GGUFFile, cfg: ModelConfig, tiling: dict[tuple[int, int], TL
     if embd.np_shape != (cfg.n_vocab, E):
         raise GGUFError(f"{f.path}: token_embd.weight has shape {list(embd.np_shape)}, expected "
                         f"[{cfg.n_vocab}, {E}]")
-    head_name = "output.weight" if "output.weight" in f.tensors else "token_embd.weight"
+    head_name = head_tensor(f)
     output = linear(head_name, cfg.n_vocab, E)
     if not isinstance(output, DenseWeight):
         raise GGUFError(f"{f.path}: ternary output heads are not supported ({head_name} is "
@@ -213,15 +212,28 @@ def load_weights(f: GGUFFile, cfg: ModelConfig, tiling: dict[tuple[int, int], TL
     return ModelWeights(embd, layers, _float_vector(f, "output_norm.weight", E), output, tl2_source, screen)
 
 
+def head_tensor(f: GGUFFile) -> str:
+    """The output head's tensor: output.weight, or the tied token embedding."""
+    return "output.weight" if "output.weight" in f.tensors else "token_embd.weight"
+
+
+def sparse_tensors(f: GGUFFile, quantize_head: bool) -> set[str]:
+    """Tensors a forward reads a few rows of, not worth a copy in anonymous memory under no_mmap: the token
+    embedding, and an f16 head that gets an int8 copy (the screened or int8 head); not a head streamed whole."""
+    head = head_tensor(f)
+    streamed = set() if quantize_head and f.info(head).type_id == GGMLType.F16 else {head}
+    return {"token_embd.weight", head} - streamed
+
+
 def quantized_head(f: GGUFFile, w: DenseWeight, repacked: RepackCache | None) -> ScreenedHead:
     """The f16 head's int8 copy with its error terms (bitnet_py.screened_head), from the repack cache or built in
     row chunks whose f16 pages are then released from this process's resident set (they stay in the page cache;
     the rows a step reads exactly, and tied embedding rows, fault back in on use); an anonymous copy (no_mmap)
     keeps them, as the embedding and the exact rows read them."""
     def release(lo: int, hi: int) -> None:
-        _release_pages(f, w.f16_bits[lo:hi], read_again=True)
+        f.release(w.f16_bits[lo:hi], read_again=True)
 
-    name = "output.weight" if "output.weight" in f.tensors else "token_embd.weight"
+    name = head_tensor(f)
     if repacked is None:
         return quantize_head(w.f16_bits, release)
     return cached_head(repacked.get, repacked.put, name, w.f16_bits, release)
@@ -231,15 +243,6 @@ def int8_head(w: DenseWeight, head: ScreenedHead) -> DenseWeight:
     """The optional approximate head (head_type="int8"): the int8 codes and row scales alone, half the bytes per
     decoded token, not bit-exact with bitnet.cpp."""
     return DenseWeight(w.m, w.k, None, None, "I8(F16)", head.q, head.row_scales)
-
-
-def _release_pages(f: GGUFFile, view: np.ndarray, read_again: bool = False) -> None:
-    """Release the whole pages of a view of the file's bytes from the resident set: from a file map they
-    leave it and stay cached (faulted back in if read again). An anonymous copy (`no_mmap`) frees them, so
-    there only views never read again (read_again False) are released."""
-    if f.mapped or not read_again:
-        start = view.ctypes.data - f._data.ctypes.data
-        release(f._mmap, start, start + view.nbytes)
 
 
 def embedding_rows(f: GGUFFile, info: TensorInfo, ids: np.ndarray) -> np.ndarray:

@@ -8,18 +8,19 @@ from bitnet_py.huge_pages import (copy_to_anonymous, huge_page_bytes, huge_pages
                                   smaps_fields)
 from bitnet_py.gguf.reader import GGUFFile
 from bitnet_py.model import Batch, Model
+from bitnet_py.sampling import TopRequest
 from conftest import fixture_path
 
 I2S = ("tiny-bitnet", "ggml-model-i2_s.gguf")  # tied f16 embedding: the head's rows are also the embedding's
 
 
-def _logits(model, tokens=(1, 50, 300, 7, 1000, 42)):
+def _logits(model, tokens=(1, 50, 300, 7, 1000, 42), heads=None):
     tokens = np.array(tokens, np.int32)
     T = len(tokens)
     kv = model.new_kv_cache(1, 16)
     batch = Batch(tokens, np.arange(T, dtype=np.int32), np.zeros(T, np.int32), np.zeros((1, 1), np.int32),
                   np.arange(T, dtype=np.int32))
-    return model.forward(batch, kv)
+    return model.forward(batch, kv, heads)
 
 
 def _smaps(view: np.ndarray) -> dict[str, list[str]]:
@@ -85,16 +86,46 @@ def test_copy_releases_the_file_maps_pages_as_it_goes():
     assert _rss(data) <= mmap.PAGESIZE  # at most the partial last page
 
 
-@pytest.mark.parametrize("head_type", ["f16", "int8"])
-def test_model_from_a_copy_computes_the_same_logits(head_type):
-    # the int8 head releases the f16 head's pages after quantizing them; from a copy that would free (zero) the
-    # rows that the tied embedding still reads, so it must not
-    mapped = Model.load(str(fixture_path(*I2S)), head_type=head_type)
-    copied = Model.load(str(fixture_path(*I2S)), head_type=head_type, no_mmap=True)
+def test_copy_skips_whole_pages_of_the_ranges_asked():
+    import mmap
+    page = mmap.PAGESIZE
+    src = mmap.mmap(-1, 10 * page)
+    data = np.frombuffer(src, np.uint8)
+    data[:] = np.arange(data.size) % 251 + 1
+    skip = [(page + 100, 4 * page + 5), (6 * page, 7 * page)]  # pages 2-3 and 6 lie wholly inside
+    dst = np.frombuffer(copy_to_anonymous(src, len(src), skip), np.uint8)
+    holes = np.zeros(data.size, bool)
+    holes[2 * page:4 * page] = holes[6 * page:7 * page] = True
+    assert np.array_equal(dst[~holes], data[~holes]) and not dst[holes].any()
+    assert _rss(dst) <= 7 * page  # the holes were never touched
+
+
+def test_sparse_tensors_stay_in_the_file_map():
+    mapped, copied = GGUFFile(fixture_path(*I2S)), GGUFFile(fixture_path(*I2S))
+    copied.copy_to_anonymous(sparse={"token_embd.weight", "no.such.tensor"})
+    embd = copied.raw("token_embd.weight")
+    assert not copied.mapped and not np.shares_memory(embd, copied._data)
+    for name in mapped.tensors:
+        assert np.array_equal(copied.raw(name), mapped.raw(name))
+    assert _rss(copied._data) <= copied.file_size - embd.nbytes + 2 * 4096  # the embedding was not copied
+
+
+@pytest.mark.parametrize("head_type,screen_head,head_copied", [("f16", True, False), ("int8", False, False),
+                                                               ("f16", False, True)])
+def test_model_from_a_copy_computes_the_same_logits(head_type, screen_head, head_copied):
+    # a head read whole every step is copied; one with an int8 copy (screened or int8 head), like the token
+    # embedding, is read a few rows at a time from the file map, and releasing its pages after quantizing them
+    # must not free rows the tied embedding still reads
+    mapped = Model.load(str(fixture_path(*I2S)), head_type=head_type, screen_head=screen_head)
+    copied = Model.load(str(fixture_path(*I2S)), head_type=head_type, screen_head=screen_head, no_mmap=True)
     assert mapped.gguf.mapped and not copied.gguf.mapped
     for L in copied.weights.layers:
         assert np.shares_memory(L.wq.packed, copied.gguf._data)
+    head = copied.gguf.raw("token_embd.weight")  # tied: the head's f16 rows
+    assert np.shares_memory(head, copied.gguf._data) == head_copied
     assert np.array_equal(_logits(copied), _logits(mapped))
+    heads = [TopRequest(1)] * 6
+    assert np.array_equal(_logits(copied, heads=heads), _logits(mapped, heads=heads))
 
 
 def _tl2_file_with_repack_cache(tmp_path, monkeypatch):

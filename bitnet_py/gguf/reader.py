@@ -18,7 +18,7 @@ import numpy as np
 from .constants import (GGML_BLOCK_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_SCALAR_DTYPES,
                         GGUF_SUPPORTED_VERSIONS, I2S_TAIL_BYTES, TL2_TAIL_BYTES, GGMLType,
                         GGUFValueType, Keys)
-from ..huge_pages import copy_to_anonymous, fits_in_memory
+from ..huge_pages import copy_to_anonymous, fits_in_memory, release
 from .string_array import StringArray, scan_string_array
 
 log = logging.getLogger(__name__)
@@ -170,27 +170,53 @@ class GGUFFile:
             self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self._data = np.frombuffer(self._mmap, dtype=np.uint8)
         self.mapped = True
+        self._file_map: mmap.mmap | None = None  # after a copy with sparse tensors: the file map they are read from
+        self._sparse: frozenset[str] = frozenset()
         try:
             self._parse()
         except GGUFError as e:
             raise GGUFError(f"{self.path}: {e}") from None
         if no_mmap:
-            self._copy_to_anonymous()
+            self.copy_to_anonymous()
 
-    def _copy_to_anonymous(self) -> None:
-        if not fits_in_memory(self.file_size):
-            log.warning("no_mmap: %s (%.2f GB) is larger than the memory available; mapping the file instead of "
-                        "copying it", self.path, self.file_size / 1e9)
+    def copy_to_anonymous(self, sparse: set[str] | frozenset[str] = frozenset()) -> None:
+        """Copy the file into anonymous memory (no_mmap), except the tensors named in `sparse` (read a few rows
+        at a time: the token embedding, a screened head), which stay in the file map and in the page cache."""
+        if not self.mapped:
+            return
+        sparse = frozenset(n for n in sparse if n in self.tensors)
+        skip = [(self.tensors[n].offset, self.tensors[n].offset + self.tensors[n].nbytes) for n in sparse]
+        copied = self.file_size - sum(hi - lo for lo, hi in skip)
+        if not fits_in_memory(copied):
+            log.warning("no_mmap: %s (%.2f GB to copy) is larger than the memory available; mapping the file "
+                        "instead of copying it", self.path, copied / 1e9)
             return
         file_map = self._mmap
-        self._mmap = copy_to_anonymous(file_map, self.file_size)
+        self._mmap = copy_to_anonymous(file_map, self.file_size, skip)
         self._data = np.frombuffer(self._mmap, dtype=np.uint8)
         self._data.flags.writeable = False  # as read-only as the file map it replaces
         self.mapped = False
+        if sparse:
+            self._file_map, self._sparse = file_map, sparse
+            return
         try:
             file_map.close()
         except BufferError:
             pass  # views made while parsing (lazy string arrays) keep the file map; its pages were released
+
+    def release(self, view: np.ndarray, read_again: bool = False) -> None:
+        """Release the whole pages of `view` (of this file's bytes) from the resident set: from a file map they
+        leave it and stay cached (faulted back in if read again); from the anonymous copy they are freed, so
+        only views never read again (read_again False) are released there."""
+        for m, in_file in ((self._mmap, self.mapped), (self._file_map, True)):
+            if m is None:
+                continue
+            base = np.frombuffer(m, np.uint8)
+            start = view.ctypes.data - base.ctypes.data
+            if 0 <= start < base.size:
+                if in_file or not read_again:
+                    release(m, start, start + view.nbytes)
+                return
 
     def _parse(self) -> None:
         cur = _Cursor(memoryview(self._mmap), self.file_size)
@@ -263,9 +289,10 @@ class GGUFFile:
         return self.tensors[name]
 
     def raw(self, name: str) -> np.ndarray:
-        """uint8[nbytes]: the tensor's data region, zero-copy."""
+        """uint8[nbytes]: the tensor's data region, zero-copy (from the file map for a sparse tensor of a copy)."""
         t = self.info(name)
-        return self._data[t.offset:t.offset + t.nbytes]
+        data = self._data if name not in self._sparse else np.frombuffer(self._file_map, np.uint8)
+        return data[t.offset:t.offset + t.nbytes]
 
     def array(self, name: str) -> np.ndarray:
         """Zero-copy typed view in numpy shape for F32/F16/BF16(as uint16)/integer tensors."""
@@ -278,10 +305,12 @@ class GGUFFile:
 
     def close(self) -> None:
         self._data = None  # type: ignore[assignment]
-        try:
-            self._mmap.close()
-        except BufferError:
-            pass  # views still alive; the mapping goes away with them
+        for m in (self._mmap, self._file_map):
+            try:
+                if m is not None:
+                    m.close()
+            except BufferError:
+                pass  # views still alive; the mapping goes away with them
 
     def __enter__(self) -> "GGUFFile":
         return self
