@@ -122,7 +122,7 @@ def decode_bytes(model, n_ctx: int, screened: bool = False) -> dict:
 
     ternary = sum(nbytes(w) for L in W.layers for w in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down))
     screen = W.screen if screened else None
-    head = nbytes(W.output) if screen is None else screen.q.nbytes + 3 * screen.row_scales.nbytes
+    head = nbytes(W.output) if screen is None else screen.q.nbytes + screen.rows.nbytes
     head_type = W.output.source_type if isinstance(W.output, DenseWeight) else "?"
     kv = 2 * c.n_layer * c.n_kv_head * c.head_dim * n_ctx * (2 if model.cache_type == "f16" else 4)
     return {"layers": ternary, "head": head, "kv": kv, "total": ternary + head + kv,

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernels.dense import f16_matmul, quantize_f16_rows_i8
-from kernels.head_screen import screen_bounds, split_activation
+from kernels.head_screen import (ROW_E_NORM, ROW_Q_NORM, ROW_SCALE, ROW_W_TERM, activation_max,
+                                 quantize_activation_i16, screen_bounds)
 from kernels.simd import HAVE_F16C
 
 from .huge_pages import zeros
@@ -27,15 +28,17 @@ from .sampling import TopRequest
 
 SCREEN_MAX_K = 256  # larger top_k values read the full head: the candidate rows would cost more than they save
 CHUNK_ROWS = 8192  # rows of the f16 head quantized (then released from RSS) at a time
-CACHE_SUFFIXES = ("#screen_q", "#screen_rows")  # repack cache entries: i8[M, K], f32[3, M] (scales, err, q norm)
+CACHE_SUFFIXES = ("#screen_q", "#screen_rows")  # repack cache entries: q, rows
 
 
 @dataclass
 class ScreenedHead:
     q: np.ndarray  # i8[M, K]: int8 codes of the f16 head
-    row_scales: np.ndarray  # f32[M]: w ~= q * scale
-    err_bound: np.ndarray  # f32[M]: >= ||w - scale q|| + float32-sum term; inf for rows holding inf / NaN
-    q_norm: np.ndarray  # f32[M]: >= scale ||q||
+    rows: np.ndarray  # f32[4, M]: per row the scale (w ~= q * scale) and the error terms (kernels.head_screen ROW_*)
+
+    @property
+    def row_scales(self) -> np.ndarray:
+        return self.rows[ROW_SCALE]
 
 
 def quantize_head(w_bits: np.ndarray, release_rows=None) -> ScreenedHead:
@@ -43,25 +46,25 @@ def quantize_head(w_bits: np.ndarray, release_rows=None) -> ScreenedHead:
     `release_rows(lo, hi)` is called after each chunk (to release its f16 pages from the resident set)."""
     M, K = w_bits.shape
     q = zeros((M, K), np.int8)
-    rows = np.empty((3, M), np.float32)
+    rows = np.empty((4, M), np.float32)
     for lo in range(0, M, CHUNK_ROWS):
         hi = min(M, lo + CHUNK_ROWS)
-        quantize_f16_rows_i8(w_bits[lo:hi], q[lo:hi], rows[0, lo:hi], rows[1, lo:hi], rows[2, lo:hi])
+        quantize_f16_rows_i8(w_bits[lo:hi], q[lo:hi], rows[ROW_SCALE, lo:hi], rows[ROW_E_NORM, lo:hi],
+                             rows[ROW_W_TERM, lo:hi], rows[ROW_Q_NORM, lo:hi])
         if release_rows is not None:
             release_rows(lo, hi)
-    return ScreenedHead(q, rows[0], rows[1], rows[2])
+    return ScreenedHead(q, rows)
 
 
 def cached_head(get, put, name: str, w_bits: np.ndarray, release_rows=None) -> ScreenedHead:
     """The head's int8 copy from a cache (`get(key, nbytes)` -> u8 array or None), or built and `put(key, u8)`."""
     M, K = w_bits.shape
-    q_bytes, rows_bytes = get(name + CACHE_SUFFIXES[0], M * K), get(name + CACHE_SUFFIXES[1], 12 * M)
+    q_bytes, rows_bytes = get(name + CACHE_SUFFIXES[0], M * K), get(name + CACHE_SUFFIXES[1], 16 * M)
     if q_bytes is not None and rows_bytes is not None:
-        rows = rows_bytes.view(np.float32).reshape(3, M)
-        return ScreenedHead(q_bytes.view(np.int8).reshape(M, K), rows[0], rows[1], rows[2])
+        return ScreenedHead(q_bytes.view(np.int8).reshape(M, K), rows_bytes.view(np.float32).reshape(4, M))
     head = quantize_head(w_bits, release_rows)
     put(name + CACHE_SUFFIXES[0], head.q.reshape(-1).view(np.uint8))
-    put(name + CACHE_SUFFIXES[1], np.stack([head.row_scales, head.err_bound, head.q_norm]).reshape(-1).view(np.uint8))
+    put(name + CACHE_SUFFIXES[1], head.rows.reshape(-1).view(np.uint8))
     return head
 
 
@@ -101,12 +104,10 @@ def screened_logits(w_bits: np.ndarray, head: ScreenedHead, y: np.ndarray,
     if screened:
         ys = np.ascontiguousarray(y[screened])
         S = len(screened)
-        xs, xa = np.empty((S, 2, K), np.int8), np.empty((S, 2, K), np.uint8)
-        x_scale, x_norm, d_norm = np.empty(S), np.empty(S), np.empty(S)
-        split_activation(ys, xs, xa, x_scale, x_norm, d_norm)
+        p, act = np.empty((S, K), np.int16), np.empty((S, 5))
+        quantize_activation_i16(ys, activation_max(K), p, act)
         lower, upper = np.empty((S, M), np.float32), np.empty((S, M), np.float32)
-        screen_bounds(head.q, head.row_scales, head.err_bound, head.q_norm, xs, xa, x_scale, x_norm, d_norm,
-                      lower, upper)
+        screen_bounds(head.q, head.rows, p, act, lower, upper)
         for j, r in enumerate(screened):
             ids = candidates(lower[j], upper[j], requests[r])
             if ids is None:

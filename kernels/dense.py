@@ -96,12 +96,12 @@ BOUND_SAFETY = 1.0 + 2.0 ** -20  # rounds the float64 error terms up past their 
 
 
 @njit(**JIT_REDUCE_PARALLEL)
-def quantize_f16_rows_i8(w_bits, q, row_scales, err_bound, q_norm):
+def quantize_f16_rows_i8(w_bits, q, row_scales, e_norm, w_term, q_norm):
     """w_bits: u16[M, K] float16 bits -> q: i8[M, K], row_scales: f32[M]: w ~= q * scale with
-    scale = max|w_row| / 127 (1 for an all-zero row), q = round_half_even(w / scale); and the error terms of the
-    screened head (kernels.head_screen): err_bound: f32[M] >= ||w - scale*q||_2 + (K + 8) * 2^-24 * ||w||_2
-    (the second term covers the f32 sum of the exact f16 dot), inf for a row holding an inf or NaN;
-    q_norm: f32[M] >= scale * ||q||_2."""
+    scale = max|w_row| / 127 (1 for an all-zero row), q = round_half_even(w / scale); and the screened head's
+    error terms (kernels.head_screen), f32[M] each, rounded up: e_norm >= ||w - scale*q||_2 (inf for a row
+    holding an inf or NaN), w_term >= (K + 8) * 2^-24 * ||w||_2 (the f32 sum of the exact f16 dot),
+    q_norm >= scale * ||q||_2."""
     M, K = w_bits.shape
     n_tasks = (M + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in prange(n_tasks):
@@ -128,8 +128,8 @@ def quantize_f16_rows_i8(w_bits, q, row_scales, err_bound, q_norm):
                 e2 += e * e
                 w2 += wk * wk
                 q2 += np.float64(qk) * np.float64(qk)
-            bound = (np.sqrt(e2) + (K + 8) * 2.0 ** -24 * np.sqrt(w2)) * BOUND_SAFETY
-            err_bound[m] = np.float32(bound) if finite else np.float32(np.inf)
+            e_norm[m] = np.float32(np.sqrt(e2) * BOUND_SAFETY) if finite else np.float32(np.inf)
+            w_term[m] = np.float32((K + 8) * 2.0 ** -24 * np.sqrt(w2) * BOUND_SAFETY)
             q_norm[m] = np.float32(np.float64(scale) * np.sqrt(q2) * BOUND_SAFETY)
 
 

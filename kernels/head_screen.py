@@ -1,15 +1,17 @@
 """The screened head: exact top-k logits of a float16 output head, reading an int8 copy of it (half the bytes).
 
 For row r of the head (f16 weights w, kept as q * s + e with q = int8 codes, s = the row scale, e the rounding
-error) and the f16-rounded activation y, the exact kernel's logit V_r = f16_matmul's float32 dot. This module
-computes A_r = s * x_scale * (q . p), with p = y / x_scale rounded to 15-bit integers (split into a signed high
-byte and an unsigned low byte, so the int8 dot kernels do the work exactly), and a bound B_r with
-|V_r - A_r| <= B_r:
-  V_r - w.y       <= (K + 8) 2^-24 ||w|| ||y||      (float32 summation; in err_bound, see quantize_f16_rows_i8)
-  w.y - s q.y      = e.y  <= ||e|| ||y||            (Cauchy-Schwarz; ||e|| in err_bound)
-  s q.y - A_r      = s q.(y - x_scale p) <= s ||q|| ||y - x_scale p||   (q_norm * d_norm)
-plus 2^-20 |A_r| for the float64 products and an outward rounding to float32. The caller then computes
-exact logits only for rows whose interval can reach the top k (kernels.dense.f16_matmul on those rows).
+error, |e_j| <= s (1/2 + 2^-16)) and the f16-rounded activation y, the exact kernel's logit V_r is
+f16_matmul's float32 dot. This module computes A_r = s * x_scale * (q . p), with p = y / x_scale rounded to int16
+codes (up to 15 bits; the int8 x int16 dot is exact in int32), and a bound B_r with |V_r - A_r| <= B_r:
+  V_r - w.y   <= (K + 8) 2^-24 ||w|| ||y||                       (float32 summation: w_term * ||y||)
+  w.y - s q.y  = e.y <= ||e|| ||y_small|| + max|e| ||y_big||_1   (Cauchy-Schwarz on the inputs below
+                                                                  OUTLIER * rms(y), the largest ones term by term)
+  s q.y - A_r  = s q.(y - x_scale p) <= s ||q|| ||y - x_scale p||
+plus 2^-20 |A_r| for the float64 products and an outward rounding to float32. The per-row norms come from
+kernels.dense.quantize_f16_rows_i8 (ROW_* rows of `rows`), the per-token ones from quantize_activation_i16
+(ACT_* columns of `act`). The caller then computes exact logits only for rows whose interval can reach the
+top k (kernels.dense.f16_matmul on those rows).
 """
 import numpy as np
 from numba import njit, prange
@@ -17,74 +19,90 @@ from numba import njit, prange
 from .config import JIT, JIT_PARALLEL
 from .simd import HAVE_AVX2
 
-SPLIT_MAX = 16383  # |p| <= 2^14 - 1: p = 128 * hi + lo with hi in [-128, 127] and lo in [0, 127]
+ACT_MAX = 16383  # activation codes |p| <= 2^14 - 1, fewer where 127 * ACT_MAX * K would overflow int32
+OUTLIER = 4.0  # inputs above this many rms(y) are bounded term by term (an outlier would dominate ||y||)
+ROW_SCALE, ROW_E_NORM, ROW_W_TERM, ROW_Q_NORM = range(4)  # rows: f32[4, M]
+ACT_SCALE, ACT_NORM, ACT_D_NORM, ACT_SMALL_NORM, ACT_BIG_L1 = range(5)  # act: f64[T, 5]
+E_MAX = 0.5 + 2.0 ** -16  # |w - s q| <= E_MAX * s: q = rint(float32(w / s))
 ROWS_PER_TASK = 64
 _REL = 2.0 ** -22  # outward rounding margin for the float64 -> float32 store
 _PRODUCT_REL = 2.0 ** -20  # the float64 products that make A_r
+_NORM_UP = 1.0 + 2.0 ** -30  # float64 norms of K terms, rounded up
+
+
+def activation_max(K: int) -> int:
+    """Largest activation code for rows of K int8 weights: every partial int32 sum stays exact."""
+    return min(ACT_MAX, (2 ** 31 - 1) // (127 * max(K, 1)))
 
 
 @njit(**JIT)
-def split_activation(y, xs, xa, x_scale, x_norm, d_norm):
-    """y: f32[T, K] -> xs: i8[T, 2, K] (hi, lo) and xa: u8[T, 2, K] (|hi|, lo) with p = 128 hi + lo =
-    round_half_even(y / x_scale), x_scale: f64[T] = max|y| / SPLIT_MAX (1 for a zero row);
-    x_norm: f64[T] >= ||y||_2, d_norm: f64[T] >= ||y - x_scale p||_2. Finite y only."""
+def quantize_activation_i16(y, p_max, p, act):
+    """y: f32[T, K] (finite) -> p: i16[T, K] = round_half_even(y / scale), scale = max|y| / p_max (1 for a zero
+    row); act: f64[T, 5]: the scale, and upper bounds of ||y||, ||y - scale p||, ||y_small|| (inputs up to
+    OUTLIER * rms(y)) and ||y_big||_1 (the others)."""
     T, K = y.shape
     for t in range(T):
-        amax = 0.0
-        for k in range(K):
-            amax = max(amax, abs(np.float64(y[t, k])))
-        s = amax / SPLIT_MAX if amax > 0 else 1.0
-        n2 = d2 = 0.0
+        amax = n2 = 0.0
         for k in range(K):
             v = np.float64(y[t, k])
-            p = np.int64(np.rint(v / s))
-            hi = p >> 7  # floor(p / 128)
-            lo = p - 128 * hi
-            xs[t, 0, k] = np.int8(hi)
-            xa[t, 0, k] = np.uint8(abs(hi))
-            xs[t, 1, k] = np.int8(lo)
-            xa[t, 1, k] = np.uint8(lo)
-            d = v - s * np.float64(p)
+            amax = max(amax, abs(v))
             n2 += v * v
+        s = amax / p_max if amax > 0 else 1.0
+        cut = OUTLIER * np.sqrt(n2 / K)
+        d2 = small2 = big1 = 0.0
+        for k in range(K):
+            v = np.float64(y[t, k])
+            code = np.rint(v / s)
+            p[t, k] = np.int16(code)
+            d = v - s * code
             d2 += d * d
-        x_scale[t] = s
-        x_norm[t] = np.sqrt(n2) * (1.0 + 2.0 ** -30)
-        d_norm[t] = np.sqrt(d2) * (1.0 + 2.0 ** -30) + x_norm[t] * 2.0 ** -40
+            if abs(v) > cut:
+                big1 += abs(v)
+            else:
+                small2 += v * v
+        norm = np.sqrt(n2) * _NORM_UP
+        act[t, ACT_SCALE] = s
+        act[t, ACT_NORM] = norm
+        act[t, ACT_D_NORM] = np.sqrt(d2) * _NORM_UP + norm * 2.0 ** -40
+        act[t, ACT_SMALL_NORM] = np.sqrt(small2) * _NORM_UP
+        act[t, ACT_BIG_L1] = big1 * _NORM_UP
 
 
 @njit(**JIT)
-def _store_bounds(hi_dot, lo_dot, m, t, row_scales, err_bound, q_norm, x_scale, x_norm, d_norm, lower, upper):
-    """lower[t, m] <= V <= upper[t, m] from the exact integer dot 128 * hi_dot + lo_dot."""
-    a = (128.0 * np.float64(hi_dot) + np.float64(lo_dot)) * np.float64(row_scales[m]) * x_scale[t]
-    b = (np.float64(err_bound[m]) * x_norm[t] + np.float64(q_norm[m]) * d_norm[t] + abs(a) * _PRODUCT_REL
-         + 1e-30)
+def _store_bounds(dot, m, t, rows, act, lower, upper):
+    """lower[t, m] <= V <= upper[t, m] from the exact integer dot q.p."""
+    scale = np.float64(rows[ROW_SCALE, m])
+    a = np.float64(dot) * scale * act[t, ACT_SCALE]
+    b = (np.float64(rows[ROW_E_NORM, m]) * act[t, ACT_SMALL_NORM] + scale * E_MAX * act[t, ACT_BIG_L1]
+         + np.float64(rows[ROW_W_TERM, m]) * act[t, ACT_NORM] + np.float64(rows[ROW_Q_NORM, m]) * act[t, ACT_D_NORM]
+         + abs(a) * _PRODUCT_REL + 1e-30)
+    if not b < np.inf:  # an inf row (inf * 0 is NaN): no bound
+        b = np.inf
     lo, hi = a - b, a + b
     lower[t, m] = np.float32(lo - abs(lo) * _REL)
     upper[t, m] = np.float32(hi + abs(hi) * _REL)
 
 
 @njit(**JIT)
-def _split_dot_tail(wq, m, xs, t, k0):
-    """(hi, lo) integer dots over k >= k0 (the K % 32 values after the SIMD chunks, or all of them)."""
-    h = lo = 0
+def _dot_tail(wq, m, p, t, k0):
+    """Integer dot over k >= k0 (the K % 32 values after the SIMD chunks, or all of them)."""
+    acc = 0
     for k in range(k0, wq.shape[1]):
-        h += np.int32(wq[m, k]) * np.int32(xs[t, 0, k])
-        lo += np.int32(wq[m, k]) * np.int32(xs[t, 1, k])
-    return h, lo
+        acc += np.int32(wq[m, k]) * np.int32(p[t, k])
+    return acc
 
 
 if HAVE_AVX2:
-    from .simd_dense import i8_dot_abs2, i8_dot_abs4
+    from .simd_dense import i8_i16_dot1, i8_i16_dot2
 
     @njit(**JIT_PARALLEL)
-    def screen_bounds(wq, row_scales, err_bound, q_norm, xs, xa, x_scale, x_norm, d_norm, lower, upper):
-        """wq: i8[M, K] (C order), row_scales / err_bound / q_norm: f32[M] (quantize_f16_rows_i8); xs, xa, x_scale,
-        x_norm, d_norm from split_activation -> lower, upper: f32[T, M] around each exact f16 logit.
-        Token pairs share each weight load: four int8 rows (hi, lo of two tokens) per dot."""
+    def screen_bounds(wq, rows, p, act, lower, upper):
+        """wq: i8[M, K] (C order), rows: f32[4, M] (quantize_f16_rows_i8); p, act from quantize_activation_i16
+        -> lower, upper: f32[T, M] around each exact f16 logit. Token pairs share each weight load."""
         M, K = wq.shape
-        T = xs.shape[0]
+        T = p.shape[0]
         n = K // 32
-        wf, xf, xaf = wq.reshape(-1), xs.reshape(-1), xa.reshape(-1)
+        wf, pf = wq.reshape(-1), p.reshape(-1)
         n_tasks = (M + ROWS_PER_TASK - 1) // ROWS_PER_TASK
         for task in prange(n_tasks):
             m_lo = task * ROWS_PER_TASK
@@ -93,31 +111,26 @@ if HAVE_AVX2:
             while t < T:
                 two = t + 2 <= T
                 for m in range(m_lo, m_hi):
-                    h0, l0 = _split_dot_tail(wq, m, xs, t, n * 32)
-                    h1 = l1 = 0
-                    if two:
-                        h1, l1 = _split_dot_tail(wq, m, xs, t + 1, n * 32)
+                    d0 = _dot_tail(wq, m, p, t, n * 32)
+                    d1 = _dot_tail(wq, m, p, t + 1, n * 32) if two else 0
                     if n and two:
-                        a, b, c, d = i8_dot_abs4(wf, m * K, xf, xaf, 2 * t * K, K, n)
-                        h0, l0, h1, l1 = h0 + a, l0 + b, h1 + c, l1 + d
+                        a, b = i8_i16_dot2(wf, m * K, pf, t * K, K, n)
+                        d0, d1 = d0 + a, d1 + b
                     elif n:
-                        a, b = i8_dot_abs2(wf, m * K, xf, xaf, 2 * t * K, K, n)
-                        h0, l0 = h0 + a, l0 + b
-                    _store_bounds(h0, l0, m, t, row_scales, err_bound, q_norm, x_scale, x_norm, d_norm, lower, upper)
+                        d0 += i8_i16_dot1(wf, m * K, pf, t * K, K, n)
+                    _store_bounds(d0, m, t, rows, act, lower, upper)
                     if two:
-                        _store_bounds(h1, l1, m, t + 1, row_scales, err_bound, q_norm, x_scale, x_norm, d_norm,
-                                      lower, upper)
+                        _store_bounds(d1, m, t + 1, rows, act, lower, upper)
                 t += 2
 else:
     @njit(**JIT_PARALLEL)
-    def screen_bounds(wq, row_scales, err_bound, q_norm, xs, xa, x_scale, x_norm, d_norm, lower, upper):
-        """wq: i8[M, K]; row_scales / err_bound / q_norm: f32[M]; xs, xa, x_scale, x_norm, d_norm from
-        split_activation -> lower, upper: f32[T, M] around each exact f16 logit (plain loops)."""
+    def screen_bounds(wq, rows, p, act, lower, upper):
+        """wq: i8[M, K]; rows: f32[4, M] (quantize_f16_rows_i8); p, act from quantize_activation_i16 -> lower,
+        upper: f32[T, M] around each exact f16 logit (plain loops)."""
         M = wq.shape[0]
-        T = xs.shape[0]
+        T = p.shape[0]
         n_tasks = (M + ROWS_PER_TASK - 1) // ROWS_PER_TASK
         for task in prange(n_tasks):
             for m in range(task * ROWS_PER_TASK, min(M, (task + 1) * ROWS_PER_TASK)):
                 for t in range(T):
-                    h, lo = _split_dot_tail(wq, m, xs, t, 0)
-                    _store_bounds(h, lo, m, t, row_scales, err_bound, q_norm, x_scale, x_norm, d_norm, lower, upper)
+                    _store_bounds(_dot_tail(wq, m, p, t, 0), m, t, rows, act, lower, upper)

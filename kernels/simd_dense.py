@@ -1,10 +1,12 @@
 """Head (dense weight) dot products as LLVM IR intrinsics, built from the helpers of `kernels.simd`.
 
-- `i8_dot_abs{1,2,4}(w, w0, x, xabs, x0, x_stride, n_chunks)`: exact int32 dots of 32*n_chunks int8 weights
-  (flat `w` from `w0`) with 1/2/4 int8 rows of flat `x` (row t at `x0 + t*x_stride`; `xabs` = |x| as u8 at the
-  same offsets), for the int8 and the screened heads: `vpsignb` moves the sign of x onto w, `vpmaddubsw`
-  multiplies by |x| (pair sums <= 2 * 128 * 127 never saturate), `vpmaddwd` widens; weights loaded once for all
-  rows and prefetched.
+- `i8_dot_abs{1,2}(w, w0, x, xabs, x0, x_stride, n_chunks)`: exact int32 dots of 32*n_chunks int8 weights
+  (flat `w` from `w0`) with 1/2 int8 rows of flat `x` (row t at `x0 + t*x_stride`; `xabs` = |x| as u8 at the
+  same offsets), for the int8 head: `vpsignb` moves the sign of x onto w, `vpmaddubsw` multiplies by |x| (pair
+  sums <= 2 * 128 * 127 never saturate), `vpmaddwd` widens; weights loaded once for both rows and prefetched.
+- `i8_i16_dot{1,2}(w, w0, x, x0, x_stride, n_chunks)`: the same dots with int16 rows of `x` (the screened head's
+  activations): weights sign-extended to int16 (`vpmovsxbw`), `vpmaddwd`; exact while |sum| < 2^31 (callers keep
+  127 * max|x| * K below that).
 - `f16_dot{1,2}(w, w0, x, x0, x_stride, n_lines)`: float32 dot products of 32*n_lines float16 weights (u16
   bits, flat `w` from `w0`) with 1/2 float32 rows of flat `x` (row t at `x0 + t*x_stride`); each weight line is
   converted once for both rows. Four 8-lane accumulators per row (lane j of vector k sums elements 32i+8k+j),
@@ -69,7 +71,51 @@ def _make_i8_dot_abs(n_rows):
 
 i8_dot_abs1 = _make_i8_dot_abs(1)
 i8_dot_abs2 = _make_i8_dot_abs(2)
-i8_dot_abs4 = _make_i8_dot_abs(4)  # the screened head: (hi, lo) halves of two tokens
+
+
+def _make_i8_i16_dot(n_rows):
+    @intrinsic
+    def i8_i16_dot(typingctx, w, w0, x, x0, x_stride, n_chunks):
+        ret = types.int32 if n_rows == 1 else types.UniTuple(types.int32, n_rows)
+        sig = ret(w, w0, x, x0, x_stride, n_chunks)
+
+        def codegen(context, builder, signature, args):
+            w_v, w0_v, x_v, x0_v, stride_v, n_v = args
+            wty, w0ty, xty, x0ty, sty, nty = signature.args
+            i64 = ir.IntType(64)
+            v16i8 = ir.VectorType(_I8, 16)
+            w0_v, x0_v, stride_v, n_v = _as_i64(context, builder, (w0_v, x0_v, stride_v, n_v),
+                                                (w0ty, x0ty, sty, nty))
+            maddwd = _get_or_insert(builder.module, "llvm.x86.avx2.pmadd.wd",
+                                    ir.FunctionType(_V8I32, [_V16I16, _V16I16]))
+            wbase = _data_ptr(context, builder, wty, w_v, w0_v)  # i8 elements
+            xbases = [_data_ptr(context, builder, xty, x_v, builder.add(x0_v, builder.mul(stride_v, ir.Constant(i64, t))))
+                      for t in range(n_rows)]  # i16 elements
+            blocks = _open_loop(builder, "i16s", _ALWAYS)
+            i = builder.phi(i64)
+            accs = [builder.phi(_V8I32) for _ in range(n_rows)]
+            off = builder.mul(i, ir.Constant(i64, 32))
+            wi8 = builder.bitcast(wbase, _I8.as_pointer())
+            _prefetch(builder, builder.gep(wi8, [builder.add(off, ir.Constant(i64, PREFETCH_BYTES))]))
+            new = list(accs)
+            for half in range(2):  # 16 weights at a time, widened to int16
+                o = builder.add(off, ir.Constant(i64, 16 * half))
+                wp = builder.bitcast(builder.gep(wi8, [o]), v16i8.as_pointer())
+                w16 = builder.sext(builder.load(wp, align=1), _V16I16)
+                for t in range(n_rows):
+                    xp = builder.bitcast(builder.gep(xbases[t], [o]), _V16I16.as_pointer())
+                    new[t] = builder.add(new[t], builder.call(maddwd, [w16, builder.load(xp, align=2)]))
+            finals = _close_loop(builder, blocks, i, ir.Constant(i64, 0), n_v, accs,
+                                 [ir.Constant(_V8I32, None)] * n_rows, new)
+            return _return_rows(context, builder, signature, [_reduce_add(builder, f) for f in finals], n_rows)
+
+        return sig, codegen
+
+    return i8_i16_dot
+
+
+i8_i16_dot1 = _make_i8_i16_dot(1)
+i8_i16_dot2 = _make_i8_i16_dot(2)  # the screened head: two tokens per weight load
 
 
 def _make_f16_dot(n_rows):

@@ -51,7 +51,7 @@ def test_bench_greedy_logits_read_the_screened_head(capsys, monkeypatch):
     assert res["logits"] == "greedy" and len(calls) == 1 + 2 + 3 + 2 * 3  # warm-ups and runs of pp4 and tg3
     assert all(len(c) == 1 and c[0].k == 1 for c in calls)
     db = res["decode_bytes"]
-    assert db["head"] == 2048 * 256 + 3 * 4 * 2048 and db["head_type"] == "I8 screen of F16"
+    assert db["head"] == 2048 * 256 + 4 * 4 * 2048 and db["head_type"] == "I8 screen of F16"
     assert bench.main(["-m", path, "-p", "0", "-n", "1", "-t", "1", "-r", "1", "--no-jit"]) == 0
     assert "logits: all n_vocab per step" in capsys.readouterr().out and len(calls) == 12
 

@@ -11,23 +11,22 @@ import pytest
 from bitnet_py.sampling import SamplingParams, TopRequest, head_request, make_rng, sample_token
 from bitnet_py.screened_head import candidates, quantize_head, screened_logits
 from kernels.dense import f16_matmul
-from kernels.head_screen import SPLIT_MAX, screen_bounds, split_activation
+from kernels.head_screen import (ACT_MAX, E_MAX, OUTLIER, ROW_E_NORM, ROW_Q_NORM, ROW_SCALE, ROW_W_TERM,
+                                 activation_max, quantize_activation_i16, screen_bounds)
 
 RNG = np.random.default_rng(7)
 
 
-def _split(y):
+def _quantize(y):
     T, K = y.shape
-    xs, xa = np.empty((T, 2, K), np.int8), np.empty((T, 2, K), np.uint8)
-    sc, nx, nd = np.empty(T), np.empty(T), np.empty(T)
-    split_activation(y, xs, xa, sc, nx, nd)
-    return xs, xa, sc, nx, nd
+    p, act = np.empty((T, K), np.int16), np.empty((T, 5))
+    quantize_activation_i16(y, activation_max(K), p, act)
+    return p, act
 
 
 def _bounds(head, y):
-    xs, xa, sc, nx, nd = _split(y)
     lower, upper = np.empty((len(y), head.q.shape[0]), np.float32), np.empty((len(y), head.q.shape[0]), np.float32)
-    screen_bounds(head.q, head.row_scales, head.err_bound, head.q_norm, xs, xa, sc, nx, nd, lower, upper)
+    screen_bounds(head.q, head.rows, *_quantize(y), lower, upper)
     return lower, upper
 
 
@@ -41,27 +40,33 @@ def _f16_values(shape, scale=1.0):
     return (RNG.standard_normal(shape) * scale).astype(np.float16).astype(np.float32)
 
 
-def test_split_activation_matches_reference():
+def test_activation_codes_match_reference():
     y = _f16_values((3, 200))
     y[1] *= 1e-3
-    y[1, 17] = 40.0  # one outlier: the 15-bit grid is set by it
+    y[1, 17] = 40.0  # one outlier: the grid is set by it
     y[2] = 0.0
-    xs, xa, sc, nx, nd = _split(y)
+    p, act = _quantize(y)
     y64 = y.astype(np.float64)
     amax = np.abs(y64).max(1)
-    ref_sc = np.where(amax > 0, amax / SPLIT_MAX, 1.0)
-    assert np.array_equal(sc, ref_sc)
-    p = np.rint(y64 / ref_sc[:, None]).astype(np.int64)
-    assert np.abs(p).max() <= SPLIT_MAX
-    assert np.array_equal(128 * xs[:, 0].astype(np.int64) + xs[:, 1], p)
-    assert (xs[:, 1] >= 0).all() and np.array_equal(xa[:, 0], np.abs(xs[:, 0].astype(np.int64)).astype(np.uint8))
-    assert np.array_equal(xa[:, 1], xs[:, 1].astype(np.uint8))
-    ref_nx, ref_nd = np.linalg.norm(y64, axis=1), np.linalg.norm(y64 - ref_sc[:, None] * p, axis=1)
-    assert (nx >= ref_nx).all() and (nx <= ref_nx * (1 + 1e-8)).all()
-    assert (nd >= ref_nd).all() and (nd <= ref_nd * (1 + 1e-8) + ref_nx * 2.0 ** -39).all()
+    ref_sc = np.where(amax > 0, amax / ACT_MAX, 1.0)
+    assert np.array_equal(act[:, 0], ref_sc)
+    ref_p = np.rint(y64 / ref_sc[:, None])
+    assert np.array_equal(p, ref_p) and np.abs(p).max() == ACT_MAX
+    big = np.abs(y64) > OUTLIER * np.sqrt((y64 ** 2).mean(1, keepdims=True))
+    assert big[1, 17] and big.sum() == 1  # only the outlier is bounded term by term
+    refs = [np.linalg.norm(y64, axis=1), np.linalg.norm(y64 - ref_sc[:, None] * ref_p, axis=1),
+            np.linalg.norm(np.where(big, 0, y64), axis=1), np.abs(np.where(big, y64, 0)).sum(1)]
+    for got, ref in zip(act[:, 1:].T, refs):
+        assert (got >= ref).all() and (got <= ref * (1 + 1e-8) + refs[0] * 2.0 ** -39).all()
 
 
-@pytest.mark.parametrize("K,T", [(256, 1), (300, 2), (2560 + 40, 3), (20, 2)])  # SIMD + tail, pairs, tail only
+def test_activation_codes_keep_int32_sums_exact():
+    assert activation_max(2560) == (2 ** 31 - 1) // (127 * 2560) < ACT_MAX
+    assert activation_max(512) == ACT_MAX
+    assert 127 * activation_max(7000) * 7000 < 2 ** 31
+
+
+@pytest.mark.parametrize("K,T", [(256, 1), (300, 2), (2560 + 40, 3), (20, 2), (16384, 2)])  # SIMD, tail, pairs
 def test_bounds_are_the_exact_integer_dot_and_float64_formula(K, T):
     """lower/upper equal a numpy float64 replay of the kernel's formula on the exact integer dots."""
     M = 70
@@ -70,14 +75,16 @@ def test_bounds_are_the_exact_integer_dot_and_float64_formula(K, T):
     w[1, :] = np.float16(-0.05)  # codes -127 on every lane
     head = quantize_head(w.view(np.uint16))
     y = _f16_values((T, K))
-    y[0, :] = -y[0, :].max()  # activation codes near -16383: high byte -128, the |x| = 128 corner of vpmaddubsw
+    y[0, :] = -y[0, :].max()  # every code at -max: the largest sums, against the int32 limit at large K
+    y[-1, 3] = 60.0  # an outlier
     lower, upper = _bounds(head, y)
-    xs, _, sc, nx, nd = _split(y)
-    q = head.q.astype(np.int64)
-    dot = (128 * xs[:, 0].astype(np.int64)) @ q.T + xs[:, 1].astype(np.int64) @ q.T  # exact integers [T, M]
-    a = dot.astype(np.float64) * head.row_scales.astype(np.float64)[None, :] * sc[:, None]
-    b = (head.err_bound.astype(np.float64)[None, :] * nx[:, None] + head.q_norm.astype(np.float64)[None, :]
-         * nd[:, None] + np.abs(a) * 2.0 ** -20 + 1e-30)
+    p, act = _quantize(y)
+    dot = p.astype(np.int64) @ head.q.astype(np.int64).T  # exact integers [T, M]
+    rows = head.rows.astype(np.float64)
+    a = dot.astype(np.float64) * rows[ROW_SCALE][None, :] * act[:, 0:1]
+    b = (rows[ROW_E_NORM][None, :] * act[:, 3:4] + rows[ROW_SCALE][None, :] * E_MAX * act[:, 4:5]
+         + rows[ROW_W_TERM][None, :] * act[:, 1:2] + rows[ROW_Q_NORM][None, :] * act[:, 2:3]
+         + np.abs(a) * 2.0 ** -20 + 1e-30)
     lo, hi = a - b, a + b
     assert np.array_equal(lower, (lo - np.abs(lo) * 2.0 ** -22).astype(np.float32))
     assert np.array_equal(upper, (hi + np.abs(hi) * 2.0 ** -22).astype(np.float32))
@@ -98,6 +105,7 @@ def test_bounds_hold_the_exact_f16_logits(case):
     if case == "worst-case alignment":  # activations along each row's own rounding error: the Cauchy-Schwarz case
         err = w16.astype(np.float64) - head.q * head.row_scales[:, None].astype(np.float64)
         y = (err[:T] / np.abs(err[:T]).max(1, keepdims=True) * 4).astype(np.float16).astype(np.float32)
+        y[:, :3] *= 40  # three outliers, still along the error's signs: the term-by-term part of the bound
     exact = _full(w16, y)
     lower, upper = _bounds(head, y)
     assert (lower <= exact).all() and (exact <= upper).all()
@@ -241,7 +249,7 @@ def test_int8_copy_is_cached_with_the_model(tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache" / "repacked").iterdir())) == 1
     second = Model.load(str(model)).weights.screen
     assert isinstance(memory_owner(second.q), mmap.mmap) and memory_owner(first.q) is not None
-    for name in ("q", "row_scales", "err_bound", "q_norm"):
+    for name in ("q", "rows"):
         assert np.array_equal(getattr(first, name), getattr(second, name))
     int8 = Model.load(str(model), head_type="int8").weights.output  # the int8 head is the same cached copy
     assert np.array_equal(int8.i8, first.q) and isinstance(memory_owner(int8.i8), mmap.mmap)
