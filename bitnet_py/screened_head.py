@@ -74,13 +74,15 @@ def screening_possible() -> bool:
     return HAVE_F16C
 
 
-def candidates(lower: np.ndarray, upper: np.ndarray, request: TopRequest) -> np.ndarray | None:
-    """lower, upper: f32[M] bounds of one row -> i64[C] ids that hold the top k and `keep`, or None when the
-    screen cannot cut (k too large for the rows left)."""
+def can_screen(request: TopRequest | None, n_rows: int) -> bool:
+    """Whether a row's request leaves the screen something to cut (k up to SCREEN_MAX_K, rows beyond k + keep)."""
+    return request is not None and 1 <= request.k <= min(SCREEN_MAX_K, n_rows - np.unique(request.keep).size - 1)
+
+
+def candidates(lower: np.ndarray, upper: np.ndarray, request: TopRequest) -> np.ndarray:
+    """lower, upper: f32[M] bounds of one row -> i64[C] ids that hold the top k and `keep` (can_screen requests)."""
     M = lower.shape[0]
     keep = np.unique(request.keep)
-    if not 1 <= request.k <= min(SCREEN_MAX_K, M - keep.size - 1):
-        return None
     lo = lower
     if keep.size:
         lo = lower.copy()
@@ -99,7 +101,7 @@ def screened_logits(w_bits: np.ndarray, head: ScreenedHead, y: np.ndarray,
     M = w_bits.shape[0]
     out = np.empty((R, M), np.float32)
     finite = np.isfinite(y).all(axis=1) & (np.abs(y).max(axis=1, initial=0.0) > 0)
-    screened = [r for r in range(R) if requests[r] is not None and finite[r]]
+    screened = [r for r in range(R) if finite[r] and can_screen(requests[r], M)]
     full = [r for r in range(R) if r not in screened]
     if screened:
         ys = np.ascontiguousarray(y[screened])
@@ -110,9 +112,6 @@ def screened_logits(w_bits: np.ndarray, head: ScreenedHead, y: np.ndarray,
         screen_bounds(head.q, head.rows, p, act, lower, upper)
         for j, r in enumerate(screened):
             ids = candidates(lower[j], upper[j], requests[r])
-            if ids is None:
-                full.append(r)
-                continue
             rows = w_bits[ids]
             rows.flags.writeable = False  # the same compiled f16_matmul as the mapped head (one JIT per type)
             vals = np.empty((1, ids.size), np.float32)
@@ -120,7 +119,6 @@ def screened_logits(w_bits: np.ndarray, head: ScreenedHead, y: np.ndarray,
             out[r].fill(-np.inf)
             out[r, ids] = vals[0]
     if full:
-        full.sort()
         vals = np.empty((len(full), M), np.float32)
         f16_matmul(w_bits, np.ascontiguousarray(y[full]), vals)
         out[full] = vals

@@ -54,6 +54,9 @@ def test_bench_greedy_logits_read_the_screened_head(capsys, monkeypatch):
     assert db["head"] == 2048 * 256 + 4 * 4 * 2048 and db["head_type"] == "I8 screen of F16"
     assert bench.main(["-m", path, "-p", "0", "-n", "1", "-t", "1", "-r", "1", "--no-jit"]) == 0
     assert "logits: all n_vocab per step" in capsys.readouterr().out and len(calls) == 12
+    with pytest.raises(SystemExit, match="needs an F16 output head"):  # the f32 file's head has no int8 copy
+        bench.main(["-m", str(fixture_path("tiny-bitnet", "ggml-model-f32.gguf")), "-n", "1", "--no-jit",
+                    "--logits", "greedy"])
 
 
 def test_bench_no_mmap_reports_the_copy(capsys):
