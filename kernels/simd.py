@@ -141,14 +141,15 @@ def _return_rows(context, builder, signature, values, n_rows):
     return context.make_tuple(builder, signature.return_type, values)
 
 
-def i2s_dot_signature(n_rows, packed, w0, q, q0, q_stride, n_blocks):
-    """Signature of an i2s_dot intrinsic: (packed, w0, q, q0, q_stride, n_blocks) -> int32 or n_rows int32s."""
-    ret = types.int32 if n_rows == 1 else types.UniTuple(types.int32, n_rows)
+def dot_signature(n_rows, packed, w0, q, q0, q_stride, n_blocks, scalar=types.int32):
+    """Signature of a dot intrinsic over (weights, w0, activations, q0, q_stride, n_blocks) -> `scalar` (one row)
+    or n_rows of them: the I2_S dots here, the head dots of simd_dense.py."""
+    ret = scalar if n_rows == 1 else types.UniTuple(scalar, n_rows)
     return ret(packed, w0, q, q0, q_stride, n_blocks)
 
 
-def i2s_dot_pointers(context, builder, signature, args, n_rows):
-    """An i2s_dot intrinsic's arguments -> (pointer to its first weight byte, pointers to its n_rows activation
+def dot_pointers(context, builder, signature, args, n_rows):
+    """A dot intrinsic's arguments -> (pointer to its first weight element, pointers to its n_rows activation
     rows, n_blocks as i64)."""
     packed_v, w0_v, q_v, q0_v, stride_v, nb_v = args
     pty, wty, qty, q0ty, sty, nbty = signature.args
@@ -168,7 +169,7 @@ def _make_i2s_dot(n_rows, blocks_per_step):
 
     @intrinsic
     def i2s_dot(typingctx, packed, w0, q, q0, q_stride, n_blocks):
-        sig = i2s_dot_signature(n_rows, packed, w0, q, q0, q_stride, n_blocks)
+        sig = dot_signature(n_rows, packed, w0, q, q0, q_stride, n_blocks)
 
         def codegen(context, builder, signature, args):
             i64 = ir.IntType(64)
@@ -176,7 +177,7 @@ def _make_i2s_dot(n_rows, blocks_per_step):
             def c64(v):
                 return ir.Constant(i64, v)
 
-            wbase, qbases, nb_v = i2s_dot_pointers(context, builder, signature, args, n_rows)
+            wbase, qbases, nb_v = dot_pointers(context, builder, signature, args, n_rows)
             module = builder.module
             maddubs = _get_or_insert(module, "llvm.x86.avx2.pmadd.ub.sw",
                                      ir.FunctionType(_V16I16, [_V32I8, _V32I8]))

@@ -18,7 +18,8 @@ from numba import types
 from numba.extending import intrinsic
 
 from .simd import (PREFETCH_BYTES, _I8, _I16, _I32, _V8I32, _V16I16, _V32I8, _as_i64, _close_loop, _data_ptr,
-                   _get_or_insert, _open_loop, _prefetch, _reduce_add, _return_rows, _splat)
+                   _get_or_insert, _open_loop, _prefetch, _reduce_add, _return_rows, _splat, dot_pointers,
+                   dot_signature)
 
 _ALWAYS = ir.Constant(ir.IntType(1), 1)  # callers pass n >= 1: the loops below run at least once
 
@@ -76,21 +77,14 @@ i8_dot_abs2 = _make_i8_dot_abs(2)
 def _make_i8_i16_dot(n_rows):
     @intrinsic
     def i8_i16_dot(typingctx, w, w0, x, x0, x_stride, n_chunks):
-        ret = types.int32 if n_rows == 1 else types.UniTuple(types.int32, n_rows)
-        sig = ret(w, w0, x, x0, x_stride, n_chunks)
+        sig = dot_signature(n_rows, w, w0, x, x0, x_stride, n_chunks)
 
         def codegen(context, builder, signature, args):
-            w_v, w0_v, x_v, x0_v, stride_v, n_v = args
-            wty, w0ty, xty, x0ty, sty, nty = signature.args
+            wbase, xbases, n_v = dot_pointers(context, builder, signature, args, n_rows)  # i8 / i16 elements
             i64 = ir.IntType(64)
             v16i8 = ir.VectorType(_I8, 16)
-            w0_v, x0_v, stride_v, n_v = _as_i64(context, builder, (w0_v, x0_v, stride_v, n_v),
-                                                (w0ty, x0ty, sty, nty))
             maddwd = _get_or_insert(builder.module, "llvm.x86.avx2.pmadd.wd",
                                     ir.FunctionType(_V8I32, [_V16I16, _V16I16]))
-            wbase = _data_ptr(context, builder, wty, w_v, w0_v)  # i8 elements
-            xbases = [_data_ptr(context, builder, xty, x_v, builder.add(x0_v, builder.mul(stride_v, ir.Constant(i64, t))))
-                      for t in range(n_rows)]  # i16 elements
             blocks = _open_loop(builder, "i16s", _ALWAYS)
             i = builder.phi(i64)
             accs = [builder.phi(_V8I32) for _ in range(n_rows)]
@@ -121,12 +115,10 @@ i8_i16_dot2 = _make_i8_i16_dot(2)  # the screened head: two tokens per weight lo
 def _make_f16_dot(n_rows):
     @intrinsic
     def f16_dot(typingctx, w, w0, x, x0, x_stride, n_lines):
-        ret = types.float32 if n_rows == 1 else types.UniTuple(types.float32, n_rows)
-        sig = ret(w, w0, x, x0, x_stride, n_lines)
+        sig = dot_signature(n_rows, w, w0, x, x0, x_stride, n_lines, types.float32)
 
         def codegen(context, builder, signature, args):
-            w_v, w0_v, x_v, x0_v, stride_v, n_v = args
-            wty, w0ty, xty, x0ty, sty, nty = signature.args
+            wbase, xbases, n_v = dot_pointers(context, builder, signature, args, n_rows)  # u16 / f32 elements
             i64 = ir.IntType(64)
             f32 = ir.FloatType()
             v8f32 = ir.VectorType(f32, 8)
@@ -136,11 +128,6 @@ def _make_f16_dot(n_rows):
             def c64(v):
                 return ir.Constant(i64, v)
 
-            w0_v, x0_v, stride_v, n_v = _as_i64(context, builder, (w0_v, x0_v, stride_v, n_v),
-                                                (w0ty, x0ty, sty, nty))
-            wbase = _data_ptr(context, builder, wty, w_v, w0_v)  # u16 elements
-            xbases = [_data_ptr(context, builder, xty, x_v, builder.add(x0_v, builder.mul(stride_v, c64(t))))
-                      for t in range(n_rows)]
             zero = ir.Constant(v8f32, None)
             blocks = _open_loop(builder, "f16", _ALWAYS)
             i = builder.phi(i64)

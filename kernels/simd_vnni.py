@@ -13,7 +13,7 @@ from llvmlite import ir
 from numba.extending import intrinsic
 
 from .simd import (PREFETCH_BYTES, _I8, _V8I32, _V32I8, _close_loop, _get_or_insert, _prefetch, _reduce_add,
-                   _return_rows, _splat, i2s_dot_pointers, i2s_dot_signature)
+                   _return_rows, _splat, dot_pointers, dot_signature)
 
 _I64 = ir.IntType(64)
 
@@ -27,10 +27,10 @@ def _make_i2s_dot_vnni(n_rows):
 
     @intrinsic
     def i2s_dot(typingctx, packed, w0, q, q0, q_stride, n_blocks):
-        sig = i2s_dot_signature(n_rows, packed, w0, q, q0, q_stride, n_blocks)
+        sig = dot_signature(n_rows, packed, w0, q, q0, q_stride, n_blocks)
 
         def codegen(context, builder, signature, args):
-            wbase, qbases, nb_v = i2s_dot_pointers(context, builder, signature, args, n_rows)
+            wbase, qbases, nb_v = dot_pointers(context, builder, signature, args, n_rows)
             dpbusd = _get_or_insert(builder.module, "llvm.x86.avx512.vpdpbusd.256",
                                     ir.FunctionType(_V8I32, [_V8I32, _V8I32, _V8I32]))
             three = _splat(_I8, 3, 32)
