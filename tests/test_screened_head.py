@@ -225,6 +225,22 @@ def test_greedy_generation_reads_the_screen_and_keeps_every_token(bundled, monke
     assert len(calls) == 40 and screened.ids == full.ids
 
 
+@pytest.mark.parametrize("cache_type", ["f16", "f32"])  # f32: the head's input is not rounded to f16
+def test_forward_screened_rows_equal_full_rows_where_computed(cache_type):
+    from bitnet_py.model import Batch, Model
+    model = Model.load(BUNDLED, cache_type=cache_type)
+    T = 6
+    batch = Batch(np.array([5, 9, 200, 31, 7, 64], np.int32), np.arange(T, dtype=np.int32), np.zeros(T, np.int32),
+                  np.zeros((1, 1), np.int32), np.arange(T, dtype=np.int32))
+    full = model.forward(batch, model.new_kv_cache(1, 16))
+    heads = [TopRequest(1), None, TopRequest(3, np.array([2, 4])), TopRequest(40), TopRequest(1), TopRequest(7)]
+    screened = model.forward(batch, model.new_kv_cache(1, 16), heads)
+    read = np.isfinite(screened)
+    assert read[1].all() and not read[0].all()
+    assert np.array_equal(screened[read], full[read])
+    assert (screened.argmax(1) == full.argmax(1)).all()
+
+
 def test_forward_checks_the_request_count(bundled):
     from bitnet_py.model import Batch
     kv = bundled.new_kv_cache(1, 16)
