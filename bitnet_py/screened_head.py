@@ -89,7 +89,8 @@ def candidates(lower: np.ndarray, upper: np.ndarray, request: TopRequest) -> np.
         lo[keep] = -np.inf  # the sampler may move these: they are ranked from their exact values
     cut = lo.max() if request.k == 1 else np.partition(lo, M - request.k)[M - request.k]
     # every row outside the candidates sits strictly below k rows (their lower bounds reach `cut`)
-    return np.union1d(np.flatnonzero(upper >= cut), keep)
+    ids = np.flatnonzero(upper >= cut)
+    return np.union1d(ids, keep) if keep.size else ids
 
 
 def screened_logits(w_bits: np.ndarray, head: ScreenedHead, y: np.ndarray,

@@ -92,6 +92,18 @@ def _dot_tail(wq, m, p, t, k0):
     return acc
 
 
+@njit(**JIT_PARALLEL)
+def screen_bounds_plain(wq, rows, p, act, lower, upper):
+    """screen_bounds in plain loops (hosts without AVX2; the tests compare the two): the same integers."""
+    M = wq.shape[0]
+    T = p.shape[0]
+    n_tasks = (M + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for task in prange(n_tasks):
+        for m in range(task * ROWS_PER_TASK, min(M, (task + 1) * ROWS_PER_TASK)):
+            for t in range(T):
+                _store_bounds(_dot_tail(wq, m, p, t, 0), m, t, rows, act, lower, upper)
+
+
 if HAVE_AVX2:
     from .simd_dense import i8_i16_dot1, i8_i16_dot2
 
@@ -123,14 +135,4 @@ if HAVE_AVX2:
                         _store_bounds(d1, m, t + 1, rows, act, lower, upper)
                 t += 2
 else:
-    @njit(**JIT_PARALLEL)
-    def screen_bounds(wq, rows, p, act, lower, upper):
-        """wq: i8[M, K]; rows: f32[4, M] (quantize_f16_rows_i8); p, act from quantize_activation_i16 -> lower,
-        upper: f32[T, M] around each exact f16 logit (plain loops)."""
-        M = wq.shape[0]
-        T = p.shape[0]
-        n_tasks = (M + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-        for task in prange(n_tasks):
-            for m in range(task * ROWS_PER_TASK, min(M, (task + 1) * ROWS_PER_TASK)):
-                for t in range(T):
-                    _store_bounds(_dot_tail(wq, m, p, t, 0), m, t, rows, act, lower, upper)
+    screen_bounds = screen_bounds_plain

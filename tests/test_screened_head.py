@@ -12,7 +12,7 @@ from bitnet_py.sampling import SamplingParams, TopRequest, head_request, make_rn
 from bitnet_py.screened_head import candidates, quantize_head, screened_logits
 from kernels.dense import f16_matmul
 from kernels.head_screen import (ACT_MAX, E_MAX, OUTLIER, ROW_E_NORM, ROW_Q_NORM, ROW_SCALE, ROW_W_TERM,
-                                 activation_max, quantize_activation_i16, screen_bounds)
+                                 activation_max, quantize_activation_i16, screen_bounds, screen_bounds_plain)
 
 RNG = np.random.default_rng(7)
 
@@ -88,6 +88,9 @@ def test_bounds_are_the_exact_integer_dot_and_float64_formula(K, T):
     lo, hi = a - b, a + b
     assert np.array_equal(lower, (lo - np.abs(lo) * 2.0 ** -22).astype(np.float32))
     assert np.array_equal(upper, (hi + np.abs(hi) * 2.0 ** -22).astype(np.float32))
+    plain = np.empty_like(lower), np.empty_like(upper)
+    screen_bounds_plain(head.q, head.rows, p, act, *plain)  # the fallback of hosts without AVX2
+    assert np.array_equal(plain[0], lower) and np.array_equal(plain[1], upper)
 
 
 @pytest.mark.parametrize("case", ["gaussian", "outlier activation", "worst-case alignment", "tiny values"])
@@ -279,20 +282,23 @@ def test_server_results_do_not_depend_on_the_screen():
     from live_server import LiveServer
     bodies = [dict(temperature=0), dict(seed=3), dict(seed=4, top_k=5, repeat_penalty=1.5, logit_bias={"50": 3}),
               dict(temperature=0, logprobs=3), dict(seed=5, top_k=0)]
+    from concurrent.futures import ThreadPoolExecutor
     outputs = []
     for screen in (True, False):
-        srv = LiveServer(lambda: Model.load(BUNDLED, screen_head=screen), EngineConfig(max_num_seqs=4, ctx_size=256))
+        srv = LiveServer(lambda: Model.load(BUNDLED, screen_head=screen), EngineConfig(max_num_seqs=8, ctx_size=256))
         try:
             assert (srv.engine.model.weights.screen is not None) == screen
-            with srv.client() as c:
-                runs = []
-                for body in bodies:
+
+            def complete(body):
+                with srv.client() as c:
                     r = c.post("/v1/completions", json={"prompt": "The little dog", "max_tokens": 24, **body})
-                    assert r.status_code == 200, r.text
-                    choice = r.json()["choices"][0]
-                    runs.append((choice["text"], choice.get("logprobs")))
-                outputs.append(runs)
+                assert r.status_code == 200, r.text
+                choice = r.json()["choices"][0]
+                return choice["text"], choice.get("logprobs")
+            outputs.append([complete(body) for body in bodies])
+            with ThreadPoolExecutor(len(bodies)) as pool:  # one batch: each row with its own head request
+                outputs.append(list(pool.map(complete, bodies)))
         finally:
             srv.stop()
-    assert outputs[0] == outputs[1]
+    assert outputs[0] == outputs[1] == outputs[2] == outputs[3]
     assert outputs[0][3][1]["top_logprobs"]  # logprobs came back (from the full head)
