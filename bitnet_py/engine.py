@@ -350,7 +350,9 @@ class Engine:
                 chunk.seq.first_scheduled = now
                 self.metrics.on_queued(now - chunk.seq.arrival)
         batch, sample_rows = build_batch(plan, self.blocks.block_size)
-        heads = [head_request(c.seq.params, self._context(c.seq)) for c in plan.chunks if c.sample]
+        sampled = [c for c in plan.chunks if c.sample]
+        contexts = [self._context(c.seq) for c in sampled]  # what each sampler reads, once per step
+        heads = [head_request(c.seq.params, ctx) for c, ctx in zip(sampled, contexts)]
         try:
             logits = self.model.forward(batch, self.kv, heads)       # float32[R, n_vocab]
         except Exception as exc:      # noqa: BLE001 - fail this batch's sequences, keep serving
@@ -366,10 +368,10 @@ class Engine:
                 n_prompt += chunk.length
             seq.num_computed += chunk.length
             self.blocks.register_computed(seq)
-        for chunk, row in zip((c for c in plan.chunks if c.sample), sample_rows):
+        for chunk, row, context in zip(sampled, sample_rows, contexts):
             n_generated += 1
             try:
-                self._on_token(chunk.seq, logits[row])
+                self._on_token(chunk.seq, logits[row], context)
             except Exception as exc:  # noqa: BLE001 - detokenizer/stop/emit trouble ends only this sequence
                 logger.exception("token handling failed for %s", chunk.seq)
                 if chunk.seq.status != SeqStatus.FINISHED:
@@ -381,9 +383,8 @@ class Engine:
         """The token history the sampler reads (prompt + output so far), where its penalties need it."""
         return seq.context_array() if seq.params.uses_context else _NO_CONTEXT
 
-    def _on_token(self, seq: Sequence, logits_row: np.ndarray) -> None:
+    def _on_token(self, seq: Sequence, logits_row: np.ndarray, context: np.ndarray) -> None:
         try:
-            context = self._context(seq)
             token, info = sample_token(logits_row, seq.params, seq.rng, context)
         except Exception as exc:      # noqa: BLE001
             logger.exception("sampling failed for %s", seq)

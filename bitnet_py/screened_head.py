@@ -76,7 +76,7 @@ def screening_possible() -> bool:
 
 def can_screen(request: TopRequest | None, n_rows: int) -> bool:
     """Whether a row's request leaves the screen something to cut (k up to SCREEN_MAX_K, rows beyond k + keep)."""
-    return request is not None and 1 <= request.k <= min(SCREEN_MAX_K, n_rows - np.unique(request.keep).size - 1)
+    return request is not None and 1 <= request.k <= min(SCREEN_MAX_K, n_rows - request.keep.size - 1)
 
 
 def candidates(lower: np.ndarray, upper: np.ndarray, request: TopRequest) -> np.ndarray:
