@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from .bench_report import cpu_name, cpu_times, markdown, print_result, progress, steal_pct
-from .huge_pages import NO_MMAP_HELP, huge_page_bytes, huge_pages_mode
+from .huge_pages import KEEP_FILE_MAP_HELP, NO_MMAP_HELP, huge_page_bytes, huge_page_bytes_in, huge_pages_mode
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tl2-config", default=None, help="TL2 kernel_config.ini (TL2 files)")
     p.add_argument("--no-mmap", action="store_true",
                    help=NO_MMAP_HELP)
+    p.add_argument("--keep-file-map", action="store_true", help=KEEP_FILE_MAP_HELP)
     p.add_argument("--no-jit", action="store_true", help="skip the cold/cached JIT start-up probes")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of markdown")
     p.add_argument("--seed", type=int, default=0)
@@ -240,11 +241,13 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     greedy = args.logits == "greedy"
     model = Model.load(args.model, tl2_config=args.tl2_config, head_type=args.head_type, no_mmap=args.no_mmap,
-                       screen_head=greedy)
+                       screen_head=greedy, promote=not args.keep_file_map)
     if greedy and model.weights.screen is None:
         raise SystemExit("error: --logits greedy needs an F16 output head, --head-type f16 and a host with F16C")
     heads = [TopRequest(1)] if greedy else None
     load_ms = (time.perf_counter() - t0) * 1000
+    if model.gguf.promotion is not None:  # timed once the weights are where they stay
+        model.gguf.promotion.wait()
     rng = np.random.default_rng(args.seed)
     n_ctx = max(args.depth) + max(args.n_prompt + args.n_gen + [1])
     if n_ctx > model.max_positions:
@@ -308,11 +311,17 @@ def run(args) -> dict:
 
 
 def weights_memory(model) -> dict:
-    """How the model's bytes are held: the file mapped (4 KiB page-cache pages), or an anonymous copy
-    (`--no-mmap`) with the bytes of it backed by huge pages now (None where /proc does not say)."""
-    if model.gguf.mapped:
+    """How the model's bytes are held: the file mapped (4 KiB page-cache pages; after a promotion, with its
+    bytes promoted and how long that took in the background, bitnet_py.promotion), or an anonymous copy
+    (`--no-mmap`); with the bytes of the model's map backed by huge pages now (None where /proc does not say)."""
+    data = model.gguf._data
+    if not model.gguf.mapped:
+        return dict(kind="anonymous", huge_page_bytes=huge_page_bytes(data))
+    promotion = model.gguf.promotion
+    if promotion is None:
         return dict(kind="mmap", huge_page_bytes=0)
-    return dict(kind="anonymous", huge_page_bytes=huge_page_bytes(model.gguf._data))
+    return dict(kind="promoted", huge_page_bytes=huge_page_bytes_in(data.ctypes.data, data.nbytes),
+                promoted_bytes=promotion.promoted_bytes, promote_s=promotion.seconds)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,13 +46,17 @@ def cpu_name() -> str:
 
 
 def memory_note(memory: dict | None, file_bytes: int) -> str:
-    """', file mapped' or ', --no-mmap: anonymous copy, N GiB of it in huge pages' for the model-load line."""
+    """', file mapped', ', file mapped, then N GB promoted ...' or ', --no-mmap: anonymous copy, N GiB of it in huge
+    pages' for the model-load line."""
     if not memory:
         return ""
     if memory["kind"] == "mmap":
         return ", file mapped"
     huge = memory.get("huge_page_bytes")
     share = "" if huge is None else f", {huge / 2**30:.2f} of {file_bytes / 2**30:.2f} GiB in huge pages"
+    if memory["kind"] == "promoted":
+        return (f", file mapped, then {memory['promoted_bytes'] / 1e9:.2f} GB of it (and of a repack cache) promoted "
+                f"to huge pages in {memory['promote_s']:.1f} s in the background{share}")
     return f", --no-mmap: anonymous copy{share}"
 
 

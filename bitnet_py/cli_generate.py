@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from .huge_pages import NO_MMAP_HELP
+from .huge_pages import KEEP_FILE_MAP_HELP, NO_MMAP_HELP
 from .sampling import NO_SCREEN_HELP
 
 
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-type", choices=("f16", "int8"), default="f16", help="int8: approximate, faster head")
     p.add_argument("--no-mmap", action="store_true",
                    help=NO_MMAP_HELP)
+    p.add_argument("--keep-file-map", action="store_true", help=KEEP_FILE_MAP_HELP)
     p.add_argument("--no-screen-head", action="store_true", help=NO_SCREEN_HELP)
     return p
 
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = resolve_model(args.model)
         model = Model.load(path, tl2_config=args.tl2_config, cache_type=args.cache_type, head_type=args.head_type,
-                           no_mmap=args.no_mmap, screen_head=not args.no_screen_head)
+                           no_mmap=args.no_mmap, screen_head=not args.no_screen_head,
+                           promote=not args.keep_file_map)
         tok = model.tokenizer
     except (GGUFError, ModelResolveError, ValueError, OSError) as e:
         return _error(str(e))

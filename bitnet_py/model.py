@@ -211,13 +211,17 @@ class Model:
 
     @classmethod
     def load(cls, path: str, tl2_config: str | None = None, cache_type: str = "f16",
-             head_type: str = "f16", no_mmap: bool = False, screen_head: bool = True) -> "Model":
+             head_type: str = "f16", no_mmap: bool = False, screen_head: bool = True,
+             promote: bool = True) -> "Model":
         """head_type "int8": quantize an f16 output head to int8 per row at load (half the decode bytes of
         the head; logits no longer bit-comparable with bitnet.cpp). Default "f16" is exact.
         screen_head (f16 heads): also keep the head's int8 copy with error bounds, so that `forward` can return
         exact top-k logits from half the head's bytes (bitnet_py.screened_head); built once, then cached.
         no_mmap: copy the file into anonymous memory backed by huge pages (bitnet_py.huge_pages):
-        a slower load (0.2-4 s per GB), a faster decode (~5 % measured); same results."""
+        a slower load (0.2-4 s per GB), a faster decode (~5 % measured); same results.
+        promote (a mapped file): after loading, move the streamed weights into huge pages at the same addresses on
+        a background thread (bitnet_py.promotion; `self.gguf.promotion`): the mapped load's speed, then
+        --no-mmap's decode speed. False keeps reading the file's page-cache pages (shared between processes)."""
         if head_type not in HEAD_TYPES:
             raise ValueError(f"head type must be one of {HEAD_TYPES}, got {head_type!r}")
         keep_freed_buffers()  # process-wide: activation buffers reused from the heap, not faulted in per layer
@@ -235,6 +239,8 @@ class Model:
             if weights.screen is None:
                 raise ValueError(f"the int8 head needs an F16 output head, this one is {weights.output.source_type}")
             weights.output, weights.screen = int8_head(weights.output, weights.screen), None
+        if promote:
+            f.promote(sparse_tensors(f, quantize_head), also=[m for m in [weights.repack_map] if m is not None])
         model = cls(f, cfg, weights, cache_type)
         model.load_ms = (time.perf_counter() - t0) * 1000
         log.info("loaded %s (%s, %d layers, %d vocab) in %.0f ms", path, cfg.arch, cfg.n_layer, cfg.n_vocab,

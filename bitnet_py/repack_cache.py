@@ -94,6 +94,7 @@ class RepackCache:
         self.folder = folder or cache_folder()
         self._prefix = f"{Path(real).stem}-{_digest(real, 8)}-"
         self.path = self.folder / f"{self._prefix}{_digest(self.key, 16)}.i2s"
+        self.file_map: np.ndarray | None = None  # u8 view of the whole cache file's map, when one is hit and mapped
         self._mapped: dict[str, np.ndarray] = self._open()
         self._new: dict[str, np.ndarray] = {}
 
@@ -117,7 +118,8 @@ class RepackCache:
             meta = json.loads(head[len(MAGIC):].rstrip(b"\0"))
             if meta.get("key") != self.key:
                 raise ValueError("key mismatch")
-            if self.anonymous and fits_in_memory(size):
+            copied = self.anonymous and fits_in_memory(size)
+            if copied:
                 mm = copy_to_anonymous(mm, size)
             data = np.frombuffer(mm, dtype=np.uint8)
             out = {}
@@ -125,6 +127,7 @@ class RepackCache:
                 if offset < HEADER_BYTES or offset + nbytes > size:
                     raise ValueError(f"tensor {name} outside the file")
                 out[name] = data[offset:offset + nbytes]
+            self.file_map = None if copied else data
             return out
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             log.warning("ignoring repack cache %s (%s); it will be rewritten", self.path, e)

@@ -20,7 +20,7 @@ API_KEY_ENV = "BITNET_PY_API_KEY"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .huge_pages import NO_MMAP_HELP
+    from .huge_pages import KEEP_FILE_MAP_HELP, NO_MMAP_HELP
     from .sampling import NO_SCREEN_HELP
     p = argparse.ArgumentParser(prog="serve.py", description="OpenAI-compatible server for BitNet b1.58 GGUF models")
     p.add_argument("--model", "-m", default=None,
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8: quantize an f16 output head per row at load (faster decode, approximate logits)")
     p.add_argument("--no-mmap", action="store_true",
                    help=NO_MMAP_HELP)
+    p.add_argument("--keep-file-map", action="store_true", help=KEEP_FILE_MAP_HELP)
     p.add_argument("--no-screen-head", action="store_true", help=NO_SCREEN_HELP)
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds a request may take before it is cancelled with a 504 (0 = no limit)")
@@ -137,15 +138,20 @@ def _server_class():
     return Server
 
 
-def make_loader(model_spec: str | None, tl2_config: str | None, cache_type: str = "f16", head_type: str = "f16",
-                no_mmap: bool = False, screen_head: bool = True):
+def load_options(args: argparse.Namespace) -> dict:
+    """The Model.load keyword arguments that serve.py's flags set."""
+    return dict(tl2_config=args.tl2_config, cache_type=args.cache_type, head_type=args.head_type,
+                no_mmap=args.no_mmap, screen_head=not args.no_screen_head, promote=not args.keep_file_map)
+
+
+def make_loader(model_spec: str | None, **options):
+    """A function that resolves model_spec (bitnet_py.hub) and loads it with Model.load(path, **options)."""
     def load():
         from bitnet_py.hub import resolve_model
         from bitnet_py.model import Model
         path = resolve_model(model_spec)
         logger.info("loading %s", path)
-        return Model.load(path, tl2_config=tl2_config, cache_type=cache_type, head_type=head_type, no_mmap=no_mmap,
-                          screen_head=screen_head)
+        return Model.load(path, **options)
     return load
 
 
@@ -173,8 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     config = EngineConfig(max_num_seqs=args.parallel, max_queue=args.max_queue, ctx_size=args.ctx_size,
                           kv_cache_tokens=args.kv_cache_tokens, prefill_chunk=args.prefill_chunk,
                           enable_prefix_cache=not args.no_prefix_cache, threads=threads)
-    loader = make_loader(args.model, args.tl2_config, args.cache_type, args.head_type, args.no_mmap,
-                         not args.no_screen_head)
+    loader = make_loader(args.model, **load_options(args))
     engine = Engine(loader, config, model_name=alias)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     origins = tuple(o.strip() for o in (args.cors_origins or "").split(",") if o.strip())

@@ -13,7 +13,7 @@ import numpy as np
 from kernels.tl2_repack import pack_i2s, tl2_to_i2s_packed, tq2_0_to_i2s_packed
 
 from .config import ModelConfig
-from .gguf.constants import DEQUANT_TYPES, I2S_BLOCK, TL2_ROWPERM, TQ_BLOCK, GGMLType
+from .gguf.constants import DEQUANT_TYPES, I2S_BLOCK, REPACKED_TYPES, TL2_ROWPERM, TQ_BLOCK, GGMLType
 from .gguf.reader import GGUFError, GGUFFile, TensorInfo
 from .gguf.ternary_unpack import i2s_scale, tl2_region, unpack_tq1_0
 from .gguf.tl2_tiling import TL2Tile
@@ -75,6 +75,7 @@ class ModelWeights:
     output: DenseWeight  # [n_vocab, E]; the tied embedding when the file has no output.weight
     tl2_source: str = ""  # TL2 files: "repack cache" (mapped) or "decoded" (at this load); "" otherwise
     screen: ScreenedHead | None = None  # the f16 head's int8 copy (screened or int8 head), when asked for
+    repack_map: np.ndarray | None = None  # u8: the repack cache file's map that repacked tensors are read from
 
 
 def tl2_to_i2s(raw: np.ndarray, m: int, k: int, tile: TL2Tile) -> tuple[np.ndarray, np.float32]:
@@ -209,7 +210,8 @@ def load_weights(f: GGUFFile, cfg: ModelConfig, tiling: dict[tuple[int, int], TL
     tl2_source = "" if not tiling else "repack cache" if repacked is not None and repacked.hit else "decoded"
     if repacked is not None:
         repacked.save()
-    return ModelWeights(embd, layers, _float_vector(f, "output_norm.weight", E), output, tl2_source, screen)
+    return ModelWeights(embd, layers, _float_vector(f, "output_norm.weight", E), output, tl2_source, screen,
+                        None if repacked is None else repacked.file_map)
 
 
 def head_tensor(f: GGUFFile) -> str:
@@ -218,11 +220,13 @@ def head_tensor(f: GGUFFile) -> str:
 
 
 def sparse_tensors(f: GGUFFile, quantize_head: bool) -> set[str]:
-    """Tensors a forward reads a few rows of, not worth a copy in anonymous memory under no_mmap: the token
-    embedding, and an f16 head that gets an int8 copy (the screened or int8 head); not a head streamed whole."""
+    """Tensors a forward reads a few rows of, or none, not worth a copy in anonymous memory (no_mmap, a promotion):
+    the token embedding, an f16 head that gets an int8 copy (the screened or int8 head; not a head streamed
+    whole), and the ternary tensors that are repacked (read once at load, from the file map)."""
     head = head_tensor(f)
     streamed = set() if quantize_head and f.info(head).type_id == GGMLType.F16 else {head}
-    return {"token_embd.weight", head} - streamed
+    repacked = {name for name, t in f.tensors.items() if t.type_id in REPACKED_TYPES}
+    return ({"token_embd.weight", head} - streamed) | repacked
 
 
 def quantized_head(f: GGUFFile, w: DenseWeight, repacked: RepackCache | None) -> ScreenedHead:

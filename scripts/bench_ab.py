@@ -84,15 +84,20 @@ def same_logits(ours: np.ndarray, theirs: np.ndarray, top_k: int) -> bool:
 
 
 def run(model_path: str, rev: str, threads: int, rounds: int, n_decode: int, n_prefill: int, depth: int,
-        no_mmap: bool = False, top_k: int = 0) -> dict:
+        no_mmap: bool = False, top_k: int = 0, keep_file_map: bool = False) -> dict:
     import numba
 
     from bitnet_py import model as ours_module
     from bitnet_py.sampling import TopRequest
     theirs_module = engine_at(rev)
     numba.set_num_threads(threads)
-    engines = {"this tree": (ours_module, ours_module.Model.load(model_path, no_mmap=no_mmap)),
+    engines = {"this tree": (ours_module, ours_module.Model.load(model_path, no_mmap=no_mmap,
+                                                                 promote=not keep_file_map)),
                rev: (theirs_module, theirs_module.Model.load(model_path))}
+    for _, model in engines.values():  # timed only once the weights are where they stay (bitnet_py.promotion)
+        promotion = getattr(model.gguf, "promotion", None)
+        if promotion is not None:
+            promotion.wait()
     n_ctx = depth + max(n_prefill, 1) + n_decode + 1
     blocks = (n_ctx + BLOCK - 1) // BLOCK
     tables = np.arange(blocks, dtype=np.int32)[None]
@@ -123,7 +128,9 @@ def run(model_path: str, rev: str, threads: int, rounds: int, n_decode: int, n_p
                               *extra[name])
             if n_decode:
                 times[name]["decode"].append(n_decode / (time.perf_counter() - t0))
-    result = {"identical_logits": bool(identical), "tests": []}
+    promotion = engines["this tree"][1].gguf.promotion
+    result = {"identical_logits": bool(identical), "tests": [],
+              "promoted_bytes": 0 if promotion is None else promotion.promoted_bytes}
     ours, theirs = list(engines)
     for test, n in (("prefill", n_prefill), ("decode", n_decode)):
         if not n:
@@ -149,15 +156,19 @@ def main(argv=None) -> int:
     p.add_argument("--no-mmap", action="store_true",
                    help="load this tree's model with --no-mmap (REV's maps the file): with --against HEAD and a "
                         "clean tree, the A/B of the two ways to hold the weights")
+    p.add_argument("--keep-file-map", action="store_true",
+                   help="this tree reads the weights from the file map, as REV did before bitnet_py.promotion (with "
+                        "--against HEAD: the A/B of the promotion into huge pages; both: the A/A noise floor)")
     p.add_argument("--top-k", type=int, default=0, metavar="K",
                    help="this tree's steps ask only for the top K logits (screened head); 0 = all (default)")
     a = p.parse_args(argv)
     if (a.rounds < 1 or a.n_decode < 0 or a.n_prefill < 0 or a.depth < 0 or a.n_decode + a.n_prefill == 0
             or a.top_k < 0):
         raise SystemExit("error: need --rounds >= 1, -n/-p/-d/--top-k >= 0 and something to time (-n or -p)")
-    res = run(a.model, a.against, a.threads, a.rounds, a.n_decode, a.n_prefill, a.depth, a.no_mmap, a.top_k)
+    res = run(a.model, a.against, a.threads, a.rounds, a.n_decode, a.n_prefill, a.depth, a.no_mmap, a.top_k, a.keep_file_map)
     print(f"{os.path.basename(a.model)}, {a.threads} threads, depth {a.depth}, {a.rounds} rounds, load avg "
-          f"{os.getloadavg()[0]:.1f}{'; this tree --no-mmap' if a.no_mmap else ''}"
+          f"{os.getloadavg()[0]:.1f}{'; this tree --no-mmap' if a.no_mmap else ''}; this tree's weights promoted "
+          f"to huge pages: {res['promoted_bytes'] / 1e9:.2f} GB"
           f"{f'; this tree reads the top {a.top_k} logits' if a.top_k else ''}; logits identical to "
           f"{a.against}: {res['identical_logits']}\n")
     print(f"| test | this tree tok/s | {a.against} tok/s | ratio (median per round) | rounds ahead |")

@@ -10,6 +10,7 @@ import pytest
 from bitnet_py import bench
 from bitnet_py.huge_pages import huge_pages_mode
 from bitnet_py.model import Model
+from bitnet_py.promotion import promotion_possible
 from conftest import REPO, fixture_path, load_script
 
 TINY = "tiny-bitnet", "ggml-model-i2_s.gguf"
@@ -57,6 +58,21 @@ def test_bench_greedy_logits_read_the_screened_head(capsys, monkeypatch):
     with pytest.raises(SystemExit, match="needs an F16 output head"):  # the f32 file's head has no int8 copy
         bench.main(["-m", str(fixture_path("tiny-bitnet", "ggml-model-f32.gguf")), "-n", "1", "--no-jit",
                     "--logits", "greedy"])
+
+
+@pytest.mark.skipif(not promotion_possible(), reason="needs Linux with transparent huge pages offered")
+def test_bench_times_the_promoted_weights_and_reports_the_promotion(capsys):
+    path = str(fixture_path("tiny-llama", "ggml-model-f32.gguf"))  # 9 MB: whole huge pages to promote
+    assert bench.main(["-m", path, "-p", "4", "-n", "1", "-t", "1", "-r", "1", "--no-jit", "--json"]) == 0
+    memory = json.loads(capsys.readouterr().out)["weights_memory"]
+    # promote_s is set when the copy ends: the timed runs came after it
+    assert memory["kind"] == "promoted" and memory["promoted_bytes"] >= 2 * 2 ** 21 and memory["promote_s"] > 0
+    assert 0 <= memory["huge_page_bytes"] <= memory["promoted_bytes"]
+    assert bench.main(["-m", path, "-p", "4", "-n", "1", "-t", "1", "-r", "1", "--no-jit"]) == 0
+    assert "promoted to huge pages in " in capsys.readouterr().out
+    assert bench.main(["-m", path, "-p", "0", "-n", "1", "-t", "1", "-r", "1", "--no-jit", "--json",
+                       "--keep-file-map"]) == 0
+    assert json.loads(capsys.readouterr().out)["weights_memory"] == {"kind": "mmap", "huge_page_bytes": 0}
 
 
 def test_bench_no_mmap_reports_the_copy(capsys):
@@ -204,7 +220,11 @@ def test_bench_ab_rounds_and_ratios(monkeypatch, capsys):
     monkeypatch.setattr(Model, "load", lambda p, **kw: loads.append(kw) or load(p, **kw))
     assert mod.run(path, "HEAD", threads=1, rounds=1, n_decode=1, n_prefill=0, depth=0,
                    no_mmap=True)["identical_logits"] is True
-    assert loads == [{"no_mmap": True}, {}]  # this tree's copy, the other revision's map
+    assert loads == [{"no_mmap": True, "promote": True}, {}]  # this tree's copy, the other revision's map
+    loads.clear()
+    assert mod.run(path, "HEAD", threads=1, rounds=1, n_decode=1, n_prefill=0, depth=0,
+                   keep_file_map=True)["identical_logits"] is True
+    assert loads == [{"no_mmap": False, "promote": False}, {}]
     forward, heads = Model.forward, []
     monkeypatch.setattr(Model, "forward", lambda self, b, kv, *h: heads.append(h) or forward(self, b, kv, *h))
     assert mod.run(path, "HEAD", threads=1, rounds=1, n_decode=1, n_prefill=2, depth=0,

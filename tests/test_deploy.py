@@ -187,11 +187,11 @@ def test_run_threads_follow_vcpus(name, tmp_path):
     hub_line, serve_line = _run_script(name, tmp_path, "")
     assert "offline=1" in hub_line and "microsoft/BitNet-b1.58-2B-4T --quant-type" in hub_line
     args = serve_line.split()
-    assert args[:2] == ["serve", "serve.py"] and args[-1] == "--no-mmap"  # NO_MMAP defaults to 1
-    flags = dict(zip(args[2:-1:2], args[3:-1:2]))
+    assert args[:2] == ["serve", "serve.py"] and "--no-mmap" not in args  # NO_MMAP defaults to 0
+    flags = dict(zip(args[2::2], args[3::2]))
     assert flags == {"--model": "/models/fake.gguf", "--threads": nproc, "--ctx-size": "8192",
                      "--host": "0.0.0.0", "--port": "8080"}
     _, serve_line = _run_script(name, tmp_path, "3")
     assert "--threads 3 " in serve_line
-    _, serve_line = _run_script(name, tmp_path, "3", {"NO_MMAP": "0"})
-    assert "--no-mmap" not in serve_line
+    _, serve_line = _run_script(name, tmp_path, "3", {"NO_MMAP": "1"})
+    assert serve_line.split()[-1] == "--no-mmap"

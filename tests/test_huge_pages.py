@@ -143,6 +143,10 @@ def test_tl2_model_from_a_copy_computes_the_same_logits(tmp_path, monkeypatch):
     mapped = Model.load(str(path))  # decodes TL2 and writes the repack cache
     copied = Model.load(str(path), no_mmap=True)  # a cache hit: the repacked bytes copied as well
     assert mapped.weights.tl2_source == "decoded" and copied.weights.tl2_source == "repack cache"
+    # TL2 tensors are read once (decoded at a cache miss) from the file map, not copied; the other tensors are
+    tl2 = [n for n, t in copied.gguf.tensors.items() if t.type_name == "TL2"]
+    assert tl2 and not any(np.shares_memory(copied.gguf.raw(n), copied.gguf._data) for n in tl2)
+    assert any(np.shares_memory(copied.gguf.raw(n), copied.gguf._data) for n in copied.gguf.tensors)
     packed = copied.weights.layers[0].wq.packed
     assert "hg" in _vm_flags(packed) or not huge_pages_possible()
     assert np.array_equal(_logits(copied), _logits(mapped))

@@ -71,7 +71,7 @@ def _cli(*args):
                           timeout=300)
 
 
-@pytest.mark.parametrize("memory", [[], ["--no-mmap"], ["--no-screen-head"]])
+@pytest.mark.parametrize("memory", [[], ["--no-mmap"], ["--no-screen-head"], ["--keep-file-map"]])
 def test_cli_generate_matches_reference_text(memory):
     ref = load_reference("tiny-llama", "i2_s")["results"][0]
     r = _cli("generate", "-m", str(fixture_path("tiny-llama", "ggml-model-i2_s.gguf")), "-p", ref["prompt"],

@@ -58,10 +58,10 @@ def test_numeric_flags_validated(flag):
 
 
 def test_cache_and_head_type_flags_reach_the_model():
-    from bitnet_py.server_cli import build_parser, make_loader
+    from bitnet_py.server_cli import build_parser, load_options, make_loader
     args = build_parser().parse_args(["--model", str(fixture_path("tiny-bitnet", "ggml-model-i2_s.gguf")),
                                       "--cache-type", "f32", "--head-type", "int8"])
-    model = make_loader(args.model, args.tl2_config, args.cache_type, args.head_type)()
+    model = make_loader(args.model, **load_options(args))()
     assert model.cache_type == "f32" and model.new_kv_cache(2, 16).is_f32
     assert model.weights.output.i8 is not None and model.gguf.mapped
     with pytest.raises(SystemExit):
@@ -69,18 +69,24 @@ def test_cache_and_head_type_flags_reach_the_model():
 
 
 def test_no_mmap_flag_reaches_the_model():
-    from bitnet_py.server_cli import build_parser, make_loader
+    from bitnet_py.server_cli import build_parser, load_options, make_loader
     args = build_parser().parse_args(["--model", str(fixture_path("tiny-bitnet", "ggml-model-i2_s.gguf")),
                                       "--no-mmap"])
-    model = make_loader(args.model, args.tl2_config, args.cache_type, args.head_type, args.no_mmap)()
+    model = make_loader(args.model, **load_options(args))()
     assert not model.gguf.mapped
 
 
+def test_keep_file_map_flag_reaches_the_model():
+    from bitnet_py.server_cli import build_parser, load_options
+    path = str(fixture_path("tiny-llama", "ggml-model-f32.gguf"))
+    assert load_options(build_parser().parse_args(["--model", path]))["promote"] is True
+    assert load_options(build_parser().parse_args(["--model", path, "--keep-file-map"]))["promote"] is False
+
+
 def test_screened_head_is_on_unless_switched_off():
-    from bitnet_py.server_cli import build_parser, make_loader
+    from bitnet_py.server_cli import build_parser, load_options, make_loader
     path = str(fixture_path("tiny-bitnet", "ggml-model-i2_s.gguf"))
     for flags, screened in (([], True), (["--no-screen-head"], False)):
         args = build_parser().parse_args(["--model", path, *flags])
-        model = make_loader(args.model, args.tl2_config, args.cache_type, args.head_type, args.no_mmap,
-                            not args.no_screen_head)()
+        model = make_loader(args.model, **load_options(args))()
         assert (model.weights.screen is not None) == screened

@@ -70,6 +70,8 @@ GGML_BLOCK_SIZES: dict[int, tuple[int, int]] = {
 
 # Ternary weight types: matmuls over them quantize activations to int8.
 TERNARY_TYPES = frozenset({GGMLType.I2_S, GGMLType.TL2, GGMLType.TQ1_0, GGMLType.TQ2_0})
+# Ternary types read once at load and repacked into I2_S copies (bitnet_py.weights, the repack cache).
+REPACKED_TYPES = frozenset({GGMLType.TL2, GGMLType.TQ1_0, GGMLType.TQ2_0})
 # Types the engine can turn into float weights (embeddings, output heads, norms).
 FLOAT_TYPES = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16})
 # Upstream quant types we dequantize with the gguf package (embeddings / heads of some conversions).

@@ -19,6 +19,7 @@ from .constants import (GGML_BLOCK_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GG
                         GGUF_SUPPORTED_VERSIONS, I2S_TAIL_BYTES, TL2_TAIL_BYTES, GGMLType,
                         GGUFValueType, Keys)
 from ..huge_pages import copy_to_anonymous, fits_in_memory, release
+from ..promotion import Promotion, promote
 from .string_array import StringArray, scan_string_array
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,7 @@ class GGUFFile:
         self.mapped = True
         self._file_map: mmap.mmap | None = None  # after a copy with sparse tensors: the file map they are read from
         self._sparse: frozenset[str] = frozenset()
+        self.promotion: Promotion | None = None  # the background copy of the map into huge pages, once started
         try:
             self._parse()
         except GGUFError as e:
@@ -185,7 +187,7 @@ class GGUFFile:
         if not self.mapped:
             return
         sparse = frozenset(n for n in sparse if n in self.tensors)
-        skip = [(self.tensors[n].offset, self.tensors[n].offset + self.tensors[n].nbytes) for n in sparse]
+        skip = self.skip_ranges(sparse)
         copied = self.file_size - sum(hi - lo for lo, hi in skip)
         if not fits_in_memory(copied):
             log.warning("no_mmap: %s (%.2f GB to copy) is larger than the memory available; mapping the file "
@@ -204,11 +206,26 @@ class GGUFFile:
         except BufferError:
             pass  # views made while parsing (lazy string arrays) keep the file map; its pages were released
 
+    def skip_ranges(self, names) -> list[tuple[int, int]]:
+        """Byte ranges of the named tensors (those of them in the file)."""
+        return [(self.tensors[n].offset, self.tensors[n].offset + self.tensors[n].nbytes)
+                for n in names if n in self.tensors]
+
+    def promote(self, sparse: set[str] | frozenset[str] = frozenset(),
+                also: list[np.ndarray] = ()) -> Promotion | None:
+        """Start moving the file map into huge pages in the background, in place (bitnet_py.promotion), except the
+        tensors named in `sparse`, together with the whole maps in `also` (a repack cache's). Only for a mapped
+        file, once; -> the Promotion (also `self.promotion`), or None where it is not possible."""
+        if self.mapped and self.promotion is None:
+            maps = [(self._data, self.skip_ranges(sparse))] + [(m, []) for m in also]
+            self.promotion = promote(maps)
+        return self.promotion
+
     def release(self, view: np.ndarray, read_again: bool = False) -> None:
         """Release the whole pages of `view` (of this file's bytes) from the resident set: from a file map they
         leave it and stay cached (faulted back in if read again); from the anonymous copy they are freed, so
-        only views never read again (read_again False) are released there."""
-        for m, in_file in ((self._mmap, self.mapped), (self._file_map, True)):
+        only views never read again (read_again False) are released there, as from a promoted map."""
+        for m, in_file in ((self._mmap, self.mapped and self.promotion is None), (self._file_map, True)):
             if m is None:
                 continue
             base = np.frombuffer(m, np.uint8)
@@ -304,6 +321,8 @@ class GGUFFile:
         return self.raw(name).view(dtypes[t.type_id]).reshape(t.np_shape)
 
     def close(self) -> None:
+        if self.promotion is not None:
+            self.promotion.stop()
         self._data = None  # type: ignore[assignment]
         for m in (self._mmap, self._file_map):
             try:
