@@ -13,18 +13,22 @@ rounds alternated:
 
 Where huge pages are not offered these are ordinary anonymous maps. The copy releases the file's pages from the
 resident set chunk by chunk as they are copied (a read-only file map: they stay in the page cache), so the
-resident set never holds both copies. A file larger than the memory available (MemAvailable) is not copied:
-GGUFFile keeps the map and logs a warning.
+resident set never holds both copies. A file larger than the memory available (MemAvailable, and the room left
+under the process's cgroup memory limit: a container's) is not copied: GGUFFile keeps the map and logs a warning.
 """
 from __future__ import annotations
 
 import mmap
+import os
 import re
 
 import numpy as np
 
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 MEMINFO = "/proc/meminfo"
+PROC_CGROUP = "/proc/self/cgroup"
+CGROUP_ROOT = "/sys/fs/cgroup"
+NO_LIMIT = 1 << 62  # cgroup memory limits at or above this mean none (v1 writes 2^63 rounded down to a page)
 COPY_CHUNK = 64 << 20  # bytes copied (then released from the file map) at a time
 NO_MMAP_HELP = ("copy the model into anonymous memory (huge pages where the host offers them) instead of mapping "
                 "the file: slower start, ~5 %% faster decode")  # the --no-mmap flag of serve.py, bench, generate
@@ -56,10 +60,62 @@ def available_memory(path: str = MEMINFO) -> int | None:
     return None
 
 
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path, encoding="ascii") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None  # also "max": no limit
+
+
+def _stat_field(path: str, name: str) -> int:
+    try:
+        with open(path, encoding="ascii") as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                if key == name:
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def cgroup_headroom(proc_cgroup: str = PROC_CGROUP, root: str = CGROUP_ROOT) -> int | None:
+    """Bytes this process's memory cgroup lets it add before its limit (a container's memory limit, which
+    MemAvailable does not show): limit - charged + page cache (reclaimable), the least over the cgroup and its
+    ancestors; None where no limit is set or the files do not say. cgroup v2 (memory.max, memory.current, `file`
+    of memory.stat) and v1 (memory.limit_in_bytes, memory.usage_in_bytes, `total_cache`)."""
+    try:
+        with open(proc_cgroup, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    least = None
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":
+            top, files = root, ("memory.max", "memory.current", "file")
+        elif "memory" in controllers.split(","):
+            top, files = os.path.join(root, "memory"), ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_cache")
+        else:
+            continue
+        folder = os.path.normpath(top + "/" + path.strip("/"))
+        while folder.startswith(top):
+            limit = _read_int(os.path.join(folder, files[0]))
+            if limit is not None and limit < NO_LIMIT:
+                usage = _read_int(os.path.join(folder, files[1])) or 0
+                room = max(0, limit - usage + _stat_field(os.path.join(folder, "memory.stat"), files[2]))
+                least = room if least is None else min(least, room)
+            if folder == top:
+                break
+            folder = os.path.dirname(folder)
+    return least
+
+
 def fits_in_memory(size: int) -> bool:
-    """Whether `size` more bytes fit in the memory available (True where the kernel does not say)."""
-    available = available_memory()
-    return available is None or size <= available
+    """Whether `size` more bytes fit in the memory available (MemAvailable) and under the process's cgroup memory
+    limit (True where neither says)."""
+    return all(room is None or size <= room for room in (available_memory(), cgroup_headroom()))
 
 
 def huge_pages_possible() -> bool:

@@ -176,6 +176,46 @@ def test_available_memory_reads_memavailable(tmp_path):
     assert available_memory() is None or available_memory() > 0
 
 
+def _cgroup_files(folder, files: dict[str, str]):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+
+
+def test_cgroup_headroom_reads_v2_and_v1_limits_and_their_ancestors(tmp_path):
+    from bitnet_py.huge_pages import cgroup_headroom, fits_in_memory
+    root, proc = tmp_path / "cgroup", tmp_path / "proc-cgroup"
+    # v2: the pod's limit (3 GB, 1 GB charged of which 0.4 GB page cache) and a looser one on its parent
+    _cgroup_files(root / "kubepods" / "pod1", {"memory.max": "3000000000\n", "memory.current": "1000000000\n",
+                                               "memory.stat": "anon 600000000\nfile 400000000\n"})
+    _cgroup_files(root / "kubepods", {"memory.max": "max\n", "memory.current": "5000000000\n"})
+    proc.write_text("0::/kubepods/pod1\n")
+    assert cgroup_headroom(str(proc), str(root)) == 3_000_000_000 - 1_000_000_000 + 400_000_000
+    _cgroup_files(root / "kubepods", {"memory.max": "2500000000\n", "memory.current": "2000000000\n",
+                                      "memory.stat": "file 100000000\n"})
+    assert cgroup_headroom(str(proc), str(root)) == 600_000_000  # the parent's limit is the tighter one
+    # v1 (this project's dev VM has a v1 memory controller without a limit): 2^63 rounded to a page means none
+    v1 = root / "memory" / "process_api" / "x"
+    _cgroup_files(v1, {"memory.limit_in_bytes": "9223372036854771712\n", "memory.usage_in_bytes": "2701185024\n"})
+    proc.write_text("4:memory:/process_api/x\n3:cpuset:/\n0::/\n")
+    assert cgroup_headroom(str(proc), str(root)) is None
+    _cgroup_files(v1, {"memory.limit_in_bytes": "2000000000\n", "memory.usage_in_bytes": "1500000000\n",
+                       "memory.stat": "cache 300000000\ntotal_cache 500000000\n"})
+    assert cgroup_headroom(str(proc), str(root)) == 1_000_000_000
+    assert cgroup_headroom(str(tmp_path / "missing"), str(root)) is None
+    room = cgroup_headroom()
+    assert room is None or room >= 0
+    assert fits_in_memory(1) and not fits_in_memory(1 << 60)
+
+
+def test_a_copy_larger_than_the_cgroup_limit_falls_back_to_the_map(monkeypatch, caplog):
+    from bitnet_py import huge_pages
+    monkeypatch.setattr(huge_pages, "cgroup_headroom", lambda: 1000)
+    with caplog.at_level("WARNING"):
+        f = GGUFFile(fixture_path(*I2S), no_mmap=True)
+    assert f.mapped and "larger than the memory available" in caplog.text
+
+
 @pytest.mark.parametrize("cache_type", ["f16", "f32"])
 def test_kv_cache_is_zeroed_writable_memory_advised_huge_pages(cache_type):
     model = Model.load(str(fixture_path(*I2S)), cache_type=cache_type)
