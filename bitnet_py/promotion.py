@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 HUGE_PAGE = 2 << 20
 _PROT_READ, _PROT_WRITE = 1, 2
-_MAP_PRIVATE, _MAP_FIXED, _MAP_ANONYMOUS = 0x02, 0x10, 0x20
+_MAP_PRIVATE, _MAP_ANONYMOUS = 0x02, 0x20
 _MREMAP_MAYMOVE, _MREMAP_FIXED = 1, 2
 _MAP_FAILED = ctypes.c_void_p(-1).value
 COPY_NICENESS = 10  # the copying thread yields to the kernels that serve meanwhile
@@ -82,30 +82,25 @@ def stretches(address: int, size: int, skip: list[tuple[int, int]] = ()) -> list
     return out
 
 
-class _Staging:
-    """A 2 MiB-aligned address that gets a fresh anonymous map, advised huge pages, for each stretch."""
-
-    def __init__(self):
-        self._reserved = _LIBC.mmap(None, 2 * HUGE_PAGE, _PROT_READ, _MAP_PRIVATE | _MAP_ANONYMOUS, -1, 0)
-        if self._reserved in (None, _MAP_FAILED):
-            raise OSError(ctypes.get_errno(), "mmap of the staging area failed")
-        self.address = (self._reserved + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
-
-    def copy_over(self, target: int) -> None:
-        """Fill a fresh huge page with the HUGE_PAGE bytes at target and move it there."""
-        fresh = _LIBC.mmap(self.address, HUGE_PAGE, _PROT_READ | _PROT_WRITE,
-                           _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_FIXED, -1, 0)
-        if fresh != self.address:
-            raise OSError(ctypes.get_errno(), "mmap of a staging huge page failed")
-        _LIBC.madvise(self.address, HUGE_PAGE, mmap.MADV_HUGEPAGE)
-        ctypes.memmove(self.address, target, HUGE_PAGE)
-        _LIBC.mprotect(self.address, HUGE_PAGE, _PROT_READ)  # as read-only as the file map it replaces
-        moved = _LIBC.mremap(self.address, HUGE_PAGE, HUGE_PAGE, _MREMAP_MAYMOVE | _MREMAP_FIXED, target)
-        if moved != target:
-            raise OSError(ctypes.get_errno(), "mremap onto the file map failed")
-
-    def close(self) -> None:
-        _LIBC.munmap(self._reserved, 2 * HUGE_PAGE)
+def _copy_over(target: int) -> None:
+    """Fill a fresh huge page with the HUGE_PAGE bytes at target and move it there. The page is a new map at an
+    address the kernel picks (never MAP_FIXED: another thread may have been given any hole since the last one);
+    the unaligned ends of that map are unmapped first, the aligned middle is moved whole."""
+    raw = _LIBC.mmap(None, 2 * HUGE_PAGE, _PROT_READ | _PROT_WRITE, _MAP_PRIVATE | _MAP_ANONYMOUS, -1, 0)
+    if raw in (None, _MAP_FAILED):
+        raise OSError(ctypes.get_errno(), "mmap of a staging huge page failed")
+    page = (raw + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
+    if page > raw:
+        _LIBC.munmap(raw, page - raw)
+    _LIBC.munmap(page + HUGE_PAGE, raw + 2 * HUGE_PAGE - page - HUGE_PAGE)
+    _LIBC.madvise(page, HUGE_PAGE, mmap.MADV_HUGEPAGE)
+    ctypes.memmove(page, target, HUGE_PAGE)
+    _LIBC.mprotect(page, HUGE_PAGE, _PROT_READ)  # as read-only as the file map it replaces
+    moved = _LIBC.mremap(page, HUGE_PAGE, HUGE_PAGE, _MREMAP_MAYMOVE | _MREMAP_FIXED, target)
+    if moved != target:
+        error = ctypes.get_errno()
+        _LIBC.munmap(page, HUGE_PAGE)
+        raise OSError(error, "mremap onto the file map failed")
 
 
 class Promotion:
@@ -128,21 +123,17 @@ class Promotion:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), COPY_NICENESS)
         except (OSError, AttributeError):
             pass
-        staging = None
         try:
-            staging = _Staging()
             for view, skip in self._maps:
                 for start in stretches(view.ctypes.data, view.nbytes, skip):
                     if self._stop.is_set():
                         return
-                    staging.copy_over(start)
+                    _copy_over(start)
                     self.promoted_bytes += HUGE_PAGE
         except OSError as e:  # the stretches done so far stay promoted; the rest stays mapped
             self.error = str(e)
             log.warning("promotion of the weights to huge pages stopped: %s", e)
         finally:
-            if staging is not None:
-                staging.close()
             self._maps = []
             self.seconds = time.perf_counter() - t0
             self.done.set()

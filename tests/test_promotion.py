@@ -92,6 +92,29 @@ def test_readers_see_the_files_bytes_throughout_a_promotion(tmp_path):
 
 
 @needs_promotion
+def test_maps_made_meanwhile_are_left_alone(tmp_path, monkeypatch):
+    # the staging pages are never placed with MAP_FIXED: an address the copy used and moved away from may have
+    # been handed to another map (numba's, malloc's, numpy's) in the meantime. Here a new map is made right after
+    # every move, where the kernel likes (often the hole the move just left) and checked after the promotion
+    data, m, view = _mapped_file(tmp_path, 32 * HUGE_PAGE, seed=2)
+    real_mremap, others = promotion._LIBC.mremap, []
+
+    def mremap_then_map(*args):
+        moved = real_mremap(*args)
+        block = mmap.mmap(-1, HUGE_PAGE >> (len(others) % 2))
+        np.frombuffer(block, np.uint8)[:] = len(others) % 251 + 1
+        others.append(block)
+        return moved
+
+    monkeypatch.setattr(promotion._LIBC, "mremap", mremap_then_map)
+    job = promote([(view, [])])
+    assert job.wait(120) and job.error is None and len(others) >= 30
+    for i, block in enumerate(others):
+        assert (np.frombuffer(block, np.uint8) == i % 251 + 1).all(), f"map {i} was overwritten"
+    assert np.array_equal(view, data)
+
+
+@needs_promotion
 def test_close_stops_a_running_promotion_and_keeps_what_it_moved(tmp_path):
     path = tmp_path / "m.gguf"
     path.write_bytes(fixture_path(*F32).read_bytes())
