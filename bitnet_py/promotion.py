@@ -1,18 +1,19 @@
 """Move a mapped model's streamed bytes into huge pages in the background, at the same addresses.
 
 A memory-mapped GGUF file is read through the page cache in 4 KiB pages: the hardware prefetchers stop at every
-page end and each page costs a page-table walk, so a decode step streams its weights ~30 % slower than from
-anonymous huge pages (`--no-mmap`; measured on the dev VM: 14 against 19-20 GB/s for one thread). `--no-mmap` pays
-for its copy at load (0.5-4.8 s per GB on a VM that faults every new page in from its host); a promotion keeps
-the fast mapped load and makes the copy afterwards, while the model already serves:
+page end and each page costs a page-table walk. On the dev VM one thread streams a file map at 14 GB/s and the
+same bytes in anonymous huge pages at 19-20 GB/s; a 2B-4T decode step runs ~10 % faster from the latter.
+`--no-mmap` pays for its copy at load (0.5-4.8 s per GB on a VM that faults every new page in from its host); a
+promotion keeps the fast mapped load and makes the copy afterwards, while the model already serves:
 
-for each 2 MiB-aligned stretch of the map, a staging map advised `MADV_HUGEPAGE` is filled with the same bytes
-and `mremap`-ed over the stretch. The kernel moves the whole huge page into place atomically (under the process's
+for each 2 MiB-aligned stretch of the map, a fresh anonymous map advised `MADV_HUGEPAGE` (at an address the kernel
+picks: a fixed staging address could by then belong to another thread's map) is filled with the same bytes and
+`mremap`-ed over the stretch. The kernel moves the whole huge page into place atomically (under the process's
 mmap lock), so readers on other threads see the file's bytes or the identical copy, never a hole; numpy views keep
 their addresses. The file's pages leave the resident set as their stretch is replaced (they stay in the page cache,
 clean), so the resident set never holds both. Stretches that touch a `skip` range (tensors read a few rows at a
-time: the token embedding, a screened head) stay mapped. Linux only, where transparent huge pages are offered
-(`always` or `madvise`); elsewhere nothing happens and the map serves as before.
+time or only at load: the token embedding, a screened head, repacked TL2 tensors) stay mapped. Linux only, where
+transparent huge pages are offered (`always` or `madvise`); elsewhere nothing happens and the map serves as before.
 
 A promotion holds a view of the whole map, so the map cannot be unmapped under it (mmap.close raises BufferError
 while views exist); `stop()` ends it early (GGUFFile.close).

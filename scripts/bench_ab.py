@@ -84,7 +84,7 @@ def same_logits(ours: np.ndarray, theirs: np.ndarray, top_k: int) -> bool:
 
 
 def run(model_path: str, rev: str, threads: int, rounds: int, n_decode: int, n_prefill: int, depth: int,
-        no_mmap: bool = False, top_k: int = 0, keep_file_map: bool = False) -> dict:
+        no_mmap: bool = False, top_k: int = 0, keep_file_map: bool = False, same_top_k: bool = False) -> dict:
     import numba
 
     from bitnet_py import model as ours_module
@@ -104,7 +104,8 @@ def run(model_path: str, rev: str, threads: int, rounds: int, n_decode: int, n_p
     rng = np.random.default_rng(0)
     context = rng.integers(0, engines["this tree"][1].config.n_vocab, depth + max(n_prefill, 1) + n_decode)
     caches, logits = {}, {}
-    extra = {"this tree": (([TopRequest(top_k)],) if top_k else ()), rev: ()}  # forward's head requests, if any
+    ours_heads = ([TopRequest(top_k)],) if top_k else ()  # forward's head requests, if any
+    extra = {"this tree": ours_heads, rev: ours_heads if same_top_k else ()}
     for name, (module, model) in engines.items():  # the context up to the depth, in chunks; warm-up; logits
         kv = caches[name] = model.new_kv_cache(blocks, BLOCK)
         for start in range(0, depth, 512):
@@ -161,15 +162,19 @@ def main(argv=None) -> int:
                         "--against HEAD: the A/B of the promotion into huge pages; both: the A/A noise floor)")
     p.add_argument("--top-k", type=int, default=0, metavar="K",
                    help="this tree's steps ask only for the top K logits (screened head); 0 = all (default)")
+    p.add_argument("--same-top-k", action="store_true",
+                   help="REV's steps ask for the top K too (a REV with the screened head: 1527f15 or later)")
     a = p.parse_args(argv)
     if (a.rounds < 1 or a.n_decode < 0 or a.n_prefill < 0 or a.depth < 0 or a.n_decode + a.n_prefill == 0
             or a.top_k < 0):
         raise SystemExit("error: need --rounds >= 1, -n/-p/-d/--top-k >= 0 and something to time (-n or -p)")
-    res = run(a.model, a.against, a.threads, a.rounds, a.n_decode, a.n_prefill, a.depth, a.no_mmap, a.top_k, a.keep_file_map)
+    res = run(a.model, a.against, a.threads, a.rounds, a.n_decode, a.n_prefill, a.depth, a.no_mmap, a.top_k,
+              a.keep_file_map, a.same_top_k)
     print(f"{os.path.basename(a.model)}, {a.threads} threads, depth {a.depth}, {a.rounds} rounds, load avg "
           f"{os.getloadavg()[0]:.1f}{'; this tree --no-mmap' if a.no_mmap else ''}; this tree's weights promoted "
           f"to huge pages: {res['promoted_bytes'] / 1e9:.2f} GB"
-          f"{f'; this tree reads the top {a.top_k} logits' if a.top_k else ''}; logits identical to "
+          f"{f'; this tree reads the top {a.top_k} logits' if a.top_k else ''}"
+          f"{f', {a.against} too' if a.top_k and a.same_top_k else ''}; logits identical to "
           f"{a.against}: {res['identical_logits']}\n")
     print(f"| test | this tree tok/s | {a.against} tok/s | ratio (median per round) | rounds ahead |")
     print("|---|---|---|---|---|")

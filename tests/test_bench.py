@@ -230,6 +230,10 @@ def test_bench_ab_rounds_and_ratios(monkeypatch, capsys):
     assert mod.run(path, "HEAD", threads=1, rounds=1, n_decode=1, n_prefill=2, depth=0,
                    top_k=3)["identical_logits"] is True  # the screened head's logits against the full head's
     assert [len(h) and h[0][0].k for h in heads] == [3, 0, 3, 3, 0, 0]  # only this tree's steps ask for the top 3
+    heads.clear()
+    assert mod.run(path, "HEAD", threads=1, rounds=1, n_decode=1, n_prefill=0, depth=0, top_k=2,
+                   same_top_k=True)["identical_logits"] is True
+    assert [len(h) and h[0][0].k for h in heads] == [2, 2, 2, 2]  # both engines' steps
     assert [t["test"] for t in res["tests"]] == ["pp5", "tg2"]
     for t in res["tests"]:
         assert t["rounds"] == 3 and 0 <= t["ahead"] <= 3 and t["ours"] > 0 and t["theirs"] > 0 and t["ratio"] > 0
