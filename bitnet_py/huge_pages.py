@@ -30,8 +30,9 @@ PROC_CGROUP = "/proc/self/cgroup"
 CGROUP_ROOT = "/sys/fs/cgroup"
 NO_LIMIT = 1 << 62  # cgroup memory limits at or above this mean none (v1 writes 2^63 rounded down to a page)
 COPY_CHUNK = 64 << 20  # bytes copied (then released from the file map) at a time
-NO_MMAP_HELP = ("copy the model into anonymous memory (huge pages where the host offers them) instead of mapping "
-                "the file: slower start, ~5 %% faster decode")  # the --no-mmap flag of serve.py, bench, generate
+NO_MMAP_HELP = ("copy the model into anonymous memory (huge pages where the host offers them) before serving, "
+                "instead of mapping the file and moving it into huge pages in the background: a slower start, the "
+                "same decode speed")  # the --no-mmap flag of serve.py, bench, generate
 KEEP_FILE_MAP_HELP = ("read the weights from the file's page-cache pages for good: no background copy into huge pages "
                       "after the load (bitnet_py.promotion; that copy makes decode ~9 %% faster); the pages stay "
                       "shared with other processes that map the same file")

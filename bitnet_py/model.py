@@ -217,8 +217,8 @@ class Model:
         the head; logits no longer bit-comparable with bitnet.cpp). Default "f16" is exact.
         screen_head (f16 heads): also keep the head's int8 copy with error bounds, so that `forward` can return
         exact top-k logits from half the head's bytes (bitnet_py.screened_head); built once, then cached.
-        no_mmap: copy the file into anonymous memory backed by huge pages (bitnet_py.huge_pages):
-        a slower load (0.2-4 s per GB), a faster decode (~5 % measured); same results.
+        no_mmap: copy the file into anonymous memory backed by huge pages (bitnet_py.huge_pages) before returning:
+        a slower load (0.2-4 s per GB), the decode speed of a finished promotion; same results.
         promote (a mapped file): after loading, move the streamed weights into huge pages at the same addresses on
         a background thread (bitnet_py.promotion; `self.gguf.promotion`): the mapped load's speed, then
         --no-mmap's decode speed. False keeps reading the file's page-cache pages (shared between processes)."""
