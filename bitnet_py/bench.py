@@ -314,13 +314,13 @@ def weights_memory(model) -> dict:
     """How the model's bytes are held: the file mapped (4 KiB page-cache pages; after a promotion, with its
     bytes promoted and how long that took in the background, bitnet_py.promotion), or an anonymous copy
     (`--no-mmap`); with the bytes of the model's map backed by huge pages now (None where /proc does not say)."""
-    data = model.gguf._data
     if not model.gguf.mapped:
-        return dict(kind="anonymous", huge_page_bytes=huge_page_bytes(data))
+        return dict(kind="anonymous", huge_page_bytes=huge_page_bytes(model.gguf._data))
     promotion = model.gguf.promotion
     if promotion is None:
         return dict(kind="mmap", huge_page_bytes=0)
-    return dict(kind="promoted", huge_page_bytes=huge_page_bytes_in(data.ctypes.data, data.nbytes),
+    backed = [huge_page_bytes_in(address, size) for address, size in promotion.ranges]  # the file's, a cache's
+    return dict(kind="promoted", huge_page_bytes=None if None in backed else sum(backed),
                 promoted_bytes=promotion.promoted_bytes, promote_s=promotion.seconds)
 
 

@@ -53,10 +53,11 @@ def memory_note(memory: dict | None, file_bytes: int) -> str:
     if memory["kind"] == "mmap":
         return ", file mapped"
     huge = memory.get("huge_page_bytes")
-    share = "" if huge is None else f", {huge / 2**30:.2f} of {file_bytes / 2**30:.2f} GiB in huge pages"
     if memory["kind"] == "promoted":
+        backed = "" if huge is None else f" ({huge / 1e9:.2f} GB of it backed by huge pages)"
         return (f", file mapped, then {memory['promoted_bytes'] / 1e9:.2f} GB of it (and of a repack cache) promoted "
-                f"to huge pages in {memory['promote_s']:.1f} s in the background{share}")
+                f"to huge pages in {memory['promote_s']:.1f} s in the background{backed}")
+    share = "" if huge is None else f", {huge / 2**30:.2f} of {file_bytes / 2**30:.2f} GiB in huge pages"
     return f", --no-mmap: anonymous copy{share}"
 
 

@@ -106,10 +106,12 @@ def _copy_over(target: int) -> None:
 
 class Promotion:
     """Promotes the stretches of one or more maps (each a u8 view of a whole read-only map, with skip ranges) on a
-    background thread. `wait()` blocks until done; `promoted_bytes`, `seconds` and `error` say how it went."""
+    background thread. `wait()` blocks until done; `promoted_bytes`, `seconds` and `error` say how it went; `ranges`
+    where the maps lie."""
 
     def __init__(self, maps: list[tuple[np.ndarray, list[tuple[int, int]]]]):
         self._maps = maps  # keeps every map alive (and mapped) until the thread is done
+        self.ranges = [(view.ctypes.data, view.nbytes) for view, _ in maps]  # (address, bytes) of each map
         self._stop = threading.Event()
         self.done = threading.Event()
         self.promoted_bytes = 0
