@@ -175,3 +175,24 @@ def test_nothing_is_promoted_where_it_is_not_possible_or_does_not_fit(tmp_path, 
         assert promote([(view, [])]) is None
     assert "do not fit in the memory available" in caplog.text
     assert np.array_equal(view, data)
+
+
+@needs_promotion
+def test_a_server_answers_bitnetcpps_tokens_while_and_after_its_weights_are_promoted():
+    from bitnet_py.engine import EngineConfig
+    from live_server import LiveServer
+    ref = load_reference("tiny-llama", "f32")
+    srv = LiveServer(lambda: Model.load(str(fixture_path(*F32))), EngineConfig(max_num_seqs=4, ctx_size=256))
+    try:
+        job = srv.engine.model.gguf.promotion
+        for i, r in enumerate(ref["results"]):
+            if i == len(ref["results"]) // 2:
+                assert job.wait(60) and job.error is None and job.promoted_bytes >= 2 * HUGE_PAGE
+            with srv.client() as c:
+                out = c.post("/completion", json={"prompt": r["prompt"], "n_predict": 16, "temperature": 0,
+                                                  "ignore_eos": True}).json()
+            near_tie = next((k for k, step in enumerate(r["steps"]) if step["margin"] < 0.1), len(r["steps"]))
+            n = min(16, near_tie)
+            assert out["tokens"][:n] == r["gen_ids"][:n], r["prompt"]
+    finally:
+        srv.stop()
