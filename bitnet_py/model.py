@@ -39,8 +39,8 @@ from .gguf.tl2_tiling import resolve_tiling
 from .kv_cache import CACHE_DTYPES, KVCache
 from .sampling import TopRequest
 from .screened_head import screened_logits, screening_possible
-from .weights import (DenseWeight, ModelWeights, TernaryWeight, embedding_rows, int8_head, load_weights,
-                      sparse_tensors)
+from .weights import (DenseWeight, ModelWeights, TernaryWeight, embedding_rows, head_tensor, int8_head,
+                      load_weights, sparse_tensors)
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +185,8 @@ class Model:
         self._fuse_qkv = [fusable([L.wq, L.wk, L.wv]) for L in weights.layers]
         self._fuse_ffn = [fusable([L.w_gate, L.w_up]) for L in weights.layers]
         self._steps = self._plan_layer_steps()
+        # a screened f16 head stays in the file map when the weights are promoted; read whole, it follows them
+        self._lazy_head = head_tensor(gguf) if weights.screen is not None else None
 
     def _plan_layer_steps(self) -> list[tuple[tuple, tuple]] | None:
         """Per layer, the weight arguments of kernels.layer_steps' two calls; None where a layer needs the general
@@ -339,6 +341,8 @@ class Model:
             x += linear(L.w_down, gate)
         rows = np.ascontiguousarray(x[np.asarray(batch.logit_rows, dtype=np.int64)])
         norm(rows, W.output_norm, c.rms_eps, rows)
+        if self._lazy_head is not None and (heads is None or any(h is None for h in heads)):
+            self.gguf.promote_tensor(self._lazy_head)  # once; nothing where the weights are not promoted
         if heads is not None and W.screen is not None and any(h is not None for h in heads):
             if len(heads) != rows.shape[0]:
                 raise ValueError(f"{len(heads)} head requests for {rows.shape[0]} logit rows")

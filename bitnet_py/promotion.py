@@ -12,7 +12,8 @@ picks: a fixed staging address could by then belong to another thread's map) is 
 mmap lock), so readers on other threads see the file's bytes or the identical copy, never a hole; numpy views keep
 their addresses. The file's pages leave the resident set as their stretch is replaced (they stay in the page cache,
 clean), so the resident set never holds both. Stretches that touch a `skip` range (tensors read a few rows at a
-time or only at load: the token embedding, a screened head, repacked TL2 tensors) stay mapped. Linux only, where
+time or only at load: the token embedding, a screened head, repacked TL2 tensors) stay mapped (a screened head
+follows once a request reads it whole: GGUFFile.promote_tensor). Linux only, where
 transparent huge pages are offered (`always` or `madvise`); elsewhere nothing happens and the map serves as before.
 
 A promotion holds a view of the whole map, so the map cannot be unmapped under it (mmap.close raises BufferError

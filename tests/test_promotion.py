@@ -1,5 +1,6 @@
 """bitnet_py.promotion: a mapped file's bytes moved into anonymous huge pages at the same addresses, while other
 threads read them."""
+import dataclasses
 import logging
 import mmap
 import threading
@@ -12,6 +13,7 @@ from bitnet_py.gguf.reader import GGUFFile
 from bitnet_py.huge_pages import huge_page_bytes_in, smaps_fields
 from bitnet_py.model import Batch, Model
 from bitnet_py.promotion import HUGE_PAGE, promote, promotion_possible, stretches
+from bitnet_py.sampling import TopRequest
 from conftest import fixture_path, load_reference
 
 needs_promotion = pytest.mark.skipif(not promotion_possible(), reason="needs Linux with transparent huge pages "
@@ -196,3 +198,31 @@ def test_a_server_answers_bitnetcpps_tokens_while_and_after_its_weights_are_prom
             assert out["tokens"][:n] == r["gen_ids"][:n], r["prompt"]
     finally:
         srv.stop()
+
+
+@needs_promotion
+def test_a_screened_head_that_requests_read_whole_is_promoted_then(tmp_path, monkeypatch):
+    from bitnet_py import dummy
+    wide = dataclasses.replace(dummy.LAYOUTS["tiny"], hp=dummy._hp(2, 256, 768, 4, 1, 16384, 2048, 500000.0, 1e-5))
+    monkeypatch.setitem(dummy.LAYOUTS, "tiny-wide-vocab", wide)  # an 8 MiB tied f16 head: whole huge pages
+    path = dummy.make_dummy("tiny-wide-vocab", "i2_s", str(tmp_path / "m.gguf"), seed=3, progress=False)
+    model = Model.load(path)
+    assert model.weights.screen is not None and model.gguf.promotion is None  # nothing else to promote here
+    head = model.gguf.raw("token_embd.weight")  # tied: the head's rows
+    before, middle = head.copy(), head.nbytes // 2
+    tokens = [1, 50, 300, 7]
+    T = len(tokens)
+    batch = Batch(np.array(tokens, np.int32), np.arange(T, dtype=np.int32), np.zeros(T, np.int32),
+                  np.zeros((1, 1), np.int32), np.array([T - 1], np.int32))
+    screened = model.forward(batch, model.new_kv_cache(1, 16), [TopRequest(1)])
+    # the screen reads a few rows: the head stays in the file map, no promotion of it started
+    assert _anonymous_bytes(head, middle) == 0 and not model.gguf._tensor_promotions
+    full = model.forward(batch, model.new_kv_cache(1, 16))  # all logits (a logprobs request): promoted now
+    job = model.gguf._tensor_promotions.get("token_embd.weight")  # started by that forward
+    assert job is not None and model.gguf.promote_tensor("token_embd.weight") is job and job.wait(60) and job.error is None and job.promoted_bytes >= 2 * HUGE_PAGE
+    assert _anonymous_bytes(head, middle) > 0 and np.array_equal(head, before)
+    assert np.array_equal(model.forward(batch, model.new_kv_cache(1, 16)), full)
+    assert np.nanargmax(screened[0]) == np.argmax(full[0])
+    kept = Model.load(path, promote=False)  # --keep-file-map: nothing moves, not even later
+    kept.forward(batch, kept.new_kv_cache(1, 16))
+    assert kept.gguf.promote_tensor("token_embd.weight") is None

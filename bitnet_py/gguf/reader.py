@@ -174,6 +174,8 @@ class GGUFFile:
         self._file_map: mmap.mmap | None = None  # after a copy with sparse tensors: the file map they are read from
         self._sparse: frozenset[str] = frozenset()
         self.promotion: Promotion | None = None  # the background copy of the map into huge pages, once started
+        self._promote_asked = False
+        self._tensor_promotions: dict[str, Promotion | None] = {}  # tensors `promote` skipped, promoted later
         try:
             self._parse()
         except GGUFError as e:
@@ -216,16 +218,28 @@ class GGUFFile:
         """Start moving the file map into huge pages in the background, in place (bitnet_py.promotion), except the
         tensors named in `sparse`, together with the whole maps in `also` (a repack cache's). Only for a mapped
         file, once; -> the Promotion (also `self.promotion`), or None where it is not possible."""
-        if self.mapped and self.promotion is None:
+        if self.mapped and not self._promote_asked:
+            self._promote_asked = True
             maps = [(self._data, self.skip_ranges(sparse))] + [(m, []) for m in also]
             self.promotion = promote(maps)
         return self.promotion
+
+    def promote_tensor(self, name: str) -> Promotion | None:
+        """Start moving one tensor that `promote` skipped into huge pages as well (a screened head that requests
+        turn out to read whole), once, and only after `promote` was asked for. -> its Promotion, or None."""
+        if not self._promote_asked:
+            return None
+        if name not in self._tensor_promotions:
+            t = self.info(name)
+            self._tensor_promotions[name] = promote([(self._data[t.offset:t.offset + t.nbytes], [])])
+        return self._tensor_promotions[name]
 
     def release(self, view: np.ndarray, read_again: bool = False) -> None:
         """Release the whole pages of `view` (of this file's bytes) from the resident set: from a file map they
         leave it and stay cached (faulted back in if read again); from the anonymous copy they are freed, so
         only views never read again (read_again False) are released there, as from a promoted map."""
-        for m, in_file in ((self._mmap, self.mapped and self.promotion is None), (self._file_map, True)):
+        promoted = self.promotion is not None or any(self._tensor_promotions.values())
+        for m, in_file in ((self._mmap, self.mapped and not promoted), (self._file_map, True)):
             if m is None:
                 continue
             base = np.frombuffer(m, np.uint8)
@@ -321,8 +335,9 @@ class GGUFFile:
         return self.raw(name).view(dtypes[t.type_id]).reshape(t.np_shape)
 
     def close(self) -> None:
-        if self.promotion is not None:
-            self.promotion.stop()
+        for job in [self.promotion, *self._tensor_promotions.values()]:
+            if job is not None:
+                job.stop()
         self._data = None  # type: ignore[assignment]
         for m in (self._mmap, self._file_map):
             try:
