@@ -34,7 +34,7 @@ NO_MMAP_HELP = ("copy the model into anonymous memory (huge pages where the host
                 "instead of mapping the file and moving it into huge pages in the background: a slower start, the "
                 "same decode speed")  # the --no-mmap flag of serve.py, bench, generate
 KEEP_FILE_MAP_HELP = ("read the weights from the file's page-cache pages for good: no background copy into huge pages "
-                      "after the load (bitnet_py.promotion; that copy makes decode ~9 %% faster); the pages stay "
+                      "after the load (bitnet_py.promotion; that copy makes decode ~10 %% faster); the pages stay "
                       "shared with other processes that map the same file")
 
 
