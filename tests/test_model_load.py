@@ -87,6 +87,13 @@ def test_cli_generate_matches_reference_text(memory):
     assert "prompt" in r.stderr and "tok/s" in r.stderr and "load" in r.stderr
 
 
+def test_cli_generate_promotes_only_chat_sessions():
+    from bitnet_py.cli_generate import build_parser, promotes
+    for flags, expected in (([], False), (["-cnv"], True), (["-cnv", "--keep-file-map"], False),
+                            (["--keep-file-map"], False)):
+        assert promotes(build_parser().parse_args(["-m", "x.gguf", *flags])) is expected, flags
+
+
 @pytest.mark.parametrize("args,msg", [
     (["-m", "/no/such/model.gguf", "-p", "x"], "no such file"),
     (["-m", "README.md", "-p", "x"], "not a GGUF file"),
