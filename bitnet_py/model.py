@@ -38,7 +38,7 @@ from .gguf.reader import GGUFFile
 from .gguf.tl2_tiling import resolve_tiling
 from .kv_cache import CACHE_DTYPES, KVCache
 from .sampling import TopRequest
-from .screened_head import screened_logits, screening_possible
+from .screened_head import can_screen, screened_logits, screening_possible
 from .weights import (DenseWeight, ModelWeights, TernaryWeight, embedding_rows, head_tensor, int8_head,
                       load_weights, sparse_tensors)
 
@@ -341,7 +341,7 @@ class Model:
             x += linear(L.w_down, gate)
         rows = np.ascontiguousarray(x[np.asarray(batch.logit_rows, dtype=np.int64)])
         norm(rows, W.output_norm, c.rms_eps, rows)
-        if self._lazy_head is not None and (heads is None or any(h is None for h in heads)):
+        if self._lazy_head is not None and (heads is None or not all(can_screen(h, c.n_vocab) for h in heads)):
             self.gguf.promote_tensor(self._lazy_head)  # once; nothing where the weights are not promoted
         if heads is not None and W.screen is not None and any(h is not None for h in heads):
             if len(heads) != rows.shape[0]:

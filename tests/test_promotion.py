@@ -224,6 +224,9 @@ def test_a_screened_head_that_requests_read_whole_is_promoted_then(tmp_path, mon
     assert _anonymous_bytes(head, middle) > 0 and np.array_equal(head, before)
     assert np.array_equal(model.forward(batch, model.new_kv_cache(1, 16)), full)
     assert np.nanargmax(screened[0]) == np.argmax(full[0])
+    wide_k = Model.load(path)  # a top k the screen cannot cut (above SCREEN_MAX_K) reads the head whole too
+    wide_k.forward(batch, wide_k.new_kv_cache(1, 16), [TopRequest(300)])
+    assert wide_k.gguf._tensor_promotions.get("token_embd.weight") is not None
     kept = Model.load(path, promote=False)  # --keep-file-map: nothing moves, not even later
     kept.forward(batch, kept.new_kv_cache(1, 16))
     assert kept.gguf.promote_tensor("token_embd.weight") is None
