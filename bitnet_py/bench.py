@@ -246,8 +246,7 @@ def run(args) -> dict:
         raise SystemExit("error: --logits greedy needs an F16 output head, --head-type f16 and a host with F16C")
     heads = [TopRequest(1)] if greedy else None
     load_ms = (time.perf_counter() - t0) * 1000
-    if model.gguf.promotion is not None:  # timed once the weights are where they stay
-        model.gguf.promotion.wait()
+    model.gguf.wait_promoted()  # timed once the weights are where they stay
     rng = np.random.default_rng(args.seed)
     n_ctx = max(args.depth) + max(args.n_prompt + args.n_gen + [1])
     if n_ctx > model.max_positions:

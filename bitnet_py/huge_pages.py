@@ -177,43 +177,42 @@ def copy_to_anonymous(src: mmap.mmap, size: int, skip: list[tuple[int, int]] = (
     return dst
 
 
-def smaps_fields(view: np.ndarray) -> dict[str, list[str]] | None:
-    """The /proc/self/smaps fields (name -> values, e.g. "VmFlags" -> ["rd", "wr", ..., "hg"], "Rss" -> ["812",
-    "kB"]) of the mapping that holds `view`; {} if no mapping does, None where that file is not readable."""
-    address = view.ctypes.data
-    fields: dict[str, list[str]] = {}
-    inside = False
+def _smaps() -> list[tuple[int, int, dict[str, list[str]]]] | None:
+    """/proc/self/smaps as (start, end, fields) per mapping (fields: name -> values, e.g. "VmFlags" -> ["rd", "wr",
+    ..., "hg"], "Rss" -> ["812", "kB"]), or None where that file is not readable."""
+    mappings: list[tuple[int, int, dict[str, list[str]]]] = []
     try:
         with open("/proc/self/smaps", encoding="ascii", errors="replace") as f:
             for line in f:
                 head = re.match(r"^([0-9a-f]+)-([0-9a-f]+) ", line)
                 if head:
-                    if inside:
-                        break
-                    inside = int(head[1], 16) <= address < int(head[2], 16)
-                elif inside:
+                    mappings.append((int(head[1], 16), int(head[2], 16), {}))
+                elif mappings:
                     name, *values = line.split()
-                    fields[name.rstrip(":")] = values
+                    mappings[-1][2][name.rstrip(":")] = values
     except OSError:
         return None
-    return fields
+    return mappings
+
+
+def smaps_fields(view: np.ndarray) -> dict[str, list[str]] | None:
+    """The /proc/self/smaps fields of the mapping that holds `view`; {} if no mapping does, None where that file is
+    not readable."""
+    mappings = _smaps()
+    if mappings is None:
+        return None
+    address = view.ctypes.data
+    return next((fields for lo, hi, fields in mappings if lo <= address < hi), {})
 
 
 def huge_page_bytes_in(address: int, size: int) -> int | None:
     """AnonHugePages bytes of all mappings inside [address, address + size) (a promoted map is split into many,
     bitnet_py.promotion), or None where /proc/self/smaps is not readable."""
-    total, inside = 0, False
-    try:
-        with open("/proc/self/smaps", encoding="ascii", errors="replace") as f:
-            for line in f:
-                head = re.match(r"^([0-9a-f]+)-([0-9a-f]+) ", line)
-                if head:
-                    inside = address <= int(head[1], 16) and int(head[2], 16) <= address + size
-                elif inside and line.startswith("AnonHugePages:"):
-                    total += int(line.split()[1]) * 1024
-    except OSError:
+    mappings = _smaps()
+    if mappings is None:
         return None
-    return total
+    return sum(int(fields.get("AnonHugePages", ["0"])[0]) * 1024 for lo, hi, fields in mappings
+               if address <= lo and hi <= address + size)
 
 
 def huge_page_bytes(view: np.ndarray) -> int | None:

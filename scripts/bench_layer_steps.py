@@ -37,8 +37,7 @@ def run(model_path: str, threads: int, rounds: int, n_steps: int, batch_sizes: l
     from bitnet_py.model import Model
     numba.set_num_threads(threads)
     model = Model.load(model_path)
-    if model.gguf.promotion is not None:  # both paths timed from where the weights stay (bitnet_py.promotion)
-        model.gguf.promotion.wait()
+    model.gguf.wait_promoted()  # both paths timed from where the weights stay (bitnet_py.promotion)
     if model._steps is None:
         raise SystemExit("error: this model runs the general path only (layer steps need all-I2_S/TL2 ternary "
                          "layers, the default kernels and BITNET_PY_LAYER_STEPS on)")

@@ -62,8 +62,7 @@ class Ours:
         from bitnet_py.bench import _tables
         from bitnet_py.model import Model
         self.model = Model.load(path)
-        if self.model.gguf.promotion is not None:  # timed once the weights are in huge pages (bitnet_py.promotion)
-            self.model.gguf.promotion.wait()
+        self.model.gguf.wait_promoted()  # timed once the weights are in huge pages (bitnet_py.promotion)
         self.kv = self.model.new_kv_cache((n_ctx + 15) // 16, 16)
         self.tables = _tables(n_ctx, 16)
 

@@ -234,6 +234,13 @@ class GGUFFile:
             self._tensor_promotions[name] = promote([(self._data[t.offset:t.offset + t.nbytes], [])])
         return self._tensor_promotions[name]
 
+    def wait_promoted(self) -> None:
+        """Block until every promotion started on this file has ended (benchmarks time the weights where they
+        stay)."""
+        for job in [self.promotion, *self._tensor_promotions.values()]:
+            if job is not None:
+                job.wait()
+
     def release(self, view: np.ndarray, read_again: bool = False) -> None:
         """Release the whole pages of `view` (of this file's bytes) from the resident set: from a file map they
         leave it and stay cached (faulted back in if read again); from the anonymous copy they are freed, so
