@@ -6,9 +6,9 @@ amax == 0 -> d = 0, q = 0; else iscale = float32(-127 / max), q_j = min(127, rou
 d = float32(1 / iscale). Matmul: y_m = sum over blocks b, in order, of float32(sumi_b) * float32(d_x[b] * d_w[m, b])
 with sumi_b = sum_j (code_mj - 1) * q_j exact.
 
-Weights arrive repacked to I2_S's byte layout (bitnet_py.weights), so `tq_matmul_q8k` takes each 256-block's
-integer dot from the I2_S intrinsics of kernels.simd / kernels.simd_vnni (4 tokens per weight unpack) on AVX2
-hosts; `tq_matmul_q8k_multi` runs two or three weights on the same activations (q/k/v, gate/up) in one
+Weights arrive repacked to I2_S's byte layout (bitnet_py.weights), so `tq_matmul_q8k` takes a row's 256-block
+integer dots from kernels.simd_blocks (one call per row and 4 tokens, `vpmaddubsw`) on AVX2 hosts, or one
+kernels.simd_vnni dot per block on VNNI hosts; `tq_matmul_q8k_multi` runs two or three weights on the same activations (q/k/v, gate/up) in one
 parallel region; `tq_matmul_q8k_plain` is the plain loop, with identical results.
 """
 import numpy as np
@@ -114,38 +114,51 @@ def tq_matmul_q8k_plain(packed, q, d_x, block_scales, out):
 
 
 if HAVE_AVX2:
-    if HAVE_VNNI:
+    if HAVE_VNNI:  # vpdpbusd dots, one call per block (kernels.simd_blocks' contract)
         from .simd_vnni import i2s_dot1, i2s_dot4
+
+        @njit(**JIT)
+        def _block_dots4(packed, w0, q, q0, q_stride, n_b, sums):
+            for b in range(n_b):
+                d0, d1, d2, d3 = i2s_dot4(packed, w0 + b * 64, q, q0 + b * QK_K, q_stride, 2)
+                sums[4 * b], sums[4 * b + 1], sums[4 * b + 2], sums[4 * b + 3] = d0, d1, d2, d3
+
+        @njit(**JIT)
+        def _block_dots1(packed, w0, q, q0, q_stride, n_b, sums):
+            for b in range(n_b):
+                sums[b] = i2s_dot1(packed, w0 + b * 64, q, q0 + b * QK_K, q_stride, 2)
     else:
-        from .simd import i2s_dot1, i2s_dot4
+        from .simd_blocks import i2s_block_dots1 as _block_dots1, i2s_block_dots4 as _block_dots4
 
     @njit(**JIT)
     def _tq_rows(packed, q, qsums, d_x, block_scales, out, m_lo, m_hi):
-        """Rows [m_lo, m_hi) of out: each (row, 256-block) integer dot by the I2_S intrinsics (two 128-blocks),
-        as sum(code * q) - sum(q); the blocks' float terms added in block order as tq_matmul_q8k_plain does."""
+        """Rows [m_lo, m_hi) of out: each (row, 256-block) integer dot from kernels.simd_blocks (a whole row per
+        call, 4 tokens per weight unpack), as sum(code * q) - sum(q); the blocks' float terms added in block order
+        as tq_matmul_q8k_plain does."""
         T, K = q.shape
         row_bytes = K // 4
         n_b = K // QK_K
         qf = q.reshape(-1)  # i8[T*K]
+        sums = np.empty(4 * n_b, np.int32)  # i32[n_b, 4]: block b, token t at 4*b + t (one token: b)
         t = 0
         while t + 4 <= T:
             for m in range(m_lo, m_hi):
+                _block_dots4(packed, m * row_bytes, qf, t * K, K, n_b, sums)
                 a0 = a1 = a2 = a3 = np.float32(0.0)
                 for b in range(n_b):
-                    d0, d1, d2, d3 = i2s_dot4(packed, m * row_bytes + b * 64, qf, t * K + b * QK_K, K, 2)
                     s = block_scales[m, b]
-                    a0 += np.float32(d0 - qsums[t, b]) * np.float32(d_x[t, b] * s)
-                    a1 += np.float32(d1 - qsums[t + 1, b]) * np.float32(d_x[t + 1, b] * s)
-                    a2 += np.float32(d2 - qsums[t + 2, b]) * np.float32(d_x[t + 2, b] * s)
-                    a3 += np.float32(d3 - qsums[t + 3, b]) * np.float32(d_x[t + 3, b] * s)
+                    a0 += np.float32(sums[4 * b] - qsums[t, b]) * np.float32(d_x[t, b] * s)
+                    a1 += np.float32(sums[4 * b + 1] - qsums[t + 1, b]) * np.float32(d_x[t + 1, b] * s)
+                    a2 += np.float32(sums[4 * b + 2] - qsums[t + 2, b]) * np.float32(d_x[t + 2, b] * s)
+                    a3 += np.float32(sums[4 * b + 3] - qsums[t + 3, b]) * np.float32(d_x[t + 3, b] * s)
                 out[t, m], out[t + 1, m], out[t + 2, m], out[t + 3, m] = a0, a1, a2, a3
             t += 4
         while t < T:
             for m in range(m_lo, m_hi):
+                _block_dots1(packed, m * row_bytes, qf, t * K, K, n_b, sums)
                 a0 = np.float32(0.0)
                 for b in range(n_b):
-                    d0 = i2s_dot1(packed, m * row_bytes + b * 64, qf, t * K + b * QK_K, K, 2)
-                    a0 += np.float32(d0 - qsums[t, b]) * np.float32(d_x[t, b] * block_scales[m, b])
+                    a0 += np.float32(sums[b] - qsums[t, b]) * np.float32(d_x[t, b] * block_scales[m, b])
                 out[t, m] = a0
             t += 1
 else:

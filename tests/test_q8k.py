@@ -24,11 +24,12 @@ def test_quantize_q8k_exact(T, K, quantize):
     assert d[0, 0] == 0 and not q[0, :256].any()
 
 
-@pytest.mark.parametrize("T,M,K", [(1, 5, 256), (4, 33, 768), (7, 70, 512), (9, 3, 1024)])
+@pytest.mark.parametrize("T,M,K", [(1, 5, 256), (4, 33, 768), (7, 70, 512), (9, 3, 1024), (1, 6, 2560),
+                                   (5, 4, 1280)])
 @pytest.mark.parametrize("kernel", ["simd", "plain"])
 def test_tq_matmul_q8k_matches_reference(T, M, K, kernel):
-    """Both kernels bit-exact against upstream's formula: 4-token and single-token paths of the SIMD one,
-    row counts that leave a partial task."""
+    """Both kernels bit-exact against upstream's formula: 4-token and single-token paths of the SIMD one (one
+    token: groups of four blocks and the blocks after them), row counts that leave a partial task."""
     if kernel == "simd" and not HAVE_AVX2:
         pytest.skip("the SIMD kernel needs AVX2 (tq_matmul_q8k is the plain loop here)")
     w = RNG.integers(-1, 2, size=(M, K)).astype(np.int8)
@@ -44,6 +45,39 @@ def test_tq_matmul_q8k_matches_reference(T, M, K, kernel):
         sumi = q[:, cols].astype(np.int64) @ w[:, cols].astype(np.int64).T
         ref = (ref + sumi.astype(np.float32) * (d[:, b][:, None] * bs[:, b][None, :]).astype(np.float32))
     assert np.array_equal(out, ref.astype(np.float32))
+
+
+@pytest.mark.skipif(not HAVE_AVX2, reason="AVX2 intrinsics (hosts without AVX2 run the plain loops)")
+@pytest.mark.parametrize("n_tok,n_b", [(1, 1), (1, 4), (1, 7), (1, 10), (4, 1), (4, 3), (4, 10)])
+def test_block_dots_exact_integers(n_tok, n_b):
+    """kernels.simd_blocks against numpy: sum(code * q) per token and 256-block, codes 0-3 (3 too, which I2_S never
+    writes) against the extreme activations -128 and 127, from offsets inside larger arrays."""
+    from kernels.simd_blocks import i2s_block_dots1, i2s_block_dots4
+    from numba import njit
+    codes = RNG.integers(0, 4, size=n_b * 256).astype(np.uint8)
+    codes[:128] = 3  # the largest products
+    K, w0, q0 = n_b * 256, 64, 3  # weights after one 256-block of other bytes; rows of q at 3 + t * (K + 5)
+    c = codes.reshape(-1, 4, 32)  # I2_S bytes (bitnet_py.gguf.ternary_pack), written here as it refuses code 3
+    packed = np.concatenate([RNG.integers(0, 256, 64, dtype=np.uint8),
+                             ((c[:, 0] << 6) | (c[:, 1] << 4) | (c[:, 2] << 2) | c[:, 3]).reshape(-1)])
+    q = RNG.integers(-128, 128, size=q0 + n_tok * (K + 5), dtype=np.int64).astype(np.int8)
+    rows = [q[q0 + t * (K + 5):q0 + t * (K + 5) + K] for t in range(n_tok)]
+    rows[0][:128] = np.where(np.arange(128) % 2, 127, -128)  # codes 3 against both extremes
+    sums = np.full(4 * n_b, -7, np.int32)
+
+    @njit
+    def call(packed, q, sums):
+        if n_tok == 4:
+            i2s_block_dots4(packed, w0, q, q0, K + 5, n_b, sums)
+        else:
+            i2s_block_dots1(packed, w0, q, q0, K + 5, n_b, sums)
+
+    call(packed, q, sums)
+    want = np.array([[int(np.dot(codes[256 * b:256 * (b + 1)].astype(np.int64), r[256 * b:256 * (b + 1)]))
+                      for r in rows] for b in range(n_b)])  # [n_b, n_tok]
+    got = sums[:n_b * n_tok].reshape(n_b, n_tok)
+    assert np.array_equal(got, want)
+    assert (sums[n_b * n_tok:] == -7).all()  # nothing written past the row's sums
 
 
 @pytest.mark.parametrize("T,Ms,K", [(1, (40, 8, 8), 512), (6, (33, 70), 768), (9, (5, 3, 64), 256)])

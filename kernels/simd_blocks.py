@@ -1,0 +1,129 @@
+"""Per-block I2_S ternary dots for block-scaled weights (TQ1_0 / TQ2_0 repacked to I2_S's bytes; kernels.q8k), as
+LLVM IR intrinsics built from the helpers of `kernels.simd` (AVX2 `vpmaddubsw`).
+
+Upstream's arithmetic scales every 256-value block by its own float factor, so a row's dot is needed block by
+block. Calling `i2s_dot{1,4}` once per block reduced each token's eight i32 lanes to one number per block (about
+seven vector operations per token) and paid a call's loop set-up each time: the block-scaled matmul ran 1.5x
+slower than I2_S's. Here one call walks the whole row and reduces four lane vectors at once with `vphaddd`
+(four numbers from three horizontal adds, an extract and an add):
+
+- `i2s_block_dots4(packed, w0, q, q0, q_stride, n_b, sums)`: four tokens (row t of flat `q` at `q0 + t*q_stride`),
+  n_b 256-blocks of weights from byte `w0` of `packed`; `sums[4*b + t]` = sum(code * q) over block b (code in
+  {0, 1, 2}: the caller subtracts the block sums of q). Weights unpacked once for the four tokens, one shift per
+  code (as kernels.simd's four-row dot).
+- `i2s_block_dots1(...)`: one token, `sums[b]`; four blocks reduced together, the last n_b % 4 one by one. One
+  16-bit shift per 32 weight bytes (kernels.simd's one- and two-row unpacking).
+
+Exact integers: an i16 lane holds at most 8 pair sums of one block (2 * 3 * 128 each, 6144; or 4 * (2 * 12 * 128)
+= 12288 in the one-shift four-times sum), never saturated; an i32 block sum is at most 256 * 3 * 128.
+"""
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+from .simd import (PREFETCH_BYTES, _I8, _I16, _I32, _V8I32, _V16I16, _V32I8, _as_i64, _close_loop, _data_ptr,
+                   _get_or_insert, _open_loop, _prefetch, _reduce_add, _splat)
+
+_I64 = ir.IntType(64)
+_V4I32 = ir.VectorType(_I32, 4)
+
+
+def _c64(v):
+    return ir.Constant(_I64, v)
+
+
+def _reduce4(builder, vecs):
+    """Four <8 x i32> -> <4 x i32> of their lane sums, in order (vphaddd twice, then the two 128-bit halves)."""
+    phadd = _get_or_insert(builder.module, "llvm.x86.avx2.phadd.d", ir.FunctionType(_V8I32, [_V8I32, _V8I32]))
+    both = builder.call(phadd, [builder.call(phadd, vecs[:2]), builder.call(phadd, vecs[2:])])
+    lo = builder.shuffle_vector(both, both, ir.Constant(_V4I32, [ir.Constant(_I32, i) for i in range(4)]))
+    hi = builder.shuffle_vector(both, both, ir.Constant(_V4I32, [ir.Constant(_I32, i) for i in range(4, 8)]))
+    return builder.add(lo, hi)
+
+
+def _make_block_dots(n_tok):
+    one_shift = n_tok == 1  # two i16 sums per token fit the registers for one token, not for four
+
+    @intrinsic
+    def block_dots(typingctx, packed, w0, q, q0, q_stride, n_b, sums):
+        sig = types.none(packed, w0, q, q0, q_stride, n_b, sums)
+
+        def codegen(context, builder, signature, args):
+            packed_v, w0_v, q_v, q0_v, stride_v, nb_v, sums_v = args
+            pty, w0ty, qty, q0ty, sty, nbty, sumsty = signature.args
+            w0_v, q0_v, stride_v, nb_v = _as_i64(context, builder, (w0_v, q0_v, stride_v, nb_v),
+                                                 (w0ty, q0ty, sty, nbty))
+            wbase = _data_ptr(context, builder, pty, packed_v, w0_v)
+            qbases = [_data_ptr(context, builder, qty, q_v, builder.add(q0_v, builder.mul(stride_v, _c64(t))))
+                      for t in range(n_tok)]
+            sbase = _data_ptr(context, builder, sumsty, sums_v, _c64(0))  # i32*
+            maddubs = _get_or_insert(builder.module, "llvm.x86.avx2.pmadd.ub.sw",
+                                     ir.FunctionType(_V16I16, [_V32I8, _V32I8]))
+            maddwd = _get_or_insert(builder.module, "llvm.x86.avx2.pmadd.wd",
+                                    ir.FunctionType(_V8I32, [_V16I16, _V16I16]))
+            ones16 = _splat(_I16, 1, 16)
+            three = _splat(_I8, 3, 32)
+            twelve = _splat(_I8, 12, 32)
+            two16 = _splat(_I16, 2, 16)
+
+            def codes_of(wb):
+                """32 weight bytes -> [(codes, which i16 sum)] for values p, 32+p, 64+p, 96+p (kernels.simd)."""
+                if not one_shift:
+                    return [(builder.and_(builder.lshr(wb, _splat(_I8, s, 32)), three) if s
+                             else builder.and_(wb, three), 0) for s in (6, 4, 2, 0)]
+                wh = builder.bitcast(builder.lshr(builder.bitcast(wb, _V16I16), _splat(_I16, 4, 16)), _V32I8)
+                return [(builder.and_(wh, twelve), 1), (builder.and_(wh, three), 0),
+                        (builder.and_(wb, twelve), 1), (builder.and_(wb, three), 0)]
+
+            def block(b):
+                """256-block b (an i64) -> one <8 x i32> of lane sums per token."""
+                acc = [[None] * n_tok for _ in range(2 if one_shift else 1)]
+                for half in range(2):
+                    blk = builder.add(builder.mul(b, _c64(2)), _c64(half))
+                    woff = builder.mul(blk, _c64(32))
+                    if half == 0:  # one prefetch per 64-byte line
+                        _prefetch(builder, builder.gep(wbase, [builder.add(woff, _c64(PREFETCH_BYTES))]))
+                    wb = builder.load(builder.bitcast(builder.gep(wbase, [woff]), _V32I8.as_pointer()), align=1)
+                    codes = codes_of(wb)
+                    for t in range(n_tok):
+                        qb = builder.gep(qbases[t], [builder.mul(blk, _c64(128))])
+                        for j, (code, k) in enumerate(codes):
+                            qp = builder.bitcast(builder.gep(qb, [_c64(32 * j)]), _V32I8.as_pointer())
+                            prod = builder.call(maddubs, [code, builder.load(qp, align=1)])
+                            acc[k][t] = prod if acc[k][t] is None else builder.add(acc[k][t], prod)
+                out = []
+                for t in range(n_tok):
+                    s16 = acc[0][t] if not one_shift else builder.add(acc[0][t], builder.ashr(acc[1][t], two16))
+                    out.append(builder.call(maddwd, [s16, ones16]))
+                return out
+
+            def store4(vec, index):
+                ptr = builder.bitcast(builder.gep(sbase, [index]), _V4I32.as_pointer())
+                builder.store(vec, ptr, align=4)
+
+            if n_tok == 4:  # every block: its four tokens' sums at sums[4b .. 4b+3]
+                loop = _open_loop(builder, "blk4", builder.icmp_signed(">", nb_v, _c64(0)))
+                b = builder.phi(_I64)
+                store4(_reduce4(builder, block(b)), builder.mul(b, _c64(4)))
+                _close_loop(builder, loop, b, _c64(0), nb_v, [], [], [])
+                return context.get_dummy_value()
+            n_groups = builder.sdiv(nb_v, _c64(4))  # four blocks at a time: sums[4g .. 4g+3]
+            loop = _open_loop(builder, "grp", builder.icmp_signed(">", n_groups, _c64(0)))
+            g = builder.phi(_I64)
+            first = builder.mul(g, _c64(4))
+            store4(_reduce4(builder, [block(builder.add(first, _c64(u)))[0] for u in range(4)]), first)
+            _close_loop(builder, loop, g, _c64(0), n_groups, [], [], [])
+            tail_start = builder.mul(n_groups, _c64(4))
+            loop = _open_loop(builder, "tail", builder.icmp_signed("<", tail_start, nb_v))
+            b = builder.phi(_I64)
+            builder.store(_reduce_add(builder, block(b)[0]), builder.gep(sbase, [b]))
+            _close_loop(builder, loop, b, tail_start, nb_v, [], [], [])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return block_dots
+
+
+i2s_block_dots1 = _make_block_dots(1)
+i2s_block_dots4 = _make_block_dots(4)
