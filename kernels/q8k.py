@@ -7,7 +7,7 @@ d = float32(1 / iscale). Matmul: y_m = sum over blocks b, in order, of float32(s
 with sumi_b = sum_j (code_mj - 1) * q_j exact.
 
 Weights arrive repacked to I2_S's byte layout (bitnet_py.weights), so `tq_matmul_q8k` takes a row's 256-block
-integer dots from kernels.simd_blocks (one call per row and 4 tokens, `vpmaddubsw`) on AVX2 hosts, or one
+dots and float terms from kernels.simd_blocks (one call per row and 4 tokens, `vpmaddubsw`) on AVX2 hosts, or one
 kernels.simd_vnni dot per block on VNNI hosts; `tq_matmul_q8k_multi` runs two or three weights on the same activations (q/k/v, gate/up) in one
 parallel region; `tq_matmul_q8k_plain` is the plain loop, with identical results.
 """
@@ -114,43 +114,50 @@ def tq_matmul_q8k_plain(packed, q, d_x, block_scales, out):
 
 
 if HAVE_AVX2:
-    if HAVE_VNNI:  # vpdpbusd dots, one call per block (kernels.simd_blocks' contract)
+    if HAVE_VNNI:  # vpdpbusd dots, one call per block, behind kernels.simd_blocks' contracts
         from .simd_vnni import i2s_dot1, i2s_dot4
 
         @njit(**JIT)
-        def _block_dots4(packed, w0, q, q0, q_stride, n_b, sums):
+        def _block_scaled_dots4(packed, w0, q, q0, q_stride, n_b, q_sums, d_x, scales, s0):
+            a0 = a1 = a2 = a3 = np.float32(0.0)
             for b in range(n_b):
                 d0, d1, d2, d3 = i2s_dot4(packed, w0 + b * 64, q, q0 + b * QK_K, q_stride, 2)
-                sums[4 * b], sums[4 * b + 1], sums[4 * b + 2], sums[4 * b + 3] = d0, d1, d2, d3
+                s = scales[s0 + b]
+                a0 += np.float32(d0 - q_sums[4 * b]) * np.float32(d_x[4 * b] * s)
+                a1 += np.float32(d1 - q_sums[4 * b + 1]) * np.float32(d_x[4 * b + 1] * s)
+                a2 += np.float32(d2 - q_sums[4 * b + 2]) * np.float32(d_x[4 * b + 2] * s)
+                a3 += np.float32(d3 - q_sums[4 * b + 3]) * np.float32(d_x[4 * b + 3] * s)
+            return a0, a1, a2, a3
 
         @njit(**JIT)
         def _block_dots1(packed, w0, q, q0, q_stride, n_b, sums):
             for b in range(n_b):
                 sums[b] = i2s_dot1(packed, w0 + b * 64, q, q0 + b * QK_K, q_stride, 2)
     else:
-        from .simd_blocks import i2s_block_dots1 as _block_dots1, i2s_block_dots4 as _block_dots4
+        from .simd_blocks import i2s_block_dots1 as _block_dots1, i2s_block_scaled_dots4 as _block_scaled_dots4
 
     @njit(**JIT)
     def _tq_rows(packed, q, qsums, d_x, block_scales, out, m_lo, m_hi):
-        """Rows [m_lo, m_hi) of out: each (row, 256-block) integer dot from kernels.simd_blocks (a whole row per
-        call, 4 tokens per weight unpack), as sum(code * q) - sum(q); the blocks' float terms added in block order
+        """Rows [m_lo, m_hi) of out, a row per kernels.simd_blocks call (4 tokens per weight unpack): each
+        (row, 256-block) integer dot as sum(code * q) - sum(q), the blocks' float terms added in block order
         as tq_matmul_q8k_plain does."""
         T, K = q.shape
         row_bytes = K // 4
         n_b = K // QK_K
         qf = q.reshape(-1)  # i8[T*K]
-        sums = np.empty(4 * n_b, np.int32)  # i32[n_b, 4]: block b, token t at 4*b + t (one token: b)
+        scales = block_scales.reshape(-1)  # f32[M*n_b]
+        q_sums = np.empty(4 * n_b, np.int32)  # a tile's block sums and Q8_K scales, block-major: [n_b, 4]
+        d_x4 = np.empty(4 * n_b, np.float32)
+        sums = np.empty(n_b, np.int32)
         t = 0
         while t + 4 <= T:
+            for b in range(n_b):
+                for j in range(4):
+                    q_sums[4 * b + j] = qsums[t + j, b]
+                    d_x4[4 * b + j] = d_x[t + j, b]
             for m in range(m_lo, m_hi):
-                _block_dots4(packed, m * row_bytes, qf, t * K, K, n_b, sums)
-                a0 = a1 = a2 = a3 = np.float32(0.0)
-                for b in range(n_b):
-                    s = block_scales[m, b]
-                    a0 += np.float32(sums[4 * b] - qsums[t, b]) * np.float32(d_x[t, b] * s)
-                    a1 += np.float32(sums[4 * b + 1] - qsums[t + 1, b]) * np.float32(d_x[t + 1, b] * s)
-                    a2 += np.float32(sums[4 * b + 2] - qsums[t + 2, b]) * np.float32(d_x[t + 2, b] * s)
-                    a3 += np.float32(sums[4 * b + 3] - qsums[t + 3, b]) * np.float32(d_x[t + 3, b] * s)
+                a0, a1, a2, a3 = _block_scaled_dots4(packed, m * row_bytes, qf, t * K, K, n_b, q_sums, d_x4, scales,
+                                                     m * n_b)
                 out[t, m], out[t + 1, m], out[t + 2, m], out[t + 3, m] = a0, a1, a2, a3
             t += 4
         while t < T:

@@ -41,89 +41,118 @@ def _reduce4(builder, vecs):
     return builder.add(lo, hi)
 
 
-def _make_block_dots(n_tok):
+def _block_builder(builder, n_tok, wbase, qbases):
+    """-> block(b): the IR for 256-block b (an i64) of a row at wbase against n_tok activation rows (qbases),
+    returning one <8 x i32> of lane sums per token."""
     one_shift = n_tok == 1  # two i16 sums per token fit the registers for one token, not for four
+    maddubs = _get_or_insert(builder.module, "llvm.x86.avx2.pmadd.ub.sw", ir.FunctionType(_V16I16, [_V32I8, _V32I8]))
+    maddwd = _get_or_insert(builder.module, "llvm.x86.avx2.pmadd.wd", ir.FunctionType(_V8I32, [_V16I16, _V16I16]))
+    ones16 = _splat(_I16, 1, 16)
+    three = _splat(_I8, 3, 32)
+    twelve = _splat(_I8, 12, 32)
+    two16 = _splat(_I16, 2, 16)
 
-    @intrinsic
-    def block_dots(typingctx, packed, w0, q, q0, q_stride, n_b, sums):
-        sig = types.none(packed, w0, q, q0, q_stride, n_b, sums)
+    def codes_of(wb):
+        """32 weight bytes -> [(codes, which i16 sum)] for values p, 32+p, 64+p, 96+p (kernels.simd)."""
+        if not one_shift:
+            return [(builder.and_(builder.lshr(wb, _splat(_I8, s, 32)), three) if s
+                     else builder.and_(wb, three), 0) for s in (6, 4, 2, 0)]
+        wh = builder.bitcast(builder.lshr(builder.bitcast(wb, _V16I16), _splat(_I16, 4, 16)), _V32I8)
+        return [(builder.and_(wh, twelve), 1), (builder.and_(wh, three), 0),
+                (builder.and_(wb, twelve), 1), (builder.and_(wb, three), 0)]
 
-        def codegen(context, builder, signature, args):
-            packed_v, w0_v, q_v, q0_v, stride_v, nb_v, sums_v = args
-            pty, w0ty, qty, q0ty, sty, nbty, sumsty = signature.args
-            w0_v, q0_v, stride_v, nb_v = _as_i64(context, builder, (w0_v, q0_v, stride_v, nb_v),
-                                                 (w0ty, q0ty, sty, nbty))
-            wbase = _data_ptr(context, builder, pty, packed_v, w0_v)
-            qbases = [_data_ptr(context, builder, qty, q_v, builder.add(q0_v, builder.mul(stride_v, _c64(t))))
-                      for t in range(n_tok)]
-            sbase = _data_ptr(context, builder, sumsty, sums_v, _c64(0))  # i32*
-            maddubs = _get_or_insert(builder.module, "llvm.x86.avx2.pmadd.ub.sw",
-                                     ir.FunctionType(_V16I16, [_V32I8, _V32I8]))
-            maddwd = _get_or_insert(builder.module, "llvm.x86.avx2.pmadd.wd",
-                                    ir.FunctionType(_V8I32, [_V16I16, _V16I16]))
-            ones16 = _splat(_I16, 1, 16)
-            three = _splat(_I8, 3, 32)
-            twelve = _splat(_I8, 12, 32)
-            two16 = _splat(_I16, 2, 16)
+    def block(b):
+        acc = [[None] * n_tok for _ in range(2 if one_shift else 1)]
+        for half in range(2):
+            blk = builder.add(builder.mul(b, _c64(2)), _c64(half))
+            woff = builder.mul(blk, _c64(32))
+            if half == 0:  # one prefetch per 64-byte line
+                _prefetch(builder, builder.gep(wbase, [builder.add(woff, _c64(PREFETCH_BYTES))]))
+            wb = builder.load(builder.bitcast(builder.gep(wbase, [woff]), _V32I8.as_pointer()), align=1)
+            codes = codes_of(wb)
+            for t in range(n_tok):
+                qb = builder.gep(qbases[t], [builder.mul(blk, _c64(128))])
+                for j, (code, k) in enumerate(codes):
+                    qp = builder.bitcast(builder.gep(qb, [_c64(32 * j)]), _V32I8.as_pointer())
+                    prod = builder.call(maddubs, [code, builder.load(qp, align=1)])
+                    acc[k][t] = prod if acc[k][t] is None else builder.add(acc[k][t], prod)
+        out = []
+        for t in range(n_tok):
+            s16 = acc[0][t] if not one_shift else builder.add(acc[0][t], builder.ashr(acc[1][t], two16))
+            out.append(builder.call(maddwd, [s16, ones16]))
+        return out
 
-            def codes_of(wb):
-                """32 weight bytes -> [(codes, which i16 sum)] for values p, 32+p, 64+p, 96+p (kernels.simd)."""
-                if not one_shift:
-                    return [(builder.and_(builder.lshr(wb, _splat(_I8, s, 32)), three) if s
-                             else builder.and_(wb, three), 0) for s in (6, 4, 2, 0)]
-                wh = builder.bitcast(builder.lshr(builder.bitcast(wb, _V16I16), _splat(_I16, 4, 16)), _V32I8)
-                return [(builder.and_(wh, twelve), 1), (builder.and_(wh, three), 0),
-                        (builder.and_(wb, twelve), 1), (builder.and_(wb, three), 0)]
-
-            def block(b):
-                """256-block b (an i64) -> one <8 x i32> of lane sums per token."""
-                acc = [[None] * n_tok for _ in range(2 if one_shift else 1)]
-                for half in range(2):
-                    blk = builder.add(builder.mul(b, _c64(2)), _c64(half))
-                    woff = builder.mul(blk, _c64(32))
-                    if half == 0:  # one prefetch per 64-byte line
-                        _prefetch(builder, builder.gep(wbase, [builder.add(woff, _c64(PREFETCH_BYTES))]))
-                    wb = builder.load(builder.bitcast(builder.gep(wbase, [woff]), _V32I8.as_pointer()), align=1)
-                    codes = codes_of(wb)
-                    for t in range(n_tok):
-                        qb = builder.gep(qbases[t], [builder.mul(blk, _c64(128))])
-                        for j, (code, k) in enumerate(codes):
-                            qp = builder.bitcast(builder.gep(qb, [_c64(32 * j)]), _V32I8.as_pointer())
-                            prod = builder.call(maddubs, [code, builder.load(qp, align=1)])
-                            acc[k][t] = prod if acc[k][t] is None else builder.add(acc[k][t], prod)
-                out = []
-                for t in range(n_tok):
-                    s16 = acc[0][t] if not one_shift else builder.add(acc[0][t], builder.ashr(acc[1][t], two16))
-                    out.append(builder.call(maddwd, [s16, ones16]))
-                return out
-
-            def store4(vec, index):
-                ptr = builder.bitcast(builder.gep(sbase, [index]), _V4I32.as_pointer())
-                builder.store(vec, ptr, align=4)
-
-            if n_tok == 4:  # every block: its four tokens' sums at sums[4b .. 4b+3]
-                loop = _open_loop(builder, "blk4", builder.icmp_signed(">", nb_v, _c64(0)))
-                b = builder.phi(_I64)
-                store4(_reduce4(builder, block(b)), builder.mul(b, _c64(4)))
-                _close_loop(builder, loop, b, _c64(0), nb_v, [], [], [])
-                return context.get_dummy_value()
-            n_groups = builder.sdiv(nb_v, _c64(4))  # four blocks at a time: sums[4g .. 4g+3]
-            loop = _open_loop(builder, "grp", builder.icmp_signed(">", n_groups, _c64(0)))
-            g = builder.phi(_I64)
-            first = builder.mul(g, _c64(4))
-            store4(_reduce4(builder, [block(builder.add(first, _c64(u)))[0] for u in range(4)]), first)
-            _close_loop(builder, loop, g, _c64(0), n_groups, [], [], [])
-            tail_start = builder.mul(n_groups, _c64(4))
-            loop = _open_loop(builder, "tail", builder.icmp_signed("<", tail_start, nb_v))
-            b = builder.phi(_I64)
-            builder.store(_reduce_add(builder, block(b)[0]), builder.gep(sbase, [b]))
-            _close_loop(builder, loop, b, tail_start, nb_v, [], [], [])
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return block_dots
+    return block
 
 
-i2s_block_dots1 = _make_block_dots(1)
-i2s_block_dots4 = _make_block_dots(4)
+def _row_pointers(context, builder, signature, args, n_tok):
+    """(packed, w0, q, q0, q_stride, n_b, ...) -> (weight pointer, n_tok activation row pointers, n_b as i64)."""
+    packed_v, w0_v, q_v, q0_v, stride_v, nb_v = args[:6]
+    pty, w0ty, qty, q0ty, sty, nbty = signature.args[:6]
+    w0_v, q0_v, stride_v, nb_v = _as_i64(context, builder, (w0_v, q0_v, stride_v, nb_v), (w0ty, q0ty, sty, nbty))
+    wbase = _data_ptr(context, builder, pty, packed_v, w0_v)
+    qbases = [_data_ptr(context, builder, qty, q_v, builder.add(q0_v, builder.mul(stride_v, _c64(t))))
+              for t in range(n_tok)]
+    return wbase, qbases, nb_v
+
+
+@intrinsic
+def i2s_block_dots1(typingctx, packed, w0, q, q0, q_stride, n_b, sums):
+    """One token's block dots of one row: sums[b] = sum(code * q) over 256-block b (the caller subtracts q's
+    block sums); four blocks reduced together, the last n_b % 4 one by one."""
+    sig = types.none(packed, w0, q, q0, q_stride, n_b, sums)
+
+    def codegen(context, builder, signature, args):
+        wbase, qbases, nb_v = _row_pointers(context, builder, signature, args, 1)
+        sbase = _data_ptr(context, builder, signature.args[6], args[6], _c64(0))  # i32*
+        block = _block_builder(builder, 1, wbase, qbases)
+        n_groups = builder.sdiv(nb_v, _c64(4))  # four blocks at a time: sums[4g .. 4g+3]
+        loop = _open_loop(builder, "grp", builder.icmp_signed(">", n_groups, _c64(0)))
+        g = builder.phi(_I64)
+        first = builder.mul(g, _c64(4))
+        sums4 = _reduce4(builder, [block(builder.add(first, _c64(u)))[0] for u in range(4)])
+        builder.store(sums4, builder.bitcast(builder.gep(sbase, [first]), _V4I32.as_pointer()), align=4)
+        _close_loop(builder, loop, g, _c64(0), n_groups, [], [], [])
+        tail_start = builder.mul(n_groups, _c64(4))
+        loop = _open_loop(builder, "tail", builder.icmp_signed("<", tail_start, nb_v))
+        b = builder.phi(_I64)
+        builder.store(_reduce_add(builder, block(b)[0]), builder.gep(sbase, [b]))
+        _close_loop(builder, loop, b, tail_start, nb_v, [], [], [])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def i2s_block_scaled_dots4(typingctx, packed, w0, q, q0, q_stride, n_b, q_sums, d_x, scales, s0):
+    """Four tokens' block-scaled dots of one row, upstream's float order (kernels.q8k), as a tuple of float32:
+    acc_t = sum over blocks b, in order, of float32(dot_tb - q_sums[4b + t]) * float32(d_x[4b + t] * scales[s0 + b])
+    (q_sums i32, d_x f32: the tile's block sums and Q8_K scales, block-major; scales f32: the weight's block scales,
+    this row's from s0). Each lane does the scalar loop's float32 operations (no fused multiply-add)."""
+    sig = types.UniTuple(types.float32, 4)(packed, w0, q, q0, q_stride, n_b, q_sums, d_x, scales, s0)
+
+    def codegen(context, builder, signature, args):
+        wbase, qbases, nb_v = _row_pointers(context, builder, signature, args, 4)
+        qs_ty, dx_ty, sc_ty, s0_ty = signature.args[6:]
+        qs_base = _data_ptr(context, builder, qs_ty, args[6], _c64(0))
+        dx_base = _data_ptr(context, builder, dx_ty, args[7], _c64(0))
+        (s0_v,) = _as_i64(context, builder, (args[9],), (s0_ty,))
+        sc_base = _data_ptr(context, builder, sc_ty, args[8], s0_v)
+        v4f32 = ir.VectorType(ir.FloatType(), 4)
+        block = _block_builder(builder, 4, wbase, qbases)
+        zero = ir.Constant(v4f32, None)
+        loop = _open_loop(builder, "sblk4", builder.icmp_signed(">", nb_v, _c64(0)))
+        b = builder.phi(_I64)
+        acc = builder.phi(v4f32)
+        at = builder.mul(b, _c64(4))
+        qs = builder.load(builder.bitcast(builder.gep(qs_base, [at]), _V4I32.as_pointer()), align=4)
+        dx = builder.load(builder.bitcast(builder.gep(dx_base, [at]), v4f32.as_pointer()), align=4)
+        s = builder.load(builder.gep(sc_base, [b]))
+        s4 = builder.insert_element(ir.Constant(v4f32, ir.Undefined), s, ir.Constant(_I32, 0))
+        s4 = builder.shuffle_vector(s4, s4, ir.Constant(_V4I32, [ir.Constant(_I32, 0)] * 4))
+        term = builder.fmul(builder.sitofp(builder.sub(_reduce4(builder, block(b)), qs), v4f32), builder.fmul(dx, s4))
+        (final,) = _close_loop(builder, loop, b, _c64(0), nb_v, [acc], [zero], [builder.fadd(acc, term)])
+        lanes = [builder.extract_element(final, ir.Constant(_I32, t)) for t in range(4)]
+        return context.make_tuple(builder, signature.return_type, lanes)
+
+    return sig, codegen

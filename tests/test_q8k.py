@@ -48,36 +48,43 @@ def test_tq_matmul_q8k_matches_reference(T, M, K, kernel):
 
 
 @pytest.mark.skipif(not HAVE_AVX2, reason="AVX2 intrinsics (hosts without AVX2 run the plain loops)")
-@pytest.mark.parametrize("n_tok,n_b", [(1, 1), (1, 4), (1, 7), (1, 10), (4, 1), (4, 3), (4, 10)])
-def test_block_dots_exact_integers(n_tok, n_b):
-    """kernels.simd_blocks against numpy: sum(code * q) per token and 256-block, codes 0-3 (3 too, which I2_S never
-    writes) against the extreme activations -128 and 127, from offsets inside larger arrays."""
-    from kernels.simd_blocks import i2s_block_dots1, i2s_block_dots4
+@pytest.mark.parametrize("n_b", [1, 3, 4, 7, 10])
+def test_block_dots_against_numpy(n_b):
+    """kernels.simd_blocks against numpy, from offsets inside larger arrays, codes 0-3 (3 too, which I2_S never
+    writes) against the extreme activations -128 and 127: one token's block sums exact (groups of four blocks and
+    the blocks after them, nothing written past them); four tokens' block-scaled float32 sums equal to the
+    scalar loop's float32 operations replayed in numpy, block by block."""
+    from kernels.simd_blocks import i2s_block_dots1, i2s_block_scaled_dots4
     from numba import njit
     codes = RNG.integers(0, 4, size=n_b * 256).astype(np.uint8)
     codes[:128] = 3  # the largest products
-    K, w0, q0 = n_b * 256, 64, 3  # weights after one 256-block of other bytes; rows of q at 3 + t * (K + 5)
+    K, w0, q0, stride = n_b * 256, 64, 3, n_b * 256 + 5  # weights after 64 other bytes; rows of q 5 bytes apart
     c = codes.reshape(-1, 4, 32)  # I2_S bytes (bitnet_py.gguf.ternary_pack), written here as it refuses code 3
     packed = np.concatenate([RNG.integers(0, 256, 64, dtype=np.uint8),
                              ((c[:, 0] << 6) | (c[:, 1] << 4) | (c[:, 2] << 2) | c[:, 3]).reshape(-1)])
-    q = RNG.integers(-128, 128, size=q0 + n_tok * (K + 5), dtype=np.int64).astype(np.int8)
-    rows = [q[q0 + t * (K + 5):q0 + t * (K + 5) + K] for t in range(n_tok)]
+    q = RNG.integers(-128, 128, size=q0 + 4 * stride, dtype=np.int64).astype(np.int8)
+    rows = [q[q0 + t * stride:q0 + t * stride + K] for t in range(4)]
     rows[0][:128] = np.where(np.arange(128) % 2, 127, -128)  # codes 3 against both extremes
-    sums = np.full(4 * n_b, -7, np.int32)
+    dots = np.array([[int(np.dot(codes[256 * b:256 * (b + 1)].astype(np.int64), r[256 * b:256 * (b + 1)]))
+                      for r in rows] for b in range(n_b)])  # [n_b, 4]
+    q_sums = RNG.integers(-3000, 3000, size=4 * n_b).astype(np.int32)  # block-major [n_b, 4]
+    d_x = (RNG.random(4 * n_b) * 0.01 + 1e-4).astype(np.float32)
+    scales = (RNG.random(n_b + 9) * 0.1 + 0.01).astype(np.float32)  # this row's from s0 = 9
 
     @njit
-    def call(packed, q, sums):
-        if n_tok == 4:
-            i2s_block_dots4(packed, w0, q, q0, K + 5, n_b, sums)
-        else:
-            i2s_block_dots1(packed, w0, q, q0, K + 5, n_b, sums)
+    def call(packed, q, sums, q_sums, d_x, scales):
+        i2s_block_dots1(packed, w0, q, q0, stride, n_b, sums)
+        return i2s_block_scaled_dots4(packed, w0, q, q0, stride, n_b, q_sums, d_x, scales, 9)
 
-    call(packed, q, sums)
-    want = np.array([[int(np.dot(codes[256 * b:256 * (b + 1)].astype(np.int64), r[256 * b:256 * (b + 1)]))
-                      for r in rows] for b in range(n_b)])  # [n_b, n_tok]
-    got = sums[:n_b * n_tok].reshape(n_b, n_tok)
-    assert np.array_equal(got, want)
-    assert (sums[n_b * n_tok:] == -7).all()  # nothing written past the row's sums
+    sums = np.full(n_b + 3, -7, np.int32)
+    got = call(packed, q, sums, q_sums, d_x, scales)
+    assert np.array_equal(sums[:n_b], dots[:, 0]) and (sums[n_b:] == -7).all()
+    want = np.zeros(4, np.float32)
+    for b in range(n_b):
+        sb = scales[9 + b]
+        for t in range(4):
+            want[t] += np.float32(dots[b, t] - q_sums[4 * b + t]) * np.float32(d_x[4 * b + t] * sb)
+    assert np.array_equal(np.array(got, np.float32), want)
 
 
 @pytest.mark.parametrize("T,Ms,K", [(1, (40, 8, 8), 512), (6, (33, 70), 768), (9, (5, 3, 64), 256)])
