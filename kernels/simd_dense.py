@@ -4,7 +4,7 @@
   (flat `w` from `w0`) with 1/2 int8 rows of flat `x` (row t at `x0 + t*x_stride`; `xabs` = |x| as u8 at the
   same offsets), for the int8 head: `vpsignb` moves the sign of x onto w, `vpmaddubsw` multiplies by |x| (pair
   sums <= 2 * 128 * 127 never saturate), `vpmaddwd` widens; weights loaded once for both rows and prefetched.
-- `i8_i16_dot{1,2}(w, w0, x, x0, x_stride, n_chunks)`: the same dots with int16 rows of `x` (the screened head's
+- `i8_i16_dot{1,2,4}(w, w0, x, x0, x_stride, n_chunks)`: the same dots with int16 rows of `x` (the screened head's
   activations): weights sign-extended to int16 (`vpmovsxbw`), `vpmaddwd`; exact while |sum| < 2^31 (callers keep
   127 * max|x| * K below that).
 - `f16_dot{1,2}(w, w0, x, x0, x_stride, n_lines)`: float32 dot products of 32*n_lines float16 weights (u16
@@ -109,7 +109,8 @@ def _make_i8_i16_dot(n_rows):
 
 
 i8_i16_dot1 = _make_i8_i16_dot(1)
-i8_i16_dot2 = _make_i8_i16_dot(2)  # the screened head: two tokens per weight load
+i8_i16_dot2 = _make_i8_i16_dot(2)  # the screened head: two or four tokens per weight load
+i8_i16_dot4 = _make_i8_i16_dot(4)
 
 
 def _make_f16_dot(n_rows):
