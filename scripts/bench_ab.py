@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """This tree's engine against another git revision's, in one process, alternated round by round:
 
-    python scripts/bench_ab.py -m out/2b4t-i2s.gguf --against REV [-t 2] [--rounds 8] [-n 16] [-p 128] [-d 0]
+    python scripts/bench_ab.py -m out/2b4t-i2s.gguf --against REV [-t 2] [--rounds 8] [-n 16] [-p 128] [-d 0] [-b 1]
 
 The host drifts 10-30 % from one quarter hour to the next, more than most kernel changes gain, so timing two
 trees in separate processes minutes apart decides little. Here REV's `bitnet_py` and `kernels` are extracted
@@ -9,7 +9,9 @@ trees in separate processes minutes apart decides little. Here REV's `bitnet_py`
 imports of each other rewritten), both engines load the same model file (one page cache), and each round runs
 a -p token prefill and -n decode steps from depth -d with one engine, then with the other (the order flips
 every round), each on its own KV cache. Prints tok/s medians per engine and the median of the per-round
-ratios (this tree / REV), and whether the two engines' logits are identical. `--top-k K`: this tree's steps ask
+ratios (this tree / REV), and whether the two engines' logits are identical. `-b B`: B sequences (each with the
+same context) decode together, one token each per step, as a server's batched step; decode tok/s count all B
+tokens, and "identical" also compares one such step's logits. `--top-k K`: this tree's steps ask
 only for the top K logits (the screened head, bitnet_py/screened_head.py; `--against HEAD` on a clean tree is the
 A/B of the screened and the full head), and "identical" compares the logits it computed and the top K ids.
 """
@@ -68,10 +70,18 @@ def engine_at(rev: str):
     return importlib.import_module(f"bitnet_py{packages_at(rev)}.model")
 
 
-def _batch(model_module, tokens: np.ndarray, start: int, tables: np.ndarray):
+def _batch(model_module, tokens: np.ndarray, start: int, tables: np.ndarray, seq: int = 0):
+    """Tokens of sequence `seq` from position `start`, the last one's logits."""
     T = len(tokens)
     return model_module.Batch(tokens.astype(np.int32), np.arange(start, start + T, dtype=np.int32),
-                              np.zeros(T, np.int32), tables, np.array([T - 1], np.int32))
+                              np.full(T, seq, np.int32), tables, np.array([T - 1], np.int32))
+
+
+def _step(model_module, token: int, position: int, tables: np.ndarray):
+    """One decode step of every sequence of `tables` (the same token and position), every sequence's logits."""
+    n_seq = tables.shape[0]
+    return model_module.Batch(np.full(n_seq, token, np.int32), np.full(n_seq, position, np.int32),
+                              np.arange(n_seq, dtype=np.int32), tables, np.arange(n_seq, dtype=np.int32))
 
 
 def same_logits(ours: np.ndarray, theirs: np.ndarray, top_k: int) -> bool:
@@ -84,7 +94,8 @@ def same_logits(ours: np.ndarray, theirs: np.ndarray, top_k: int) -> bool:
 
 
 def run(model_path: str, rev: str, threads: int, rounds: int, n_decode: int, n_prefill: int, depth: int,
-        no_mmap: bool = False, top_k: int = 0, keep_file_map: bool = False, same_top_k: bool = False) -> dict:
+        no_mmap: bool = False, top_k: int = 0, keep_file_map: bool = False, same_top_k: bool = False,
+        batch: int = 1) -> dict:
     import numba
 
     from bitnet_py import model as ours_module
@@ -100,19 +111,26 @@ def run(model_path: str, rev: str, threads: int, rounds: int, n_decode: int, n_p
             promotion.wait()
     n_ctx = depth + max(n_prefill, 1) + n_decode + 1
     blocks = (n_ctx + BLOCK - 1) // BLOCK
-    tables = np.arange(blocks, dtype=np.int32)[None]
+    tables = np.arange(batch * blocks, dtype=np.int32).reshape(batch, blocks)  # i32[batch, blocks]
     rng = np.random.default_rng(0)
     context = rng.integers(0, engines["this tree"][1].config.n_vocab, depth + max(n_prefill, 1) + n_decode)
     caches, logits = {}, {}
-    ours_heads = ([TopRequest(top_k)],) if top_k else ()  # forward's head requests, if any
-    extra = {"this tree": ours_heads, rev: ours_heads if same_top_k else ()}
-    for name, (module, model) in engines.items():  # the context up to the depth, in chunks; warm-up; logits
-        kv = caches[name] = model.new_kv_cache(blocks, BLOCK)
-        for start in range(0, depth, 512):
-            model.forward(_batch(module, context[start:min(depth, start + 512)], start, tables), kv)
-        logits[name] = model.forward(_batch(module, context[depth:depth + max(n_prefill, 1)], depth, tables), kv,
-                                     *extra[name])
-    identical = same_logits(*logits.values(), top_k)
+
+    def heads(name, rows):  # forward's head requests, if any
+        return ([TopRequest(top_k)] * rows,) if top_k and (name == "this tree" or same_top_k) else ()
+
+    position = depth + max(n_prefill, 1)
+    for name, (module, model) in engines.items():  # every sequence's context up to the depth, in chunks, and the
+        kv = caches[name] = model.new_kv_cache(batch * blocks, BLOCK)  # prefill tokens; warm-up; logits
+        for seq in range(batch):
+            for start in range(0, depth, 512):
+                model.forward(_batch(module, context[start:min(depth, start + 512)], start, tables, seq), kv)
+            out = model.forward(_batch(module, context[depth:position], depth, tables, seq), kv, *heads(name, 1))
+            logits.setdefault(name, []).append(out)
+        if batch > 1:
+            logits[name].append(model.forward(_step(module, context[position], position, tables), kv,
+                                              *heads(name, batch)))
+    identical = all(same_logits(a, b, top_k) for a, b in zip(*logits.values()))
     times = {name: {"prefill": [], "decode": []} for name in engines}
     for r in range(rounds):
         for name in (list(engines) if r % 2 == 0 else list(engines)[::-1]):
@@ -120,24 +138,23 @@ def run(model_path: str, rev: str, threads: int, rounds: int, n_decode: int, n_p
             kv = caches[name]
             if n_prefill:
                 t0 = time.perf_counter()
-                model.forward(_batch(module, context[depth:depth + n_prefill], depth, tables), kv, *extra[name])
+                model.forward(_batch(module, context[depth:depth + n_prefill], depth, tables), kv, *heads(name, 1))
                 times[name]["prefill"].append(n_prefill / (time.perf_counter() - t0))
-            position = depth + max(n_prefill, 1)
             t0 = time.perf_counter()
             for i in range(n_decode):
-                model.forward(_batch(module, context[position + i:position + i + 1], position + i, tables), kv,
-                              *extra[name])
+                model.forward(_step(module, context[position + i], position + i, tables), kv, *heads(name, batch))
             if n_decode:
-                times[name]["decode"].append(n_decode / (time.perf_counter() - t0))
+                times[name]["decode"].append(batch * n_decode / (time.perf_counter() - t0))
     promotion = engines["this tree"][1].gguf.promotion
-    result = {"identical_logits": bool(identical), "tests": [],
+    result = {"identical_logits": bool(identical), "tests": [], "batch": batch,
               "promoted_bytes": 0 if promotion is None else promotion.promoted_bytes}
     ours, theirs = list(engines)
     for test, n in (("prefill", n_prefill), ("decode", n_decode)):
         if not n:
             continue
         a, b = times[ours][test], times[theirs][test]
-        result["tests"].append(dict(test=f"pp{n}" if test == "prefill" else f"tg{n}", ours=statistics.median(a),
+        name = f"pp{n}" if test == "prefill" else f"tg{n}" + (f" x {batch} sequences" if batch > 1 else "")
+        result["tests"].append(dict(test=name, ours=statistics.median(a),
                                     theirs=statistics.median(b),
                                     ratio=statistics.median(x / y for x, y in zip(a, b)),
                                     ahead=sum(x > y for x, y in zip(a, b)), rounds=len(a)))
@@ -154,6 +171,8 @@ def main(argv=None) -> int:
     p.add_argument("-n", "--n-decode", type=int, default=16, help="decode steps per round (0: none)")
     p.add_argument("-p", "--n-prefill", type=int, default=128, help="prefill tokens per round (0: none)")
     p.add_argument("-d", "--depth", type=int, default=0, help="tokens already in the KV cache")
+    p.add_argument("-b", "--batch", type=int, default=1,
+                   help="sequences decoded together, one token each per step (a server's batched step)")
     p.add_argument("--no-mmap", action="store_true",
                    help="load this tree's model with --no-mmap (REV's maps the file): with --against HEAD and a "
                         "clean tree, the A/B of the two ways to hold the weights")
@@ -166,10 +185,10 @@ def main(argv=None) -> int:
                    help="REV's steps ask for the top K too (a REV with the screened head: 1527f15 or later)")
     a = p.parse_args(argv)
     if (a.rounds < 1 or a.n_decode < 0 or a.n_prefill < 0 or a.depth < 0 or a.n_decode + a.n_prefill == 0
-            or a.top_k < 0):
-        raise SystemExit("error: need --rounds >= 1, -n/-p/-d/--top-k >= 0 and something to time (-n or -p)")
+            or a.top_k < 0 or a.batch < 1):
+        raise SystemExit("error: need --rounds >= 1, -b >= 1, -n/-p/-d/--top-k >= 0 and something to time (-n or -p)")
     res = run(a.model, a.against, a.threads, a.rounds, a.n_decode, a.n_prefill, a.depth, a.no_mmap, a.top_k,
-              a.keep_file_map, a.same_top_k)
+              a.keep_file_map, a.same_top_k, a.batch)
     print(f"{os.path.basename(a.model)}, {a.threads} threads, depth {a.depth}, {a.rounds} rounds, load avg "
           f"{os.getloadavg()[0]:.1f}{'; this tree --no-mmap' if a.no_mmap else ''}; this tree's weights promoted "
           f"to huge pages: {res['promoted_bytes'] / 1e9:.2f} GB"

@@ -234,6 +234,12 @@ def test_bench_ab_rounds_and_ratios(monkeypatch, capsys):
     assert mod.run(path, "HEAD", threads=1, rounds=1, n_decode=1, n_prefill=0, depth=0, top_k=2,
                    same_top_k=True)["identical_logits"] is True
     assert [len(h) and h[0][0].k for h in heads] == [2, 2, 2, 2]  # both engines' steps
+    heads.clear()
+    batched = mod.run(path, "HEAD", threads=1, rounds=1, n_decode=2, n_prefill=0, depth=3, top_k=2, batch=3)
+    assert batched["identical_logits"] is True and [t["test"] for t in batched["tests"]] == ["tg2 x 3 sequences"]
+    # per engine: each sequence's context (no head request) and prefill token, one compared batched step; then
+    # each round's steps of all three sequences (this tree asks for the top 2 of every row)
+    assert [len(h) and len(h[0]) for h in heads] == [0, 1, 0, 1, 0, 1, 3] + [0] * 7 + [3, 3, 0, 0]
     assert [t["test"] for t in res["tests"]] == ["pp5", "tg2"]
     for t in res["tests"]:
         assert t["rounds"] == 3 and 0 <= t["ahead"] <= 3 and t["ours"] > 0 and t["theirs"] > 0 and t["ratio"] > 0
