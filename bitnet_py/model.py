@@ -242,7 +242,8 @@ class Model:
                 raise ValueError(f"the int8 head needs an F16 output head, this one is {weights.output.source_type}")
             weights.output, weights.screen = int8_head(weights.output, weights.screen), None
         if promote:
-            f.promote(sparse_tensors(f, quantize_head), also=[m for m in [weights.repack_map] if m is not None])
+            f.promote(sparse_tensors(f, quantize_head),
+                      also=[] if weights.repack_map is None else [(weights.repack_map, weights.repack_skip)])
         model = cls(f, cfg, weights, cache_type)
         model.load_ms = (time.perf_counter() - t0) * 1000
         log.info("loaded %s (%s, %d layers, %d vocab) in %.0f ms", path, cfg.arch, cfg.n_layer, cfg.n_vocab,

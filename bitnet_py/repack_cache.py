@@ -8,7 +8,9 @@ tensor ``<name>#block_scales``. The screened head's int8 copy of an f16 output h
 0.3-1.5 s to build at 2B-4T) is kept the same way, as ``<head>#screen_q`` and ``<head>#screen_rows``, for I2_S
 files too.
 The first load writes the repacked bytes to one cache file; later loads map it instead (no decoding, no
-anonymous copy: the pages are shared page cache like an I2_S file's).
+anonymous copy: the pages are shared page cache like an I2_S file's). Entries a load does not read (the screened
+head's copy, in a load without the screen) are named `unwanted`: a promotion (`skip`) and a no_mmap copy leave them
+in the file map, where `save` still reads them.
 
 File: ``$BITNET_PY_CACHE/repacked/<stem>-<path hash>-<key hash>.i2s`` (``BITNET_PY_CACHE`` as in hub.py,
 default ``~/.cache/bitnet-py``), where the key covers the source file's real path, size, mtime and inode, the
@@ -83,9 +85,13 @@ class RepackCache:
     """The cache file of one source GGUF and tiling: `get(name)` -> mapped u8 array or None (a miss);
     `put(name, packed)` collects this load's repacked tensors; `save()` writes them if anything missed."""
 
-    def __init__(self, source: str | os.PathLike, tiling: dict, folder: Path | None = None, anonymous: bool = False):
-        """anonymous: copy a cache file that is hit into anonymous memory (the model's no_mmap)."""
+    def __init__(self, source: str | os.PathLike, tiling: dict, folder: Path | None = None, anonymous: bool = False,
+                 unwanted: tuple[str, ...] = ()):
+        """anonymous: copy a cache file that is hit into anonymous memory (the model's no_mmap). unwanted: suffixes
+        of entry names this load does not read (the screened head's copy when the head is not screened): they are
+        neither copied nor promoted (`skip`), and stay readable from the file map for `save`."""
         self.anonymous = anonymous
+        self.unwanted = tuple(unwanted)
         real = os.path.realpath(source)
         st = os.stat(real)
         tiles = sorted((m, k, t.bm, t.bk) for (m, k), t in tiling.items())
@@ -95,6 +101,7 @@ class RepackCache:
         self._prefix = f"{Path(real).stem}-{_digest(real, 8)}-"
         self.path = self.folder / f"{self._prefix}{_digest(self.key, 16)}.i2s"
         self.file_map: np.ndarray | None = None  # u8 view of the whole cache file's map, when one is hit and mapped
+        self.skip: list[tuple[int, int]] = []  # byte ranges of the file map with the unwanted entries
         self._mapped: dict[str, np.ndarray] = self._open()
         self._new: dict[str, np.ndarray] = {}
 
@@ -118,16 +125,19 @@ class RepackCache:
             meta = json.loads(head[len(MAGIC):].rstrip(b"\0"))
             if meta.get("key") != self.key:
                 raise ValueError("key mismatch")
-            copied = self.anonymous and fits_in_memory(size)
-            if copied:
-                mm = copy_to_anonymous(mm, size)
-            data = np.frombuffer(mm, dtype=np.uint8)
-            out = {}
-            for name, (offset, nbytes) in meta["tensors"].items():
+            tensors = meta["tensors"]
+            for name, (offset, nbytes) in tensors.items():
                 if offset < HEADER_BYTES or offset + nbytes > size:
                     raise ValueError(f"tensor {name} outside the file")
-                out[name] = data[offset:offset + nbytes]
-            self.file_map = None if copied else data
+            skip = [(offset, offset + nbytes) for name, (offset, nbytes) in tensors.items()
+                    if name.endswith(self.unwanted)]
+            file_data = np.frombuffer(mm, dtype=np.uint8)
+            copied = self.anonymous and fits_in_memory(size - sum(hi - lo for lo, hi in skip))
+            data = np.frombuffer(copy_to_anonymous(mm, size, skip), dtype=np.uint8) if copied else file_data
+            out = {}
+            for name, (offset, nbytes) in tensors.items():  # unwanted entries' bytes: in the file map only
+                out[name] = (file_data if name.endswith(self.unwanted) else data)[offset:offset + nbytes]
+            self.file_map, self.skip = (None, []) if copied else (data, skip)
             return out
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             log.warning("ignoring repack cache %s (%s); it will be rewritten", self.path, e)

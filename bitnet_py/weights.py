@@ -6,7 +6,7 @@ zero-copy from the memory map, the others are decoded and repacked once. Float w
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -18,7 +18,7 @@ from .gguf.reader import GGUFError, GGUFFile, TensorInfo
 from .gguf.ternary_unpack import i2s_scale, tl2_region, unpack_tq1_0
 from .gguf.tl2_tiling import TL2Tile
 from .repack_cache import TQ_SCALES_SUFFIX, RepackCache, cache_enabled
-from .screened_head import ScreenedHead, cached_head, quantize_head
+from .screened_head import CACHE_SUFFIXES as SCREEN_CACHE_SUFFIXES, ScreenedHead, cached_head, quantize_head
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class ModelWeights:
     tl2_source: str = ""  # TL2 files: "repack cache" (mapped) or "decoded" (at this load); "" otherwise
     screen: ScreenedHead | None = None  # the f16 head's int8 copy (screened or int8 head), when asked for
     repack_map: np.ndarray | None = None  # u8: the repack cache file's map that repacked tensors are read from
+    repack_skip: list[tuple[int, int]] = field(default_factory=list)  # byte ranges of it this load does not read
 
 
 def tl2_to_i2s(raw: np.ndarray, m: int, k: int, tile: TL2Tile) -> tuple[np.ndarray, np.float32]:
@@ -175,7 +176,8 @@ def load_weights(f: GGUFFile, cfg: ModelConfig, tiling: dict[tuple[int, int], TL
     E, F, Q, KV = cfg.n_embd, cfg.n_ff, cfg.q_dim, cfg.kv_dim
     repacks = bool(tiling) or any(t.type_id in (GGMLType.TQ1_0, GGMLType.TQ2_0) for t in f.tensors.values())
     cached = (repacks or quantize_head) and cache_enabled()
-    repacked = RepackCache(f.path, tiling, anonymous=not f.mapped) if cached else None
+    unwanted = () if quantize_head else SCREEN_CACHE_SUFFIXES  # a screened head's copy cached by an earlier load
+    repacked = RepackCache(f.path, tiling, anonymous=not f.mapped, unwanted=unwanted) if cached else None
 
     def linear(name: str, m: int, k: int):
         return load_linear(f, name, m, k, tiling, repacked)
@@ -211,7 +213,7 @@ def load_weights(f: GGUFFile, cfg: ModelConfig, tiling: dict[tuple[int, int], TL
     if repacked is not None:
         repacked.save()
     return ModelWeights(embd, layers, _float_vector(f, "output_norm.weight", E), output, tl2_source, screen,
-                        None if repacked is None else repacked.file_map)
+                        None if repacked is None else repacked.file_map, [] if repacked is None else repacked.skip)
 
 
 def head_tensor(f: GGUFFile) -> str:

@@ -230,3 +230,35 @@ def test_tq2_0_cache_without_block_scales_is_a_miss(tq2_model, tmp_path, monkeyp
     assert unpacks == [256 * 256 // 4]  # that tensor (256 x 256) decoded again; the others mapped
     assert memory_owner(model.weights.layers[0].wq.packed) is None
     assert isinstance(memory_owner(model.weights.layers[0].wk.packed), mmap.mmap)
+
+
+def test_screen_copy_cached_by_an_earlier_load_stays_in_the_file_map(tq2_model, tmp_path, monkeypatch):
+    """A load without the screened head neither promotes nor copies (no_mmap) the head's int8 copy that a screened
+    load cached (0.33 GB at 2B-4T: 1.46 x peak RSS for an all-logits TQ2_0 bench before), and a rewrite of the
+    cache in that load keeps the copy's bytes."""
+    from bitnet_py.gguf.reader import GGUFFile
+    from bitnet_py.screened_head import CACHE_SUFFIXES
+    Model.load(str(tq2_model), screen_head=True, promote=False)
+    [path] = cache_files(tmp_path)
+    data = path.read_bytes()
+    table = json.loads(data[len(MAGIC):HEADER_BYTES].rstrip(b"\0"))["tensors"]
+    screen = sorted((o, o + n) for name, (o, n) in table.items() if name.endswith(CACHE_SUFFIXES))
+    assert len(screen) == 2
+    asked = []
+    monkeypatch.setattr(GGUFFile, "promote", lambda self, sparse=frozenset(), also=(): asked.append(list(also)))
+    model = Model.load(str(tq2_model), screen_head=False)
+    [[(cache_map, skip)]] = asked  # the cache map, without the screen copy's ranges
+    assert cache_map is model.weights.repack_map and sorted(skip) == screen
+    cache = RepackCache(tq2_model, {}, anonymous=True, unwanted=CACHE_SUFFIXES)  # as a no_mmap load opens it
+    assert cache.hit and cache.file_map is None and cache.skip == []
+    for name, (offset, nbytes) in table.items():
+        assert bytes(cache.get(name, nbytes)) == data[offset:offset + nbytes]
+    copy_owner = memory_owner(cache.get("blk.0.attn_q.weight", table["blk.0.attn_q.weight"][1]))
+    screen_owners = {memory_owner(cache.get(n, table[n][1])) for n in table if n.endswith(CACHE_SUFFIXES)}
+    assert copy_owner not in screen_owners  # the copy is in anonymous memory, the screen entries in the file map
+    cache.put("extra#test", np.arange(10, dtype=np.uint8))  # a miss in that load: the file is rewritten
+    cache.save()
+    again = RepackCache(tq2_model, {})
+    for name, (offset, nbytes) in table.items():
+        assert bytes(again.get(name, nbytes)) == data[offset:offset + nbytes]
+    assert bytes(again.get("extra#test", 10)) == bytes(range(10))

@@ -214,13 +214,14 @@ class GGUFFile:
                 for n in names if n in self.tensors]
 
     def promote(self, sparse: set[str] | frozenset[str] = frozenset(),
-                also: list[np.ndarray] = ()) -> Promotion | None:
+                also: list[tuple[np.ndarray, list[tuple[int, int]]]] = ()) -> Promotion | None:
         """Start moving the file map into huge pages in the background, in place (bitnet_py.promotion), except the
-        tensors named in `sparse`, together with the whole maps in `also` (a repack cache's). Only for a mapped
-        file, once; -> the Promotion (also `self.promotion`), or None where it is not possible."""
+        tensors named in `sparse`, together with the maps in `also` (a repack cache's), each but its skipped byte
+        ranges. Only for a mapped file, once; -> the Promotion (also `self.promotion`), or None where it is not
+        possible."""
         if self.mapped and not self._promote_asked:
             self._promote_asked = True
-            maps = [(self._data, self.skip_ranges(sparse))] + [(m, []) for m in also]
+            maps = [(self._data, self.skip_ranges(sparse))] + list(also)
             self.promotion = promote(maps)
         return self.promotion
 
