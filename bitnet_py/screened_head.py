@@ -94,10 +94,11 @@ def candidates(lower: np.ndarray, upper: np.ndarray, request: TopRequest) -> np.
 
 
 def screened_logits(w_bits: np.ndarray, head: ScreenedHead, y: np.ndarray,
-                    requests: list[TopRequest | None]) -> np.ndarray:
+                    requests: list[TopRequest | None], rows_of=None) -> np.ndarray:
     """w_bits: u16[M, K] the f16 head; y: f32[R, K] the activations exactly as the f16 kernel takes them
     (rounded to f16 where ggml rounds); requests[r] None for a full row -> logits f32[R, M], exact where a
-    sampler reads them, -inf at the rows the screen proves below the top k."""
+    sampler reads them, -inf at the rows the screen proves below the top k. rows_of(ids) -> u16[len(ids), K]:
+    how the exact rows are fetched (the model reads them from the file; default: w_bits[ids])."""
     R, K = y.shape
     M = w_bits.shape[0]
     out = np.empty((R, M), np.float32)
@@ -113,7 +114,7 @@ def screened_logits(w_bits: np.ndarray, head: ScreenedHead, y: np.ndarray,
         screen_bounds(head.q, head.rows, p, act, lower, upper)
         for j, r in enumerate(screened):
             ids = candidates(lower[j], upper[j], requests[r])
-            rows = w_bits[ids]
+            rows = w_bits[ids] if rows_of is None else rows_of(ids)
             rows.flags.writeable = False  # the same compiled f16_matmul as the mapped head (one JIT per type)
             vals = np.empty((1, ids.size), np.float32)
             f16_matmul(rows, ys[j:j + 1], vals)

@@ -256,16 +256,14 @@ def embedding_rows(f: GGUFFile, info: TensorInfo, ids: np.ndarray) -> np.ndarray
     n_vocab, e = info.np_shape
     if ids.size and (ids.min() < 0 or ids.max() >= n_vocab):
         raise ValueError(f"token id out of range [0, {n_vocab})")
+    rows = f.read_rows(info.name, ids)  # u8[T, row bytes], read from the file (not kept in the resident set)
     if info.type_id == GGMLType.F32:
-        return f.array(info.name)[ids]
+        return rows.view("<f4").reshape(len(ids), e)
     if info.type_id == GGMLType.F16:
-        return f.array(info.name)[ids].astype(np.float32)
+        return rows.view("<f2").reshape(len(ids), e).astype(np.float32)
     if info.type_id == GGMLType.BF16:
-        return (f.array(info.name)[ids].astype(np.uint32) << 16).view(np.float32)
+        return (rows.view("<u2").reshape(len(ids), e).astype(np.uint32) << 16).view(np.float32)
     if info.type_id in DEQUANT_TYPES:
         from gguf.quants import dequantize
-        raw = f.raw(info.name)
-        row_bytes = info.nbytes // n_vocab
-        rows = np.stack([raw[i * row_bytes:(i + 1) * row_bytes] for i in ids]) if len(ids) else raw[:0]
         return dequantize(rows, int(info.type_id)).reshape(len(ids), e).astype(np.float32)
     raise GGUFError(f"token_embd.weight has unsupported type {info.type_name}")

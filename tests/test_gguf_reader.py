@@ -46,6 +46,36 @@ def test_reads_bitnetcpp_files_zero_copy():
     assert tl2.info("blk.0.ffn_down.weight").nbytes == 43744  # ggml_nbytes of TL2 [768 x 256]
 
 
+def test_read_rows_equal_the_mapped_rows_and_refuse_bad_ids(tmp_path):
+    """Rows read from the file (pread) equal the mapped ones, in the order asked, repeats included; ids outside the
+    tensor and rows past a truncated file's end are errors, not crashes."""
+    import shutil
+    f = GGUFFile(fixture_path("tiny-bitnet", "ggml-model-i2_s.gguf"))
+    for name in ("token_embd.weight", "output_norm.weight"):
+        raw = f.raw(name)
+        rows = raw.reshape(f.info(name).np_shape[0], -1)
+        ids = [0, 5, 5, len(rows) - 1, 3] if len(rows) > 5 else [0, len(rows) - 1, 0]
+        assert np.array_equal(f.read_rows(name, np.array(ids)), rows[ids])
+        assert f.read_rows(name, np.array([], np.int64)).shape == (0, rows.shape[1])
+    with pytest.raises(IndexError):
+        f.read_rows("token_embd.weight", [2048])
+    with pytest.raises(IndexError):
+        f.read_rows("token_embd.weight", [-1])
+    path = tmp_path / "m.gguf"
+    shutil.copy(fixture_path("tiny-bitnet", "ggml-model-i2_s.gguf"), path)
+    g = GGUFFile(path)
+    emb = g.info("token_embd.weight")
+    row_bytes = emb.nbytes // 2048
+    with open(path, "r+b") as fh:  # the file shrinks under the open reader: the last rows are gone
+        fh.truncate(emb.offset + 100 * row_bytes)
+    assert np.array_equal(g.read_rows("token_embd.weight", [99]), f.read_rows("token_embd.weight", [99]))
+    with pytest.raises(GGUFError, match="short read"):
+        g.read_rows("token_embd.weight", [100])
+    g.close()
+    with pytest.raises(Exception):  # closed: no reads from a reused descriptor
+        g.read_rows("token_embd.weight", [1])
+
+
 def test_not_a_gguf_file(tmp_path):
     p = tmp_path / "x.gguf"
     p.write_bytes(b"PK\x03\x04 this is a zip, not a model" * 4)
