@@ -356,7 +356,9 @@ class GGUFFile:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size and (ids.min() < 0 or ids.max() >= n_rows):
             raise IndexError(f"row ids outside [0, {n_rows}) of {name}")
-        if not hasattr(os, "preadv") or not self._close_fd.alive:
+        if not self._close_fd.alive:
+            raise GGUFError(f"{self.path}: read after close")
+        if not hasattr(os, "preadv"):  # not on this platform: through the map
             return self.raw(name).reshape(n_rows, row_bytes)[ids]
         out = np.empty((ids.size, row_bytes), np.uint8)
         for i, row in enumerate(ids.tolist()):
