@@ -101,6 +101,48 @@ def _prefetch(builder, ptr):
     builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
 
 
+def _codes(builder, wb, one_shift):
+    """32 I2_S weight bytes -> [(u8 codes or 4 x codes, which i16 sum)] for values p, 32+p, 64+p, 96+p."""
+    three = _splat(_I8, 3, 32)
+    if not one_shift:
+        return [(builder.and_(builder.lshr(wb, _splat(_I8, s, 32)), three) if s
+                 else builder.and_(wb, three), 0) for s in (6, 4, 2, 0)]
+    # one 16-bit shift brings bits 4-7 of every byte down to bits 0-3 (what the pair's other byte pushes in lands
+    # at 4-7 and is masked off); masks 3 and 12 then give the codes of 32+p and 96+p and four times those of p and
+    # 64+p, which go to sum 1
+    twelve = _splat(_I8, 12, 32)
+    wh = builder.bitcast(builder.lshr(builder.bitcast(wb, _V16I16), _splat(_I16, 4, 16)), _V32I8)
+    return [(builder.and_(wh, twelve), 1), (builder.and_(wh, three), 0),
+            (builder.and_(wb, twelve), 1), (builder.and_(wb, three), 0)]
+
+
+def _block_products(builder, wbase, qbases, blk, sums, one_shift, prefetch):
+    """128-value I2_S block `blk` (an i64) of the weights at wbase against each activation row of qbases: the
+    vpmaddubsw products added to the i16 lane sums sums[s][t] (sum s of row t; None: nothing yet), in place;
+    `prefetch`: also prefetch PREFETCH_BYTES ahead (once per 64-byte line)."""
+    i64 = ir.IntType(64)
+    maddubs = _get_or_insert(builder.module, "llvm.x86.avx2.pmadd.ub.sw", ir.FunctionType(_V16I16, [_V32I8, _V32I8]))
+    woff = builder.mul(blk, ir.Constant(i64, 32))
+    if prefetch:
+        _prefetch(builder, builder.gep(wbase, [builder.add(woff, ir.Constant(i64, PREFETCH_BYTES))]))
+    wb = builder.load(builder.bitcast(builder.gep(wbase, [woff]), _V32I8.as_pointer()), align=1)
+    codes = _codes(builder, wb, one_shift)
+    for t, qbase in enumerate(qbases):
+        qb = builder.gep(qbase, [builder.mul(blk, ir.Constant(i64, 128))])
+        for j, (code, k) in enumerate(codes):
+            qp = builder.bitcast(builder.gep(qb, [ir.Constant(i64, 32 * j)]), _V32I8.as_pointer())
+            prod = builder.call(maddubs, [code, builder.load(qp, align=1)])
+            sums[k][t] = prod if sums[k][t] is None else builder.add(sums[k][t], prod)
+
+
+def _lane_sums(builder, sum0, sum4=None):
+    """A row's i16 lane sums (sum4: the four-times sum of the one-shift unpacking, or None) -> <8 x i32> pair sums
+    (vpmaddwd against ones; sum4's lanes are multiples of 4, so its shift is exact)."""
+    maddwd = _get_or_insert(builder.module, "llvm.x86.avx2.pmadd.wd", ir.FunctionType(_V8I32, [_V16I16, _V16I16]))
+    s16 = sum0 if sum4 is None else builder.add(sum0, builder.ashr(sum4, _splat(_I16, 2, 16)))
+    return builder.call(maddwd, [s16, _splat(_I16, 1, 16)])
+
+
 def _open_loop(builder, name, runs):
     """The blocks of a counted loop that runs only if `runs` (an i1): -> (entry, loop body, exit), positioned at the
     start of the body (for `_close_loop`)."""
@@ -178,28 +220,8 @@ def _make_i2s_dot(n_rows, blocks_per_step):
                 return ir.Constant(i64, v)
 
             wbase, qbases, nb_v = dot_pointers(context, builder, signature, args, n_rows)
-            module = builder.module
-            maddubs = _get_or_insert(module, "llvm.x86.avx2.pmadd.ub.sw",
-                                     ir.FunctionType(_V16I16, [_V32I8, _V32I8]))
-            maddwd = _get_or_insert(module, "llvm.x86.avx2.pmadd.wd", ir.FunctionType(_V8I32, [_V16I16, _V16I16]))
-            ones16 = _splat(_I16, 1, 16)
-            three = _splat(_I8, 3, 32)
-            twelve = _splat(_I8, 12, 32)
-            two16 = _splat(_I16, 2, 16)
             zero = ir.Constant(_V8I32, None)
             zero16 = ir.Constant(_V16I16, None)
-
-            def codes_of(wb):
-                """32 weight bytes -> [(u8 codes or 4 x codes, which i16 sum)] for values p, 32+p, 64+p, 96+p."""
-                if not one_shift:
-                    return [(builder.and_(builder.lshr(wb, _splat(_I8, s, 32)), three) if s
-                             else builder.and_(wb, three), 0) for s in (6, 4, 2, 0)]
-                # one 16-bit shift brings bits 4-7 of every byte down to bits 0-3 (what the pair's other byte
-                # pushes in lands at 4-7 and is masked off); masks 3 and 12 then give the codes of 32+p and 96+p
-                # and four times those of p and 64+p, which go to sum 1
-                wh = builder.bitcast(builder.lshr(builder.bitcast(wb, _V16I16), _splat(_I16, 4, 16)), _V32I8)
-                return [(builder.and_(wh, twelve), 1), (builder.and_(wh, three), 0),
-                        (builder.and_(wb, twelve), 1), (builder.and_(wb, three), 0)]
 
             def blocks(first, count, sums):
                 """Blocks first .. first+count-1: products added to the i16 lane sums (sums[s][t]: sum s of row
@@ -207,26 +229,13 @@ def _make_i2s_dot(n_rows, blocks_per_step):
                 sums = [list(row) for row in sums]
                 for u in range(count):
                     blk = builder.add(first, c64(u)) if u else first
-                    woff = builder.mul(blk, c64(32))
-                    if u % 2 == 0:  # one prefetch per 64-byte line
-                        _prefetch(builder, builder.gep(wbase, [builder.add(woff, c64(PREFETCH_BYTES))]))
-                    wb = builder.load(builder.bitcast(builder.gep(wbase, [woff]), _V32I8.as_pointer()), align=1)
-                    codes = codes_of(wb)
-                    for t in range(n_rows):
-                        qb = builder.gep(qbases[t], [builder.mul(blk, c64(128))])
-                        for j, (code, k) in enumerate(codes):
-                            qp = builder.bitcast(builder.gep(qb, [c64(32 * j)]), _V32I8.as_pointer())
-                            prod = builder.call(maddubs, [code, builder.load(qp, align=1)])
-                            sums[k][t] = prod if sums[k][t] is None else builder.add(sums[k][t], prod)
+                    _block_products(builder, wbase, qbases, blk, sums, one_shift, u % 2 == 0)
                 return sums
 
             def widen(accs, sums):
                 """i32 accumulators += sum 0 (+ sum 1 / 4: its lanes are multiples of 4, the shift is exact)."""
-                out = []
-                for t in range(n_rows):
-                    s16 = sums[0][t] if n_sums == 1 else builder.add(sums[0][t], builder.ashr(sums[1][t], two16))
-                    out.append(builder.add(accs[t], builder.call(maddwd, [s16, ones16])))
-                return out
+                return [builder.add(accs[t], _lane_sums(builder, sums[0][t], sums[1][t] if n_sums == 2 else None))
+                        for t in range(n_rows)]
 
             def phis(ty, incoming):
                 out = []

@@ -21,8 +21,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from .simd import (PREFETCH_BYTES, _I8, _I16, _I32, _V8I32, _V16I16, _V32I8, _as_i64, _close_loop, _data_ptr,
-                   _get_or_insert, _open_loop, _prefetch, _reduce_add, _splat)
+from .simd import (_I32, _V8I32, _as_i64, _block_products, _close_loop, _data_ptr, _get_or_insert, _lane_sums,
+                   _open_loop, _reduce_add)
 
 _I64 = ir.IntType(64)
 _V4I32 = ir.VectorType(_I32, 4)
@@ -45,42 +45,13 @@ def _block_builder(builder, n_tok, wbase, qbases):
     """-> block(b): the IR for 256-block b (an i64) of a row at wbase against n_tok activation rows (qbases),
     returning one <8 x i32> of lane sums per token."""
     one_shift = n_tok == 1  # two i16 sums per token fit the registers for one token, not for four
-    maddubs = _get_or_insert(builder.module, "llvm.x86.avx2.pmadd.ub.sw", ir.FunctionType(_V16I16, [_V32I8, _V32I8]))
-    maddwd = _get_or_insert(builder.module, "llvm.x86.avx2.pmadd.wd", ir.FunctionType(_V8I32, [_V16I16, _V16I16]))
-    ones16 = _splat(_I16, 1, 16)
-    three = _splat(_I8, 3, 32)
-    twelve = _splat(_I8, 12, 32)
-    two16 = _splat(_I16, 2, 16)
-
-    def codes_of(wb):
-        """32 weight bytes -> [(codes, which i16 sum)] for values p, 32+p, 64+p, 96+p (kernels.simd)."""
-        if not one_shift:
-            return [(builder.and_(builder.lshr(wb, _splat(_I8, s, 32)), three) if s
-                     else builder.and_(wb, three), 0) for s in (6, 4, 2, 0)]
-        wh = builder.bitcast(builder.lshr(builder.bitcast(wb, _V16I16), _splat(_I16, 4, 16)), _V32I8)
-        return [(builder.and_(wh, twelve), 1), (builder.and_(wh, three), 0),
-                (builder.and_(wb, twelve), 1), (builder.and_(wb, three), 0)]
 
     def block(b):
-        acc = [[None] * n_tok for _ in range(2 if one_shift else 1)]
-        for half in range(2):
-            blk = builder.add(builder.mul(b, _c64(2)), _c64(half))
-            woff = builder.mul(blk, _c64(32))
-            if half == 0:  # one prefetch per 64-byte line
-                _prefetch(builder, builder.gep(wbase, [builder.add(woff, _c64(PREFETCH_BYTES))]))
-            wb = builder.load(builder.bitcast(builder.gep(wbase, [woff]), _V32I8.as_pointer()), align=1)
-            codes = codes_of(wb)
-            for t in range(n_tok):
-                qb = builder.gep(qbases[t], [builder.mul(blk, _c64(128))])
-                for j, (code, k) in enumerate(codes):
-                    qp = builder.bitcast(builder.gep(qb, [_c64(32 * j)]), _V32I8.as_pointer())
-                    prod = builder.call(maddubs, [code, builder.load(qp, align=1)])
-                    acc[k][t] = prod if acc[k][t] is None else builder.add(acc[k][t], prod)
-        out = []
-        for t in range(n_tok):
-            s16 = acc[0][t] if not one_shift else builder.add(acc[0][t], builder.ashr(acc[1][t], two16))
-            out.append(builder.call(maddwd, [s16, ones16]))
-        return out
+        sums = [[None] * n_tok for _ in range(2 if one_shift else 1)]
+        for half in range(2):  # the two 128-value I2_S blocks
+            _block_products(builder, wbase, qbases, builder.add(builder.mul(b, _c64(2)), _c64(half)), sums,
+                            one_shift, half == 0)
+        return [_lane_sums(builder, sums[0][t], sums[1][t] if one_shift else None) for t in range(n_tok)]
 
     return block
 
