@@ -186,7 +186,7 @@ class Model:
         self._fuse_ffn = [fusable([L.w_gate, L.w_up]) for L in weights.layers]
         self._steps = self._plan_layer_steps()
         # a screened f16 head stays in the file map when the weights are promoted; read whole, it follows them
-        self._lazy_head = head_tensor(gguf) if weights.screen is not None else None
+        self._screened_head = head_tensor(gguf) if weights.screen is not None else None  # its tensor name
 
     def _plan_layer_steps(self) -> list[tuple[tuple, tuple]] | None:
         """Per layer, the weight arguments of kernels.layer_steps' two calls; None where a layer needs the general
@@ -252,7 +252,7 @@ class Model:
 
     def _head_rows(self, ids: np.ndarray) -> np.ndarray:
         """u16[len(ids), K]: f16 rows of the screened head, read from the file (GGUFFile.read_rows)."""
-        return self.gguf.read_rows(self._lazy_head, ids).view(np.uint16)
+        return self.gguf.read_rows(self._screened_head, ids).view(np.uint16)
 
     @cached_property
     def tokenizer(self):
@@ -346,8 +346,8 @@ class Model:
             x += linear(L.w_down, gate)
         rows = np.ascontiguousarray(x[np.asarray(batch.logit_rows, dtype=np.int64)])
         norm(rows, W.output_norm, c.rms_eps, rows)
-        if self._lazy_head is not None and (heads is None or not all(can_screen(h, c.n_vocab) for h in heads)):
-            self.gguf.promote_tensor(self._lazy_head)  # once; nothing where the weights are not promoted
+        if self._screened_head is not None and (heads is None or not all(can_screen(h, c.n_vocab) for h in heads)):
+            self.gguf.promote_tensor(self._screened_head)  # once; nothing where the weights are not promoted
         if heads is not None and W.screen is not None and any(h is not None for h in heads):
             if len(heads) != rows.shape[0]:
                 raise ValueError(f"{len(heads)} head requests for {rows.shape[0]} logit rows")

@@ -114,7 +114,8 @@ if HAVE_AVX2:
         the 2B-4T head's screen for 4 / 8 / 16 tokens took 1.34 / 1.30 / 1.24 x less time than with pairs (one
         process, alternated); 2 rows x 4 tokens and 8 tokens measured slower than 4 (two weight streams; spilled
         registers). The K % 32 tail loops are called only where there is a tail: with the calls always made
-        (empty loops) the four-token loop was no faster than pairs."""
+        (empty loops) the four-token loop was no faster than pairs, and a helper holding the tail and the store
+        took 1.7-1.8 x the time for 4-16 tokens, hence the spelled-out loops."""
         M, K = wq.shape
         T = p.shape[0]
         n = K // 32

@@ -191,10 +191,10 @@ def dot_signature(n_rows, packed, w0, q, q0, q_stride, n_blocks, scalar=types.in
 
 
 def dot_pointers(context, builder, signature, args, n_rows):
-    """A dot intrinsic's arguments -> (pointer to its first weight element, pointers to its n_rows activation
-    rows, n_blocks as i64)."""
-    packed_v, w0_v, q_v, q0_v, stride_v, nb_v = args
-    pty, wty, qty, q0ty, sty, nbty = signature.args
+    """A dot intrinsic's arguments (weights, w0, activations, q0, q_stride, n_blocks, then any others) -> (pointer
+    to its first weight element, pointers to its n_rows activation rows, n_blocks as i64)."""
+    packed_v, w0_v, q_v, q0_v, stride_v, nb_v = args[:6]
+    pty, wty, qty, q0ty, sty, nbty = signature.args[:6]
     w0_v, q0_v, stride_v, nb_v = _as_i64(context, builder, (w0_v, q0_v, stride_v, nb_v), (wty, q0ty, sty, nbty))
     wbase = _data_ptr(context, builder, pty, packed_v, w0_v)
     qbases = [_data_ptr(context, builder, qty, q_v,

@@ -22,7 +22,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from .simd import (_I32, _V8I32, _as_i64, _block_products, _close_loop, _data_ptr, _get_or_insert, _lane_sums,
-                   _open_loop, _reduce_add)
+                   _open_loop, _reduce_add, dot_pointers)
 
 _I64 = ir.IntType(64)
 _V4I32 = ir.VectorType(_I32, 4)
@@ -56,17 +56,6 @@ def _block_builder(builder, n_tok, wbase, qbases):
     return block
 
 
-def _row_pointers(context, builder, signature, args, n_tok):
-    """(packed, w0, q, q0, q_stride, n_b, ...) -> (weight pointer, n_tok activation row pointers, n_b as i64)."""
-    packed_v, w0_v, q_v, q0_v, stride_v, nb_v = args[:6]
-    pty, w0ty, qty, q0ty, sty, nbty = signature.args[:6]
-    w0_v, q0_v, stride_v, nb_v = _as_i64(context, builder, (w0_v, q0_v, stride_v, nb_v), (w0ty, q0ty, sty, nbty))
-    wbase = _data_ptr(context, builder, pty, packed_v, w0_v)
-    qbases = [_data_ptr(context, builder, qty, q_v, builder.add(q0_v, builder.mul(stride_v, _c64(t))))
-              for t in range(n_tok)]
-    return wbase, qbases, nb_v
-
-
 @intrinsic
 def i2s_block_dots1(typingctx, packed, w0, q, q0, q_stride, n_b, sums):
     """One token's block dots of one row: sums[b] = sum(code * q) over 256-block b (the caller subtracts q's
@@ -74,7 +63,7 @@ def i2s_block_dots1(typingctx, packed, w0, q, q0, q_stride, n_b, sums):
     sig = types.none(packed, w0, q, q0, q_stride, n_b, sums)
 
     def codegen(context, builder, signature, args):
-        wbase, qbases, nb_v = _row_pointers(context, builder, signature, args, 1)
+        wbase, qbases, nb_v = dot_pointers(context, builder, signature, args, 1)
         sbase = _data_ptr(context, builder, signature.args[6], args[6], _c64(0))  # i32*
         block = _block_builder(builder, 1, wbase, qbases)
         n_groups = builder.sdiv(nb_v, _c64(4))  # four blocks at a time: sums[4g .. 4g+3]
@@ -103,7 +92,7 @@ def i2s_block_scaled_dots4(typingctx, packed, w0, q, q0, q_stride, n_b, q_sums, 
     sig = types.UniTuple(types.float32, 4)(packed, w0, q, q0, q_stride, n_b, q_sums, d_x, scales, s0)
 
     def codegen(context, builder, signature, args):
-        wbase, qbases, nb_v = _row_pointers(context, builder, signature, args, 4)
+        wbase, qbases, nb_v = dot_pointers(context, builder, signature, args, 4)
         qs_ty, dx_ty, sc_ty, s0_ty = signature.args[6:]
         qs_base = _data_ptr(context, builder, qs_ty, args[6], _c64(0))
         dx_base = _data_ptr(context, builder, dx_ty, args[7], _c64(0))
