@@ -45,7 +45,9 @@ def _stream_text(r: httpx.Response) -> tuple[str, list[dict], list[str]]:
 
 def test_burst_beyond_queue_every_request_answered_then_recovers():
     parallel, queue = 2, 3
-    srv = LiveServer(lambda: FakeModel(delay_s=0.01), EngineConfig(max_num_seqs=parallel, max_queue=queue))
+    # 15 steps of 40 ms: the first admitted request ends >= 0.6 s after the burst, so the burst meets a full
+    # system even on a loaded host (at 10 ms a slow burst could find room freed and admit every request)
+    srv = LiveServer(lambda: FakeModel(delay_s=0.04), EngineConfig(max_num_seqs=parallel, max_queue=queue))
     n = 2 * (parallel + queue)
     try:
         def one(i: int):

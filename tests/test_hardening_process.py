@@ -40,14 +40,35 @@ def test_burst_then_sigterm_drains_and_exits_zero():
                  "--max-queue", "1", "--ctx-size", "2048", "--shutdown-grace", "0.5", "--log-format", "json")
     try:
         wait_healthy(proc, url)
-        # burst of 2 x (parallel + queue): each completes or gets 503 + Retry-After, none hangs
+        # a long stream holds the one slot, so a burst of 3 finds 1 queue place: exactly 1 is admitted (it waits)
+        # and 2 get 429/503 + Retry-After, whatever order the burst arrives in; none hangs
         body = {"prompt": "Once upon a time", "max_tokens": 24, "ignore_eos": True}
-        with ThreadPoolExecutor(4) as pool:
-            rs = list(pool.map(lambda i: httpx.post(url + "/v1/completions", json={**body, "stream": i % 2 == 1},
-                                                    timeout=60), range(4)))
+        held, cut = threading.Event(), threading.Event()
+
+        def hold_slot():
+            with httpx.stream("POST", url + "/v1/completions", timeout=60,
+                              json={**body, "max_tokens": 2000, "stream": True}) as r:
+                for line in r.iter_lines():
+                    held.set()
+                    if cut.is_set() or line == "data: [DONE]":
+                        return                                      # closing the stream cancels it on the server
+        t_hold = threading.Thread(target=hold_slot)
+        t_hold.start()
+        assert held.wait(60)
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(httpx.post, url + "/v1/completions", json={**body, "stream": i % 2 == 1},
+                                   timeout=60) for i in range(3)]
+            deadline = time.time() + 30
+            while sum(f.done() for f in futures) < 2:                # the refusals come back while the slot is held
+                assert time.time() < deadline, "the burst was not refused"
+                time.sleep(0.02)
+            assert t_hold.is_alive()                                 # still holding: the count below is exact
+            cut.set()
+            rs = [f.result() for f in futures]
+        t_hold.join(30)
         ok = [r for r in rs if r.status_code == 200]
         refused = [r for r in rs if r.status_code in (429, 503)]
-        assert len(ok) + len(refused) == 4 and ok and refused
+        assert len(ok) == 1 and len(refused) == 2, [r.status_code for r in rs]
         assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
         assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 200     # recovered
 
