@@ -177,7 +177,7 @@ def copy_to_anonymous(src: mmap.mmap, size: int, skip: list[tuple[int, int]] = (
     return dst
 
 
-def _smaps() -> list[tuple[int, int, dict[str, list[str]]]] | None:
+def smaps_mappings() -> list[tuple[int, int, dict[str, list[str]]]] | None:
     """/proc/self/smaps as (start, end, fields) per mapping (fields: name -> values, e.g. "VmFlags" -> ["rd", "wr",
     ..., "hg"], "Rss" -> ["812", "kB"]), or None where that file is not readable."""
     mappings: list[tuple[int, int, dict[str, list[str]]]] = []
@@ -198,7 +198,7 @@ def _smaps() -> list[tuple[int, int, dict[str, list[str]]]] | None:
 def smaps_fields(view: np.ndarray) -> dict[str, list[str]] | None:
     """The /proc/self/smaps fields of the mapping that holds `view`; {} if no mapping does, None where that file is
     not readable."""
-    mappings = _smaps()
+    mappings = smaps_mappings()
     if mappings is None:
         return None
     address = view.ctypes.data
@@ -208,7 +208,7 @@ def smaps_fields(view: np.ndarray) -> dict[str, list[str]] | None:
 def huge_page_bytes_in(address: int, size: int) -> int | None:
     """AnonHugePages bytes of all mappings inside [address, address + size) (a promoted map is split into many,
     bitnet_py.promotion), or None where /proc/self/smaps is not readable."""
-    mappings = _smaps()
+    mappings = smaps_mappings()
     if mappings is None:
         return None
     return sum(int(fields.get("AnonHugePages", ["0"])[0]) * 1024 for lo, hi, fields in mappings

@@ -7,6 +7,7 @@ Tokenizer: ids 0..2 = <unk> <s> </s>, 3..258 = bytes 0..255, then a few multi-by
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
@@ -103,7 +104,9 @@ class FakeChatTemplate:
 
 
 class FakeModel:
-    """delay_s: sleep per forward plus per_token_s per token (to make timing-dependent tests reliable)."""
+    """delay_s: sleep per forward plus per_token_s per token; `gate`: every forward waits until it is set (it starts
+    set; a test clears it to hold the engine mid-step, so requests it sends meanwhile meet a busy engine whatever
+    the host's speed)."""
 
     def __init__(self, delay_s: float = 0.0, per_token_s: float = 0.0, seed: int = 7, eos_boost: float = 0.0):
         self.config = FakeConfig()
@@ -117,6 +120,8 @@ class FakeModel:
         readable = [N_SPECIAL + c for c in b"abcdefghijklmnopqrstuvwxyz .,"] + list(range(N_SPECIAL + 256, N_VOCAB))
         self.table[:, readable] += 4.0             # mostly readable text
         self.table[:, :N_SPECIAL - 1] -= 50.0     # never emit <unk> or <s>
+        self.gate = threading.Event()
+        self.gate.set()
         self.forward_calls = 0
         self.batch_sizes: list[int] = []           # number of sequences per forward
         self.token_counts: list[int] = []
@@ -130,6 +135,8 @@ class FakeModel:
 
     def forward(self, batch, kv: FakeKV, heads=None) -> np.ndarray:
         self.head_requests = heads  # what the engine asked of the head (a real model may screen)
+        if not self.gate.wait(60):
+            raise RuntimeError("FakeModel.gate was never set again")
         tokens = np.asarray(batch.tokens)
         positions = np.asarray(batch.positions)
         seq_index = np.asarray(batch.seq_index)

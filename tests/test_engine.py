@@ -55,12 +55,19 @@ def engine_factory():
         e.shutdown()
 
 
-def run(engine: Engine, reqs: list[GenerationRequest], timeout: float = 20.0) -> list[Collector]:
+def run(engine: Engine, reqs: list[GenerationRequest], timeout: float = 20.0,
+        hold: FakeModel | None = None) -> list[Collector]:
+    """Submit reqs and wait for all; `hold`: the engine's model, held at its gate until every request is in (so
+    they meet in the engine however slowly this thread runs)."""
     cols = []
+    if hold is not None:
+        hold.gate.clear()
     for r in reqs:
         c = Collector(r.n)
         engine.submit(r, c)
         cols.append(c)
+    if hold is not None:
+        hold.gate.set()
     for c in cols:
         assert c.done.wait(timeout), "request did not finish"
     return cols
@@ -76,26 +83,35 @@ LENGTHS = [5, 17, 40, 3, 90, 33, 16, 64]
 
 
 def test_greedy_alone_equals_greedy_in_batch_of_8(engine_factory):
-    model = FakeModel(delay_s=0.002)      # sleeps release the GIL: all 8 are submitted before the first finishes
+    model = FakeModel(delay_s=0.002)
     engine = engine_factory(model, max_num_seqs=8, prefill_chunk=32, block_size=8, enable_prefix_cache=False)
     reqs = [GenerationRequest(prompt(engine, i, n), GREEDY, max_tokens=24, ignore_eos=True)
             for i, n in enumerate(LENGTHS)]
     alone = [run(engine, [r])[0].tokens() for r in reqs]
     model.batch_sizes.clear()
-    together = [c.tokens() for c in run(engine, reqs)]
+    together = [c.tokens() for c in run(engine, reqs, hold=model)]   # all 8 submitted before the first step
     assert together == alone
     assert all(len(t) == 24 for t in alone)
     assert max(model.batch_sizes) == 8          # all eight decoded in one forward
 
 
 def test_chunked_prefill_does_not_stall_running_streams(engine_factory):
-    model = FakeModel(delay_s=0.003)      # the 40-token stream must outlast the 8 prefill steps (timing margin)
+    model = FakeModel(delay_s=0.003)
     engine = engine_factory(model, max_num_seqs=4, prefill_chunk=32, block_size=8)
     streaming = Collector()
-    engine.submit(GenerationRequest(prompt(engine, 0, 10), GREEDY, max_tokens=40, ignore_eos=True), streaming)
+
+    def on_event(ev):                     # the stream's first token holds the engine until the long prompt is in
+        if not streaming.events:
+            model.gate.clear()
+        streaming(ev)
+    long_prompt = prompt(engine, 1, 250)
+    engine.submit(GenerationRequest(prompt(engine, 0, 10), GREEDY, max_tokens=40, ignore_eos=True), on_event)
     while not streaming.events:
         time.sleep(0.001)
-    long = run(engine, [GenerationRequest(prompt(engine, 1, 250), GREEDY, max_tokens=2, ignore_eos=True)])[0]
+    long = Collector()
+    engine.submit(GenerationRequest(long_prompt, GREEDY, max_tokens=2, ignore_eos=True), long)
+    model.gate.set()
+    assert long.done.wait(20)
     assert streaming.done.wait(10)
     assert long.final().finish_reason == "length"
     assert max(model.token_counts) <= 32 + 1        # never more than one chunk plus the decode token
@@ -141,8 +157,8 @@ def test_cancel_frees_kv_blocks_mid_generation(engine_factory):
         time.sleep(0.005)
     assert engine.stats()["kv_used_blocks"] > 0
     engine.cancel(rid)
-    deadline = time.time() + 5
-    while engine.stats()["in_system"] and time.time() < deadline:
+    deadline = time.time() + 30           # the stats snapshot is published after the request's last event
+    while any(engine.stats()[k] for k in ("in_system", "running", "kv_used_blocks")) and time.time() < deadline:
         time.sleep(0.005)
     stats = engine.stats()
     assert stats["in_system"] == 0 and stats["running"] == 0 and stats["kv_used_blocks"] == 0
@@ -161,7 +177,10 @@ def test_cancel_while_waiting_and_queue_bound(engine_factory):
         engine.submit(GenerationRequest(prompt(engine, 2, 10), GREEDY, **long), Collector())
     assert err.value.retry_after
     engine.cancel(rid)
-    time.sleep(0.1)
+    deadline = time.time() + 30
+    while engine.stats()["in_system"] > 1:
+        assert time.time() < deadline, "the cancel never freed its place"
+        time.sleep(0.005)
     assert not queued.events
     engine.submit(GenerationRequest(prompt(engine, 2, 10), GREEDY, max_tokens=1), Collector())   # room again
 

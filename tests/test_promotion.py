@@ -4,13 +4,14 @@ import dataclasses
 import logging
 import mmap
 import threading
+import time
 
 import numpy as np
 import pytest
 
 from bitnet_py import promotion
 from bitnet_py.gguf.reader import GGUFFile
-from bitnet_py.huge_pages import huge_page_bytes_in, smaps_fields
+from bitnet_py.huge_pages import huge_page_bytes_in, smaps_fields, smaps_mappings
 from bitnet_py.model import Batch, Model
 from bitnet_py.promotion import HUGE_PAGE, promote, promotion_possible, stretches
 from bitnet_py.sampling import TopRequest
@@ -72,7 +73,7 @@ def test_promotion_moves_the_same_bytes_into_huge_pages_and_leaves_skipped_ones_
 
 
 @needs_promotion
-def test_readers_see_the_files_bytes_throughout_a_promotion(tmp_path):
+def test_readers_see_the_files_bytes_throughout_a_promotion(tmp_path, monkeypatch):
     data, m, view = _mapped_file(tmp_path, 48 * HUGE_PAGE, seed=1)
     words = view.view(np.uint64)
     expected = np.bitwise_xor.reduce(data.view(np.uint64))
@@ -82,14 +83,28 @@ def test_readers_see_the_files_bytes_throughout_a_promotion(tmp_path):
         while not stop.is_set():
             seen.append(np.bitwise_xor.reduce(words))
 
+    # the copy waits after its 1st and 24th moves until the reader has made two more passes: passes over a
+    # half-moved map are read however the threads are scheduled
+    real_mremap, moves = promotion._LIBC.mremap, []
+
+    def mremap_then_let_the_reader_pass(*args):
+        moved = real_mremap(*args)
+        moves.append(len(seen))
+        if len(moves) in (1, 24):
+            deadline = time.time() + 60
+            while len(seen) < moves[-1] + 2 and time.time() < deadline:
+                time.sleep(0.001)
+        return moved
+
+    monkeypatch.setattr(promotion._LIBC, "mremap", mremap_then_let_the_reader_pass)
     reader = threading.Thread(target=read)
     reader.start()
     job = promote([(view, [])])
     assert job.wait(120)
     stop.set()
     reader.join()
-    assert job.error is None and job.promoted_bytes > 40 * HUGE_PAGE
-    assert len(seen) >= 2 and all(s == expected for s in seen)
+    assert job.error is None and job.promoted_bytes > 40 * HUGE_PAGE and len(moves) > 24
+    assert len(seen) >= 4 and all(s == expected for s in seen)
     assert np.array_equal(view, data)
 
 
@@ -137,7 +152,10 @@ def test_release_after_a_promotion_keeps_bytes_that_are_read_again():
     view = f._data[blocks:]  # the layers' tensors, 4.7 MB: at least one whole promoted huge page
     before = view.copy()
     assert f.promote().wait(60)
-    assert max(_anonymous_bytes(view, offset) for offset in range(0, view.nbytes, 4096)) >= HUGE_PAGE
+    lo, hi = view.ctypes.data, view.ctypes.data + view.nbytes   # one read of smaps (a read per page took minutes)
+    anonymous = [int(fields["Anonymous"][0]) * 1024
+                 for start, end, fields in smaps_mappings() if start < hi and end > lo]
+    assert max(anonymous) >= HUGE_PAGE
     f.release(view, read_again=True)  # madvise(DONTNEED) here would free the promoted pages: zeros
     assert np.array_equal(view, before)
 

@@ -202,47 +202,58 @@ def test_metrics_counters_move(server, oai):
     before = server.metric("bitnet_py:generation_tokens_total")
     prompt_before = server.metric("bitnet_py:prompt_tokens_total")
     oai.completions.create(model="x", prompt=PROMPT, max_tokens=7, temperature=0, extra_body={"ignore_eos": True})
+    deadline = time.time() + 30                # counted after the step's tokens went out, so maybe after the reply
+    while server.metric("bitnet_py:generation_tokens_total") < before + 7 and time.time() < deadline:
+        time.sleep(0.01)
     assert server.metric("bitnet_py:generation_tokens_total") == before + 7
     assert server.metric("bitnet_py:prompt_tokens_total") > prompt_before
     assert server.metric("bitnet_py:request_success_total", finished_reason="length") >= 1
     assert server.metric("bitnet_py:time_to_first_token_seconds_count") >= 1
 
 
-def _wait_idle(server, timeout=5.0) -> dict:
+def _wait_idle(server, timeout=30.0) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:
         stats = server.engine.stats()
-        if stats["in_system"] == 0 and stats["kv_used_blocks"] == 0:
+        if stats["in_system"] == 0 and stats["kv_used_blocks"] == 0 and stats["running"] == 0:
             return stats
         time.sleep(0.01)
     return server.engine.stats()
 
 
-def test_stream_disconnect_frees_sequence(server):
-    cancelled_before = server.metric("bitnet_py:request_success_total", finished_reason="cancelled")
-    with server.client() as c:
-        with c.stream("POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 200, "stream": True,
-                                                       "ignore_eos": True}) as r:
-            lines = r.iter_lines()
-            for _ in range(3):
-                next(lines)
-            assert server.engine.stats()["running"] == 1
-    stats = _wait_idle(server)
-    assert stats["in_system"] == 0 and stats["kv_used_blocks"] == 0
-    assert server.metric("bitnet_py:num_requests_running") == 0
-    assert server.metric("bitnet_py:request_success_total", finished_reason="cancelled") == cancelled_before + 1
+def test_stream_disconnect_frees_sequence():
+    server = LiveServer(lambda: FakeModel(delay_s=0.02), EngineConfig(ctx_size=512))
+    try:
+        with server.client() as c:
+            with c.stream("POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 450, "stream": True,
+                                                           "ignore_eos": True}) as r:     # >= 9 s: cut, not ended
+                lines = r.iter_lines()
+                for _ in range(3):
+                    next(lines)
+                assert server.engine.stats()["running"] == 1
+        stats = _wait_idle(server)
+        assert stats["in_system"] == 0 and stats["kv_used_blocks"] == 0
+        deadline = time.time() + 30            # the gauges are set after the step's stats
+        while server.metric("bitnet_py:num_requests_running") and time.time() < deadline:
+            time.sleep(0.01)
+        assert server.metric("bitnet_py:num_requests_running") == 0
+        assert server.metric("bitnet_py:request_success_total", finished_reason="cancelled") == 1
+    finally:
+        server.stop()
 
 
 def test_disconnect_during_prefill_frees_sequence():
-    srv = LiveServer(lambda: FakeModel(per_token_s=0.01), EngineConfig(prefill_chunk=16, ctx_size=512))
+    srv = LiveServer(lambda: FakeModel(per_token_s=0.02), EngineConfig(prefill_chunk=16, ctx_size=512))
     try:
-        body = {"prompt": "word " * 80, "max_tokens": 5}       # 401 tokens: ~4 s of prefill
+        body = {"prompt": "word " * 80, "max_tokens": 5}       # 401 tokens: 26 chunks, ~8 s of prefill
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(srv.url + "/v1/completions", json=body, timeout=0.5)
         seen = srv.engine.stats()
         assert seen["in_system"] <= 1
-        stats = _wait_idle(srv, 2.0)                 # the 400-token prefill alone would take ~4 s
+        stats = _wait_idle(srv)
         assert stats["in_system"] == 0 and stats["kv_used_blocks"] == 0
+        (_, asked, freed), = stats["cancel_log"]
+        assert freed < 26                            # freed mid-prefill, not after it
         assert srv.metric("bitnet_py:generation_tokens_total") == 0
     finally:
         srv.stop()
@@ -274,7 +285,7 @@ def test_health_while_loading_then_ok():
 def test_queue_full_is_503_with_retry_after():
     srv = LiveServer(lambda: FakeModel(delay_s=0.02), EngineConfig(max_num_seqs=1, max_queue=0))
     try:
-        body = {"prompt": PROMPT, "max_tokens": 100, "ignore_eos": True, "stream": True}
+        body = {"prompt": PROMPT, "max_tokens": 300, "ignore_eos": True, "stream": True}   # 6 s: still running
         with httpx.Client(base_url=srv.url, timeout=30) as c:
             with c.stream("POST", "/v1/completions", json=body) as r:
                 next(r.iter_lines())
