@@ -106,11 +106,11 @@ def linear(w: TernaryWeight | DenseWeight, x: np.ndarray, qa: QuantizedActivatio
         # TQ1_0 / TQ2_0: upstream ggml's arithmetic, activations quantized per 256 inputs (Q8_K)
         if not isinstance(qa, Q8KActivation):
             qa = quantize_activation_q8k(x)
-        tq_matmul_q8k(w.packed, qa.q, qa.d, w.block_scales, out)
+        tq_matmul_q8k(w.packed, qa.q, qa.d, w.block_scales, out, numba.get_num_threads())
     elif isinstance(w, TernaryWeight):
         if qa is None:
             qa = quantize_activation(x, w.act_floor)
-        ternary_kernels(w.m, w.k).matmul(w.packed, qa.q, qa.scales, qa.sums, w.scale, out)
+        ternary_kernels(w.m, w.k).matmul(w.packed, qa.q, qa.scales, qa.sums, w.scale, out, numba.get_num_threads())
     elif w.i8 is not None:
         qa = quantize_activation(np.ascontiguousarray(x), HEAD_ACT_FLOOR)
         i8_matmul(w.i8, w.i8_scales, qa.q, qa.scales, out)
@@ -147,13 +147,14 @@ def fused_linear(ws: list, x: np.ndarray) -> list[np.ndarray]:
         p2, s2, o2 = ((ws[2].packed, ws[2].block_scales, outs[2]) if len(ws) == 3 else
                       (_NO_WEIGHT, np.zeros((0, ws[0].k // TQ_BLOCK), np.float32), np.empty((T, 0), np.float32)))
         tq_matmul_q8k_multi(ws[0].packed, ws[1].packed, p2, qk.q, qk.d, ws[0].block_scales, ws[1].block_scales, s2,
-                            outs[0], outs[1], o2)
+                            outs[0], outs[1], o2, numba.get_num_threads())
         return outs
     qa = quantize_activation(x, ws[0].act_floor)
     w2, o2 = (ws[2].packed, outs[2]) if len(ws) == 3 else (_NO_WEIGHT, np.empty((T, 0), np.float32))
     s2 = ws[2].scale if len(ws) == 3 else np.float32(0.0)
     ternary_kernels(ws[0].m, ws[0].k).matmul_multi(ws[0].packed, ws[1].packed, w2, qa.q, qa.scales, qa.sums,
-                                                   ws[0].scale, ws[1].scale, s2, outs[0], outs[1], o2)
+                                                   ws[0].scale, ws[1].scale, s2, outs[0], outs[1], o2,
+                                                   numba.get_num_threads())
     return outs
 
 
@@ -290,8 +291,9 @@ class Model:
         # sequence's results do not depend on what else is in the batch
         round_probs = (np.bincount(seq, minlength=tables.shape[0]) == 1) & (not f32)  # bool[S]
         scale = np.float32(1.0 / np.sqrt(c.head_dim))
+        n_threads = numba.get_num_threads()  # this thread's: sizes the kernels' tasks
         attention = (choose_attention(T, c.n_head, c.n_kv_head, f32, int(pos.max()) + 1 if T else 0,
-                                      numba.get_num_threads(), float(pos.mean()) + 1 if T else 0.0)
+                                      n_threads, float(pos.mean()) + 1 if T else 0.0)
                      if kernel_config.FAST_ATTENTION else paged_attention)  # one choice for all layers
         x = embedding_rows(self.gguf, W.token_embd, tokens)  # f32[T, E]
         x = np.array(x, dtype=np.float32, order="C")
@@ -302,11 +304,11 @@ class Model:
                 pre, post = steps[il]
                 q = np.empty((T, c.n_head, c.head_dim), np.float32)
                 layer_steps.attention_inputs(x, *pre, pos, self._cos, self._sin, c.traits.rope_neox, c.rope_dims,
-                                             slots, kv.k[il], kv.v[il], q)
+                                             slots, kv.k[il], kv.v[il], q, n_threads)
                 attn = np.empty_like(q)
                 attention(q, kv.k[il], kv.v[il], self._empty32, self._empty32, False, pos, seq, tables, bs,
                           round_probs, scale, self._lut, attn)
-                layer_steps.attention_output_and_ffn(x, attn.reshape(T, c.q_dim), *post)
+                layer_steps.attention_output_and_ffn(x, attn.reshape(T, c.q_dim), *post, n_threads)
                 continue
             norm(x, L.attn_norm, c.rms_eps, h)
             if self._fuse_qkv[il]:

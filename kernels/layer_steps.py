@@ -53,20 +53,21 @@ def _quantize(x, floor):
 
 
 @njit(**JIT)
-def _add_linear(x, packed, scale, a, floor):
+def _add_linear(x, packed, scale, a, floor, n_threads):
     """x: f32[T, M] += W a, W ternary (u8[M*K/4] I2_S, per-tensor scale), a: f32[T, K]."""
     q, scales, sums = _quantize(a, floor)
     y = np.empty_like(x)
-    i2s_matmul(packed, q, scales, sums, scale, y)
+    i2s_matmul(packed, q, scales, sums, scale, y, n_threads)
     x += y
 
 
 if HAVE_LAYER_STEPS:
     @njit(**JIT)
     def attention_inputs(x, attn_norm, eps, wq, wk, wv, sq, sk, sv, floor, positions, cos, sin, neox, n_dims,
-                         slots, k_cache, v_cache, q_out):
+                         slots, k_cache, v_cache, q_out, n_threads):
         """x: f32[T, E]; wq, wk, wv: u8 I2_S; sq, sk, sv: f32 scales; positions: i32[T]; slots: i64[T]
-        -> q_out: f32[T, H, D] (roped, float16-rounded); k_cache, v_cache: u16[n_slots, KVH, D] rows slots[t]."""
+        -> q_out: f32[T, H, D] (roped, float16-rounded); k_cache, v_cache: u16[n_slots, KVH, D] rows slots[t].
+        n_threads: numba's thread count (sizes the matmuls' row tasks)."""
         T = x.shape[0]
         KVH, D = k_cache.shape[1], k_cache.shape[2]
         h = np.empty_like(x)
@@ -75,19 +76,19 @@ if HAVE_LAYER_STEPS:
         k = np.empty((T, KVH * D), np.float32)
         v = np.empty((T, KVH * D), np.float32)
         q2 = q_out.reshape(T, q_out.shape[1] * q_out.shape[2])  # f32[T, H*D], a view
-        i2s_matmul_multi(wq, wk, wv, q8, scales, sums, sq, sk, sv, q2, k, v)
+        i2s_matmul_multi(wq, wk, wv, q8, scales, sums, sq, sk, sv, q2, k, v, n_threads)
         rope_store_f16(q_out, k.reshape(T, KVH, D), v.reshape(T, KVH, D), positions, cos, sin, neox, n_dims, slots,
                        k_cache, v_cache)
 
     @njit(**JIT)
     def attention_output_and_ffn(x, attn, attn_sub_norm, wo, so, ffn_norm, w_gate, w_up, w_down, s_gate, s_up,
-                                 s_down, ffn_sub_norm, floor, eps, relu2):
+                                 s_down, ffn_sub_norm, floor, eps, relu2, n_threads):
         """x: f32[T, E] (updated in place); attn: f32[T, H*D] (attention output; sub-normed in place);
         w_*: u8 I2_S; s_*: f32 scales; *_sub_norm: f32[n] or f32[0] (none); relu2: squared-ReLU gate, else SiLU."""
         T = x.shape[0]
         if attn_sub_norm.shape[0]:
             _norm(attn, attn_sub_norm, eps, attn)
-        _add_linear(x, wo, so, attn, floor)
+        _add_linear(x, wo, so, attn, floor, n_threads)
         h = np.empty_like(x)
         _norm(x, ffn_norm, eps, h)
         q8, scales, sums = _quantize(h, floor)
@@ -95,7 +96,7 @@ if HAVE_LAYER_STEPS:
         gate = np.empty((T, F), np.float32)
         up = np.empty((T, F), np.float32)
         i2s_matmul_multi(w_gate, w_up, np.empty(0, np.uint8), q8, scales, sums, s_gate, s_up, s_up, gate, up,
-                         np.empty((T, 0), np.float32))
+                         np.empty((T, 0), np.float32), n_threads)
         if relu2:
             if T >= PARALLEL_ROWS:
                 relu2_mul_parallel(gate, up, gate)
@@ -107,4 +108,4 @@ if HAVE_LAYER_STEPS:
             silu_mul(gate, up, gate)
         if ffn_sub_norm.shape[0]:
             _norm(gate, ffn_sub_norm, eps, gate)
-        _add_linear(x, w_down, s_down, gate, floor)
+        _add_linear(x, w_down, s_down, gate, floor, n_threads)

@@ -7,13 +7,14 @@ A weight byte then contributes `tab[hi nibble] + tab[lo nibble]`: two lookups re
 Result: sum(code * q), exact in int32; y = float32(dot - sum(q)) / s_a * scale, as i2s_matmul.
 
 tables: i16[T, K/128 * 32 * 2 * 16] (= 8 entries per activation value: 40 KB per token for K = 2560),
-built once per call and shared by all M rows.
+built once per call and shared by all M rows. The last argument `n_threads` sizes the row tasks, as in
+kernels.ternary_matmul.
 """
 import numpy as np
 from numba import njit, prange
 
 from .config import JIT, JIT_PARALLEL
-from .tasks import n_tasks3, task3
+from .tasks import balanced_rows_per_task, n_tasks3, task3
 
 ROWS_PER_TASK = 32
 TABLE_PER_BLOCK = 32 * 2 * 16  # entries per 128-value block
@@ -53,29 +54,29 @@ def _rows_lut(packed, tables, K, act_scales, act_sums, scale, out, m_lo, m_hi):
 
 
 @njit(**JIT_PARALLEL)
-def lut_matmul(packed, q, act_scales, act_sums, scale, out):
+def lut_matmul(packed, q, act_scales, act_sums, scale, out, n_threads):
     """packed: u8[M*K/4] (I2_S); q: i8[T, K]; act_scales: f32[T]; act_sums: i32[T]; scale: f32
     -> out: f32[T, M]. Same result as i2s_matmul."""
     T, K = q.shape
     M = out.shape[1]
     tables = np.empty((T, K // 128 * TABLE_PER_BLOCK), np.int16)
     build_tables(q, tables)
-    n_tasks = (M + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    for task in prange(n_tasks):
-        _rows_lut(packed, tables, K, act_scales, act_sums, scale, out, task * ROWS_PER_TASK,
-                  min(M, (task + 1) * ROWS_PER_TASK))
+    r = balanced_rows_per_task(ROWS_PER_TASK, M, 0, 0, n_threads)
+    for task in prange(n_tasks3(r, M, 0, 0)):
+        _rows_lut(packed, tables, K, act_scales, act_sums, scale, out, task * r, min(M, task * r + r))
 
 
 @njit(**JIT_PARALLEL)
-def lut_matmul_multi(p0, p1, p2, q, act_scales, act_sums, s0, s1, s2, o0, o1, o2):
+def lut_matmul_multi(p0, p1, p2, q, act_scales, act_sums, s0, s1, s2, o0, o1, o2, n_threads):
     """Up to three weights on the same activations, one table build, one parallel region (as
     i2s_matmul_multi)."""
     T, K = q.shape
     tables = np.empty((T, K // 128 * TABLE_PER_BLOCK), np.int16)
     build_tables(q, tables)
     M0, M1, M2 = o0.shape[1], o1.shape[1], o2.shape[1]
-    for task in prange(n_tasks3(ROWS_PER_TASK, M0, M1, M2)):
-        w, lo, hi = task3(task, ROWS_PER_TASK, M0, M1, M2)
+    r = balanced_rows_per_task(ROWS_PER_TASK, M0, M1, M2, n_threads)
+    for task in prange(n_tasks3(r, M0, M1, M2)):
+        w, lo, hi = task3(task, r, M0, M1, M2)
         if w == 0:
             _rows_lut(p0, tables, K, act_scales, act_sums, s0, o0, lo, hi)
         elif w == 1:

@@ -8,14 +8,15 @@ with sumi_b = sum_j (code_mj - 1) * q_j exact.
 
 Weights arrive repacked to I2_S's byte layout (bitnet_py.weights), so `tq_matmul_q8k` takes a row's 256-block
 dots and float terms from kernels.simd_blocks (one call per row and 4 tokens, `vpmaddubsw`) on AVX2 hosts, or one
-kernels.simd_vnni dot per block on VNNI hosts; `tq_matmul_q8k_multi` runs two or three weights on the same activations (q/k/v, gate/up) in one
-parallel region; `tq_matmul_q8k_plain` is the plain loop, with identical results.
+kernels.simd_vnni dot per block on VNNI hosts; `tq_matmul_q8k_multi` runs two or three weights on the same
+activations (q/k/v, gate/up) in one parallel region; `tq_matmul_q8k_plain` is the plain loop, with identical
+results. The last argument `n_threads` sizes the row tasks, as in kernels.ternary_matmul.
 """
 import numpy as np
 from numba import njit, prange
 
 from .config import JIT, JIT_PARALLEL
-from .tasks import n_tasks3, task3
+from .tasks import balanced_rows_per_task, n_tasks3, task3
 from .simd import HAVE_AVX2, HAVE_VNNI
 
 QK_K = 256
@@ -101,16 +102,16 @@ def _tq_rows_plain(packed, q, qsums, d_x, block_scales, out, m_lo, m_hi):
 
 
 @njit(**JIT_PARALLEL)
-def tq_matmul_q8k_plain(packed, q, d_x, block_scales, out):
+def tq_matmul_q8k_plain(packed, q, d_x, block_scales, out, n_threads):
     """packed: u8[M*K/4] (I2_S layout); q: i8[T, K]; d_x: f32[T, K/256]; block_scales: f32[M, K/256]
     -> out: f32[T, M]. Plain loops (any host; the reference of the SIMD kernel in the tests)."""
     T, K = q.shape
     M = out.shape[1]
     qsums = np.empty((T, K // QK_K), np.int32)
     _block_sums(q, qsums)
-    for task in prange((M + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        lo = task * ROWS_PER_TASK
-        _tq_rows_plain(packed, q, qsums, d_x, block_scales, out, lo, min(M, lo + ROWS_PER_TASK))
+    r = balanced_rows_per_task(ROWS_PER_TASK, M, 0, 0, n_threads)
+    for task in prange(n_tasks3(r, M, 0, 0)):
+        _tq_rows_plain(packed, q, qsums, d_x, block_scales, out, task * r, min(M, task * r + r))
 
 
 if HAVE_AVX2:
@@ -173,28 +174,29 @@ else:
 
 
 @njit(**JIT_PARALLEL)
-def tq_matmul_q8k(packed, q, d_x, block_scales, out):
+def tq_matmul_q8k(packed, q, d_x, block_scales, out, n_threads):
     """Same contract and results as tq_matmul_q8k_plain: SIMD dots where the host has AVX2, rows in tasks of
-    ROWS_PER_TASK."""
+    up to ROWS_PER_TASK (kernels.tasks.balanced_rows_per_task)."""
     T, K = q.shape
     M = out.shape[1]
     qsums = np.empty((T, K // QK_K), np.int32)
     _block_sums(q, qsums)
-    for task in prange((M + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        lo = task * ROWS_PER_TASK
-        _tq_rows(packed, q, qsums, d_x, block_scales, out, lo, min(M, lo + ROWS_PER_TASK))
+    r = balanced_rows_per_task(ROWS_PER_TASK, M, 0, 0, n_threads)
+    for task in prange(n_tasks3(r, M, 0, 0)):
+        _tq_rows(packed, q, qsums, d_x, block_scales, out, task * r, min(M, task * r + r))
 
 
 @njit(**JIT_PARALLEL)
-def tq_matmul_q8k_multi(p0, p1, p2, q, d_x, s0, s1, s2, o0, o1, o2):
+def tq_matmul_q8k_multi(p0, p1, p2, q, d_x, s0, s1, s2, o0, o1, o2, n_threads):
     """Up to three block-scaled weights on the same Q8_K activations (q/k/v, gate/up) in one parallel region:
     o_i = W_i q as tq_matmul_q8k computes it (p2/s2/o2 may be empty: u8[0], f32[0, K/256], f32[T, 0])."""
     T, K = q.shape
     M0, M1, M2 = o0.shape[1], o1.shape[1], o2.shape[1]
     qsums = np.empty((T, K // QK_K), np.int32)
     _block_sums(q, qsums)
-    for task in prange(n_tasks3(ROWS_PER_TASK, M0, M1, M2)):
-        w, lo, hi = task3(task, ROWS_PER_TASK, M0, M1, M2)
+    r = balanced_rows_per_task(ROWS_PER_TASK, M0, M1, M2, n_threads)
+    for task in prange(n_tasks3(r, M0, M1, M2)):
+        w, lo, hi = task3(task, r, M0, M1, M2)
         if w == 0:
             _tq_rows(p0, q, qsums, d_x, s0, o0, lo, hi)
         elif w == 1:

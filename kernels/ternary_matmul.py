@@ -7,9 +7,13 @@ Exact integer accumulation: dot = sum(code * q) - sum(q); then y = float32(dot) 
 Two implementations with identical results:
 - SIMD (hosts with AVX2, `kernels.simd`; `kernels.simd_vnni` where the host has VNNI): `vpmaddubsw` (or
   `vpdpbusd`) on unpacked codes, 128 codes per step, up to 4 tokens
-  per weight unpack. Rows are split into tasks of `ROWS_PER_TASK`; inside a task, tokens go in tiles of 4 so
+  per weight unpack. Rows are split into tasks of up to `ROWS_PER_TASK` (fewer on many-core hosts,
+  `kernels.tasks.balanced_rows_per_task`); inside a task, tokens go in tiles of 4 so
   one tile of activations stays in L1 while the task's rows stream past it.
 - plain loops (any host): the reference-shaped loop Numba compiles everywhere.
+
+Every kernel takes a last argument `n_threads` (numba's thread count; 0: tasks of ROWS_PER_TASK rows)
+that sizes the row tasks for the host (`kernels.tasks.balanced_rows_per_task`).
 
 `i2s_matmul_multi` runs up to three weights that read the same activations (q/k/v, gate/up) in one parallel
 region: one quantization, one fork/join instead of three.
@@ -18,7 +22,7 @@ import numpy as np
 from numba import njit, prange
 
 from .config import JIT, JIT_PARALLEL
-from .tasks import n_tasks3, task3
+from .tasks import balanced_rows_per_task, n_tasks3, task3
 from .simd import HAVE_AVX2, HAVE_VNNI
 
 ROWS_PER_TASK = 32
@@ -85,23 +89,23 @@ else:
 
 
 @njit(**JIT_PARALLEL)
-def i2s_matmul(packed, q, act_scales, act_sums, scale, out):
+def i2s_matmul(packed, q, act_scales, act_sums, scale, out, n_threads):
     """packed: u8[M*K/4]; q: i8[T, K] (C order); act_scales: f32[T]; act_sums: i32[T]; scale: f32
     -> out: f32[T, M]. SIMD when the host has AVX2, else plain loops."""
     M = out.shape[1]
-    n_tasks = (M + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    for task in prange(n_tasks):
-        _rows(packed, q, act_scales, act_sums, scale, out, task * ROWS_PER_TASK,
-             min(M, (task + 1) * ROWS_PER_TASK))
+    r = balanced_rows_per_task(ROWS_PER_TASK, M, 0, 0, n_threads)
+    for task in prange(n_tasks3(r, M, 0, 0)):
+        _rows(packed, q, act_scales, act_sums, scale, out, task * r, min(M, task * r + r))
 
 
 @njit(**JIT_PARALLEL)
-def i2s_matmul_multi(p0, p1, p2, q, act_scales, act_sums, s0, s1, s2, o0, o1, o2):
+def i2s_matmul_multi(p0, p1, p2, q, act_scales, act_sums, s0, s1, s2, o0, o1, o2, n_threads):
     """Up to three weights on the same activations in one parallel region: o_i = W_i q (p2/o2 may be
     empty: u8[0], f32[T, 0]). SIMD when the host has AVX2, else plain loops."""
     M0, M1, M2 = o0.shape[1], o1.shape[1], o2.shape[1]
-    for task in prange(n_tasks3(ROWS_PER_TASK, M0, M1, M2)):
-        w, lo, hi = task3(task, ROWS_PER_TASK, M0, M1, M2)
+    r = balanced_rows_per_task(ROWS_PER_TASK, M0, M1, M2, n_threads)
+    for task in prange(n_tasks3(r, M0, M1, M2)):
+        w, lo, hi = task3(task, r, M0, M1, M2)
         if w == 0:
             _rows(p0, q, act_scales, act_sums, s0, o0, lo, hi)
         elif w == 1:
@@ -111,23 +115,23 @@ def i2s_matmul_multi(p0, p1, p2, q, act_scales, act_sums, s0, s1, s2, o0, o1, o2
 
 
 @njit(**JIT_PARALLEL)
-def i2s_matmul_plain(packed, q, act_scales, act_sums, scale, out):
+def i2s_matmul_plain(packed, q, act_scales, act_sums, scale, out, n_threads):
     """packed: u8[M*K/4]; q: i8[T, K] (C order); act_scales: f32[T]; act_sums: i32[T]; scale: f32
     -> out: f32[T, M]. Plain loops (any host; reference for tests)."""
     M = out.shape[1]
-    n_tasks = (M + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    for task in prange(n_tasks):
-        _rows_plain(packed, q, act_scales, act_sums, scale, out, task * ROWS_PER_TASK,
-             min(M, (task + 1) * ROWS_PER_TASK))
+    r = balanced_rows_per_task(ROWS_PER_TASK, M, 0, 0, n_threads)
+    for task in prange(n_tasks3(r, M, 0, 0)):
+        _rows_plain(packed, q, act_scales, act_sums, scale, out, task * r, min(M, task * r + r))
 
 
 @njit(**JIT_PARALLEL)
-def i2s_matmul_multi_plain(p0, p1, p2, q, act_scales, act_sums, s0, s1, s2, o0, o1, o2):
+def i2s_matmul_multi_plain(p0, p1, p2, q, act_scales, act_sums, s0, s1, s2, o0, o1, o2, n_threads):
     """Up to three weights on the same activations in one parallel region: o_i = W_i q (p2/o2 may be
     empty: u8[0], f32[T, 0]). Plain loops (any host; reference for tests)."""
     M0, M1, M2 = o0.shape[1], o1.shape[1], o2.shape[1]
-    for task in prange(n_tasks3(ROWS_PER_TASK, M0, M1, M2)):
-        w, lo, hi = task3(task, ROWS_PER_TASK, M0, M1, M2)
+    r = balanced_rows_per_task(ROWS_PER_TASK, M0, M1, M2, n_threads)
+    for task in prange(n_tasks3(r, M0, M1, M2)):
+        w, lo, hi = task3(task, r, M0, M1, M2)
         if w == 0:
             _rows_plain(p0, q, act_scales, act_sums, s0, o0, lo, hi)
         elif w == 1:

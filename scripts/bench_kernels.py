@@ -49,7 +49,7 @@ def main(argv=None) -> int:
                 out = np.empty((T, M), np.float32)
                 fn = KERNELS[name].matmul
                 t0 = time.perf_counter()
-                fn(packed, q, s, sums, np.float32(1), out)  # compile + check
+                fn(packed, q, s, sums, np.float32(1), out, numba.get_num_threads())  # compile + check
                 if first is None:
                     first = out.copy()
                 elif not np.array_equal(out, first):
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
                 times = []
                 for _ in range(a.repetitions):
                     t0 = time.perf_counter()
-                    fn(packed, q, s, sums, np.float32(1), out)
+                    fn(packed, q, s, sums, np.float32(1), out, numba.get_num_threads())
                     times.append(time.perf_counter() - t0)
                     if times[-1] > a.max_seconds:
                         break

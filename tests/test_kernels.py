@@ -54,7 +54,7 @@ def test_i2s_matmul_exact(T, M, K):
     scale = np.float32(0.0731)
     sums = q.astype(np.int32).sum(axis=1).astype(np.int32)
     out = np.empty((T, M), np.float32)
-    i2s_matmul(pack_i2s_codes(w), q, s, sums, scale, out)
+    i2s_matmul(pack_i2s_codes(w), q, s, sums, scale, out, 0)
     assert np.array_equal(out, naive.ternary_matmul(w, q, s, scale))
 
 
@@ -156,7 +156,7 @@ from kernels.select import KERNELS  # noqa: E402
 from kernels.simd import HAVE_AVX2, HAVE_F16C  # noqa: E402
 
 # K = 128 (one block), odd block counts, 2B-4T widths; T covers the 4/2/1-token tiles and their tails;
-# M covers partial row tasks (ROWS_PER_TASK = 32)
+# M covers partial row tasks (up to ROWS_PER_TASK = 32 rows, fewer where n_threads asks: kernels.tasks)
 FAST_SHAPES = [(1, 1, 128), (2, 31, 128), (3, 33, 384), (4, 64, 640), (5, 7, 2560), (6, 40, 1152),
                (7, 65, 256), (9, 3, 6912), (13, 97, 512), (64, 35, 2560)]
 
@@ -178,22 +178,24 @@ def _ternary_case(T, M, K, extreme=False):
 
 @pytest.mark.parametrize("name", sorted(KERNELS))
 @pytest.mark.parametrize("T,M,K", FAST_SHAPES)
-def test_ternary_kernels_exact(name, T, M, K):
+@pytest.mark.parametrize("n_threads", [0, 2, 180])  # row tasks of 32; sized for 2 threads; for 180 (8-32 rows)
+def test_ternary_kernels_exact(name, T, M, K, n_threads):
     w, q, s, sums = _ternary_case(T, M, K, extreme=(K <= 640))
     out = np.full((T, M), np.nan, np.float32)
-    KERNELS[name].matmul(pack_i2s_codes(w), q, s, sums, np.float32(0.0731), out)
+    KERNELS[name].matmul(pack_i2s_codes(w), q, s, sums, np.float32(0.0731), out, n_threads)
     assert np.array_equal(out, naive.ternary_matmul(w, q, s, np.float32(0.0731)))
 
 
 @pytest.mark.parametrize("name", sorted(KERNELS))
 @pytest.mark.parametrize("T,Ms,K", [(1, (64, 16, 16), 256), (3, (33, 5, 70), 384), (6, (40, 96, 0), 2560),
                                     (4, (2560, 640, 640), 2560)])
-def test_ternary_kernels_multi_exact(name, T, Ms, K):
+@pytest.mark.parametrize("n_threads", [0, 2, 180])
+def test_ternary_kernels_multi_exact(name, T, Ms, K, n_threads):
     ws = [RNG.integers(-1, 2, size=(m, K)).astype(np.int8) for m in Ms]
     _, q, s, sums = _ternary_case(T, 1, K)
     scales = [np.float32(0.5), np.float32(0.25), np.float32(1.75)]
     outs = [np.full((T, m), np.nan, np.float32) for m in Ms]
-    KERNELS[name].matmul_multi(*[pack_i2s_codes(w) for w in ws], q, s, sums, *scales, *outs)
+    KERNELS[name].matmul_multi(*[pack_i2s_codes(w) for w in ws], q, s, sums, *scales, *outs, n_threads)
     for w, sc, out in zip(ws, scales, outs):
         assert np.array_equal(out, naive.ternary_matmul(w, q, s, sc))
 

@@ -35,7 +35,7 @@ def test_lut_matmul_exact(T, M, K):
     s = (RNG.random(T) * 100 + 1).astype(np.float32)
     sums = q.astype(np.int32).sum(axis=1).astype(np.int32)
     out = np.full((T, M), np.nan, np.float32)
-    lut_matmul(pack_i2s_codes(w), q, s, sums, np.float32(0.0731), out)
+    lut_matmul(pack_i2s_codes(w), q, s, sums, np.float32(0.0731), out, 0)
     assert np.array_equal(out, naive.ternary_matmul(w, q, s, np.float32(0.0731)))
 
 
@@ -47,6 +47,6 @@ def test_lut_matmul_multi_exact():
     sums = q.astype(np.int32).sum(axis=1).astype(np.int32)
     outs = [np.full((T, w.shape[0]), np.nan, np.float32) for w in ws]
     lut_matmul_multi(*[pack_i2s_codes(w) for w in ws], q, s, sums, np.float32(1.5), np.float32(0.5),
-                     np.float32(2.0), *outs)
+                     np.float32(2.0), *outs, 180)  # many-core task sizes
     for w, sc, out in zip(ws, (1.5, 0.5, 2.0), outs):
         assert np.array_equal(out, naive.ternary_matmul(w, q, s, np.float32(sc)))

@@ -38,7 +38,7 @@ def test_tq_matmul_q8k_matches_reference(T, M, K, kernel):
     q, d = np.empty((T, K), np.int8), np.empty((T, K // 256), np.float32)
     quantize_q8k(x, q, d)
     out = np.empty((T, M), np.float32)
-    (tq_matmul_q8k if kernel == "simd" else tq_matmul_q8k_plain)(pack_i2s_codes(w).reshape(-1), q, d, bs, out)
+    (tq_matmul_q8k if kernel == "simd" else tq_matmul_q8k_plain)(pack_i2s_codes(w).reshape(-1), q, d, bs, out, 0)
     ref = np.zeros((T, M), np.float32)
     for b in range(K // 256):
         cols = slice(256 * b, 256 * (b + 1))
@@ -88,7 +88,8 @@ def test_block_dots_against_numpy(n_b):
 
 
 @pytest.mark.parametrize("T,Ms,K", [(1, (40, 8, 8), 512), (6, (33, 70), 768), (9, (5, 3, 64), 256)])
-def test_tq_matmul_q8k_multi_equals_separate_calls(T, Ms, K):
+@pytest.mark.parametrize("n_threads", [2, 180])  # task sizes for 2 threads; for 180 (8-32 rows)
+def test_tq_matmul_q8k_multi_equals_separate_calls(T, Ms, K, n_threads):
     """Two or three block-scaled weights in one parallel region: each output bit-identical to its own call."""
     ws = [RNG.integers(-1, 2, size=(M, K)).astype(np.int8) for M in Ms]
     scales = [(RNG.random((M, K // 256)) * 0.1 + 0.01).astype(np.float32) for M in Ms]
@@ -101,10 +102,10 @@ def test_tq_matmul_q8k_multi_equals_separate_calls(T, Ms, K):
                 np.empty((T, 0), np.float32))
     else:
         args = (*packed, q, d, *scales, *outs)
-    tq_matmul_q8k_multi(*args)
+    tq_matmul_q8k_multi(*args, n_threads)
     for p, s, o in zip(packed, scales, outs):
         alone = np.empty_like(o)
-        tq_matmul_q8k_plain(p, q, d, s, alone)
+        tq_matmul_q8k_plain(p, q, d, s, alone, 0)
         assert np.array_equal(o, alone)
 
 
