@@ -136,3 +136,33 @@ def test_lazy_array_written_back_round_trips(tmp_path, long_file):
     assert isinstance(arr, StringArray)
     copy = GGUFFile(_write(tmp_path / "copy.gguf", {"x.long": arr}))
     assert copy.metadata["x.long"] == LONG
+
+
+def _scan_reference(data: bytes, pos: int, count: int, end: int, max_len: int):
+    """The Python loop the compiled scan replaced: starts, or the ValueError message."""
+    starts = []
+    for _ in range(count):
+        if pos + 8 > end:
+            return "file truncated"
+        starts.append(pos)
+        (n,) = struct.unpack_from("<Q", data, pos)
+        if n > max_len:
+            return f"absurd string length {n}"
+        pos += 8 + n
+    return "file truncated" if pos > end else starts + [pos]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_compiled_scan_matches_the_python_loop(seed):
+    from bitnet_py.gguf.string_array import scan_string_array
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, 40, 300)
+    lengths[rng.integers(0, 300)] = [0, 1 << 40, 39, 255][seed % 4]  # a lying length in two of the cases
+    data = b"".join(struct.pack("<Q", int(n)) + bytes(int(min(n, 40))) for n in lengths) + b"tail"
+    for count, end in ((300, len(data) - 4), (300, len(data) - 5), (299, len(data)), (120, len(data)), (0, 0)):
+        want = _scan_reference(data, 0, count, end, 1 << 20)
+        try:
+            got = scan_string_array(data, 0, count, end, 1 << 20).tolist()
+        except ValueError as e:
+            got = str(e)
+        assert got == want, (count, end)

@@ -21,21 +21,16 @@ LENGTH_BYTES = _U64.size
 def scan_string_array(buf, pos: int, count: int, end: int, max_len: int) -> np.ndarray:
     """int64[count + 1]: where each of `count` strings starts in `buf` (its u64 length), then the end of the
     last. Raises ValueError when a length is over `max_len` or a string runs past `end`."""
+    from kernels.string_scan import SCAN_TOO_LONG, SCAN_TRUNCATED, scan_string_starts  # numba: imported on use
+
     if count * LENGTH_BYTES > end - pos:  # before allocating: every string takes at least its length field
         raise ValueError("file truncated")
     starts = np.empty(count + 1, np.int64)
-    unpack = _U64.unpack_from
-    for i in range(count):
-        if pos + LENGTH_BYTES > end:
-            raise ValueError("file truncated")
-        starts[i] = pos
-        (n,) = unpack(buf, pos)
-        if n > max_len:
-            raise ValueError(f"absurd string length {n}")
-        pos += LENGTH_BYTES + n
-    if pos > end:
+    status, length = scan_string_starts(np.frombuffer(buf, np.uint8, count=end), pos, count, end, max_len, starts)
+    if status == SCAN_TRUNCATED:
         raise ValueError("file truncated")
-    starts[count] = pos
+    if status == SCAN_TOO_LONG:
+        raise ValueError(f"absurd string length {int(length)}")
     return starts
 
 
