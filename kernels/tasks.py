@@ -3,7 +3,7 @@
 then 1's, then 2's.
 
 Numba's parallel loops hand each thread one equal run of the task range (a static split), so a call takes as long
-as its busiest thread's rows. A fixed 32 rows per task fits 2-16 threads, but a 2B-4T wo or ffn_down (2560 rows:
+as its busiest thread's rows. A fixed 32 rows per task fits a few threads, but a 2B-4T wo or ffn_down (2560 rows:
 80 tasks) would leave 10 of 90 threads idle and 100 of 180, each busy one doing 32 rows where 15-29 would do.
 `balanced_rows_per_task` picks, from `most` down to MIN_ROWS_PER_TASK, the task size whose busiest thread gets
 the fewest rows (the largest such size: fewer, longer tasks); at 2B-4T's shapes and 1-8 threads that is `most`.
