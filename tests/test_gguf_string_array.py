@@ -139,7 +139,8 @@ def test_lazy_array_written_back_round_trips(tmp_path, long_file):
 
 
 def _scan_reference(data: bytes, pos: int, count: int, end: int, max_len: int):
-    """The Python loop the compiled scan replaced: starts, or the ValueError message."""
+    """The loop the faster scan replaced (every bound checked before its read): starts, or the ValueError
+    message."""
     starts = []
     for _ in range(count):
         if pos + 8 > end:
@@ -153,7 +154,7 @@ def _scan_reference(data: bytes, pos: int, count: int, end: int, max_len: int):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_compiled_scan_matches_the_python_loop(seed):
+def test_scan_matches_the_loop_that_checks_every_bound(seed):
     from bitnet_py.gguf.string_array import scan_string_array
     rng = np.random.default_rng(seed)
     lengths = rng.integers(0, 40, 300)
