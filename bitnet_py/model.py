@@ -96,21 +96,22 @@ def quantize_activation_q8k(x: np.ndarray) -> Q8KActivation:
 
 
 def linear(w: TernaryWeight | DenseWeight, x: np.ndarray, qa: QuantizedActivation | Q8KActivation | None = None,
-           round_f16: bool = True) -> np.ndarray:
+           round_f16: bool = True, n_threads: int = 0) -> np.ndarray:
     """x: f32[T, K] -> f32[T, M]. `qa` reuses a quantization of x (int8 per token with the same floor, or Q8_K
     for block-scaled weights). With f16 weights, x is rounded to f16 first (ggml) unless round_f16 is False
-    (float32 frameworks)."""
+    (float32 frameworks). n_threads: numba's thread count, which sizes the ternary kernels' row tasks (0: fixed
+    tasks)."""
     T = x.shape[0]
     out = np.empty((T, w.m), dtype=np.float32)
     if isinstance(w, TernaryWeight) and w.block_scales is not None:
         # TQ1_0 / TQ2_0: upstream ggml's arithmetic, activations quantized per 256 inputs (Q8_K)
         if not isinstance(qa, Q8KActivation):
             qa = quantize_activation_q8k(x)
-        tq_matmul_q8k(w.packed, qa.q, qa.d, w.block_scales, out, numba.get_num_threads())
+        tq_matmul_q8k(w.packed, qa.q, qa.d, w.block_scales, out, n_threads)
     elif isinstance(w, TernaryWeight):
         if qa is None:
             qa = quantize_activation(x, w.act_floor)
-        ternary_kernels(w.m, w.k).matmul(w.packed, qa.q, qa.scales, qa.sums, w.scale, out, numba.get_num_threads())
+        ternary_kernels(w.m, w.k).matmul(w.packed, qa.q, qa.scales, qa.sums, w.scale, out, n_threads)
     elif w.i8 is not None:
         qa = quantize_activation(np.ascontiguousarray(x), HEAD_ACT_FLOOR)
         i8_matmul(w.i8, w.i8_scales, qa.q, qa.scales, out)
@@ -137,9 +138,9 @@ def fusable(ws: list) -> bool:
     return all(w.block_scales is None for w in ws) and len({w.act_floor for w in ws}) == 1
 
 
-def fused_linear(ws: list, x: np.ndarray) -> list[np.ndarray]:
+def fused_linear(ws: list, x: np.ndarray, n_threads: int = 0) -> list[np.ndarray]:
     """Two or three ternary weights on the same input x: f32[T, K]: one activation quantization, one parallel
-    region -> [f32[T, M_i]]. Same results as separate `linear` calls."""
+    region -> [f32[T, M_i]]. Same results as separate `linear` calls (n_threads as there)."""
     T = x.shape[0]
     outs = [np.empty((T, w.m), dtype=np.float32) for w in ws]
     if ws[0].block_scales is not None:
@@ -147,14 +148,13 @@ def fused_linear(ws: list, x: np.ndarray) -> list[np.ndarray]:
         p2, s2, o2 = ((ws[2].packed, ws[2].block_scales, outs[2]) if len(ws) == 3 else
                       (_NO_WEIGHT, np.zeros((0, ws[0].k // TQ_BLOCK), np.float32), np.empty((T, 0), np.float32)))
         tq_matmul_q8k_multi(ws[0].packed, ws[1].packed, p2, qk.q, qk.d, ws[0].block_scales, ws[1].block_scales, s2,
-                            outs[0], outs[1], o2, numba.get_num_threads())
+                            outs[0], outs[1], o2, n_threads)
         return outs
     qa = quantize_activation(x, ws[0].act_floor)
     w2, o2 = (ws[2].packed, outs[2]) if len(ws) == 3 else (_NO_WEIGHT, np.empty((T, 0), np.float32))
     s2 = ws[2].scale if len(ws) == 3 else np.float32(0.0)
     ternary_kernels(ws[0].m, ws[0].k).matmul_multi(ws[0].packed, ws[1].packed, w2, qa.q, qa.scales, qa.sums,
-                                                   ws[0].scale, ws[1].scale, s2, outs[0], outs[1], o2,
-                                                   numba.get_num_threads())
+                                                   ws[0].scale, ws[1].scale, s2, outs[0], outs[1], o2, n_threads)
     return outs
 
 
@@ -312,10 +312,11 @@ class Model:
                 continue
             norm(x, L.attn_norm, c.rms_eps, h)
             if self._fuse_qkv[il]:
-                q, k, v = fused_linear([L.wq, L.wk, L.wv], h)
+                q, k, v = fused_linear([L.wq, L.wk, L.wv], h, n_threads)
             else:
                 qa = shared_quantization([L.wq, L.wk, L.wv], h)
-                q, k, v = linear(L.wq, h, qa), linear(L.wk, h, qa), linear(L.wv, h, qa)
+                q, k, v = (linear(L.wq, h, qa, n_threads=n_threads), linear(L.wk, h, qa, n_threads=n_threads),
+                           linear(L.wv, h, qa, n_threads=n_threads))
             q = q.reshape(T, c.n_head, c.head_dim)
             k = k.reshape(T, c.n_kv_head, c.head_dim)
             v = v.reshape(T, c.n_kv_head, c.head_dim)
@@ -335,17 +336,18 @@ class Model:
             a = attn.reshape(T, c.q_dim)
             if L.attn_sub_norm is not None:
                 norm(a, L.attn_sub_norm, c.rms_eps, a)
-            x += linear(L.wo, a)
+            x += linear(L.wo, a, n_threads=n_threads)
             norm(x, L.ffn_norm, c.rms_eps, h)
             if self._fuse_ffn[il]:
-                gate, up = fused_linear([L.w_gate, L.w_up], h)
+                gate, up = fused_linear([L.w_gate, L.w_up], h, n_threads)
             else:
                 qa = shared_quantization([L.w_gate, L.w_up], h)
-                gate, up = linear(L.w_gate, h, qa), linear(L.w_up, h, qa)
+                gate, up = (linear(L.w_gate, h, qa, n_threads=n_threads),
+                            linear(L.w_up, h, qa, n_threads=n_threads))
             (self._act_parallel if T >= PARALLEL_ROWS else self._act)(gate, up, gate)
             if L.ffn_sub_norm is not None:
                 norm(gate, L.ffn_sub_norm, c.rms_eps, gate)
-            x += linear(L.w_down, gate)
+            x += linear(L.w_down, gate, n_threads=n_threads)
         rows = np.ascontiguousarray(x[np.asarray(batch.logit_rows, dtype=np.int64)])
         norm(rows, W.output_norm, c.rms_eps, rows)
         if self._screened_head is not None and (heads is None or not all(can_screen(h, c.n_vocab) for h in heads)):
