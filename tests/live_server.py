@@ -26,6 +26,26 @@ def wait_healthy(proc, url: str, timeout: float = 120.0) -> None:
         time.sleep(0.2)
 
 
+def wait_until(predicate, timeout: float = 30.0, what: str = "condition not reached") -> None:
+    """Poll predicate() until it is true; fail after `timeout` seconds (generous: CI hosts may be loaded)."""
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, what
+        time.sleep(0.005)
+
+
+def engine_idle(engine, timeout: float = 30.0) -> dict:
+    """The engine's stats once nothing is in flight, running or holding KV blocks (its stats snapshot is
+    published after a request's last event), or its stats when `timeout` has passed."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        s = engine.stats()
+        if s["in_system"] == 0 and s["kv_used_blocks"] == 0 and s["running"] == 0:
+            return s
+        time.sleep(0.01)
+    return engine.stats()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,6 +9,7 @@ import pytest
 from bitnet_py.engine import Engine, EngineConfig, GenerationRequest, InvalidRequest, QueueFull
 from bitnet_py.sampling import SamplingParams
 from fake_model import FakeModel
+from live_server import engine_idle, wait_until
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -157,10 +158,7 @@ def test_cancel_frees_kv_blocks_mid_generation(engine_factory):
         time.sleep(0.005)
     assert engine.stats()["kv_used_blocks"] > 0
     engine.cancel(rid)
-    deadline = time.time() + 30           # the stats snapshot is published after the request's last event
-    while any(engine.stats()[k] for k in ("in_system", "running", "kv_used_blocks")) and time.time() < deadline:
-        time.sleep(0.005)
-    stats = engine.stats()
+    stats = engine_idle(engine)
     assert stats["in_system"] == 0 and stats["running"] == 0 and stats["kv_used_blocks"] == 0
     n = len(c.events)
     time.sleep(0.05)
@@ -177,10 +175,7 @@ def test_cancel_while_waiting_and_queue_bound(engine_factory):
         engine.submit(GenerationRequest(prompt(engine, 2, 10), GREEDY, **long), Collector())
     assert err.value.retry_after
     engine.cancel(rid)
-    deadline = time.time() + 30
-    while engine.stats()["in_system"] > 1:
-        assert time.time() < deadline, "the cancel never freed its place"
-        time.sleep(0.005)
+    wait_until(lambda: engine.stats()["in_system"] <= 1, what="the cancel never freed its place")
     assert not queued.events
     engine.submit(GenerationRequest(prompt(engine, 2, 10), GREEDY, max_tokens=1), Collector())   # room again
 

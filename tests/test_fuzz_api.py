@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 
 import httpx
 import pytest
@@ -23,7 +22,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from bitnet_py.engine import EngineConfig
 from fake_model import FakeModel
-from live_server import LiveServer
+from live_server import LiveServer, engine_idle
 
 EXAMPLES = int(os.environ.get("BITNET_PY_FUZZ_EXAMPLES", "200"))
 # cross-field rules the per-field schema cannot express: a schema-valid request may still get 400 for these
@@ -193,10 +192,8 @@ def _fuzz(server, document, path: str, schema_name: str) -> None:
     assert seen.get(200, 0) >= total // 10 and seen.get(400, 0) >= total // 10, seen
     with server.client() as c:
         assert c.get("/health").status_code == 200
-    deadline = time.time() + 30          # the engine publishes its stats after the last reply went out
-    while (stats := server.engine.stats())["kv_used_blocks"] or stats["in_system"]:
-        assert time.time() < deadline, stats
-        time.sleep(0.01)
+    stats = engine_idle(server.engine)
+    assert stats["in_system"] == 0 and stats["kv_used_blocks"] == 0
 
 
 def test_fuzz_completions(server, document):

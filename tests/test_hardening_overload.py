@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -14,26 +13,9 @@ import pytest
 from bitnet_py.engine import EngineConfig
 from bitnet_py.server import ServerSettings
 from fake_model import N_SPECIAL, FakeModel, FakeTokenizer
-from live_server import LiveServer
+from live_server import LiveServer, engine_idle, wait_until
 
 PROMPT = "the cat sat on the mat and"
-
-
-def _idle(srv, timeout=30.0) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        s = srv.engine.stats()
-        if s["in_system"] == 0 and s["kv_used_blocks"] == 0 and s["running"] == 0:
-            return s
-        time.sleep(0.01)
-    return srv.engine.stats()
-
-
-def _until(predicate, timeout: float = 30.0) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, "condition not reached"
-        time.sleep(0.005)
 
 
 def _stream_text(r: httpx.Response) -> tuple[str, list[dict], list[str]]:
@@ -55,7 +37,7 @@ def test_burst_beyond_queue_every_request_answered_then_recovers():
         model.gate.clear()          # the engine holds its first step: the burst meets a full system however it arrives
         with ThreadPoolExecutor(n) as pool:
             futures = [pool.submit(one, i) for i in range(n)]
-            _until(lambda: sum(f.done() for f in futures) == n - parallel - queue, 30)   # the refusals are back
+            wait_until(lambda: sum(f.done() for f in futures) == n - parallel - queue)   # the refusals are back
             model.gate.set()
             results = [f.result() for f in futures]
         done = rejected = 0
@@ -76,7 +58,7 @@ def test_burst_beyond_queue_every_request_answered_then_recovers():
         assert srv.metric("bitnet_py:request_rejected_total", reason="queue_full") == rejected
         assert srv.engine.stats()["submitted"] == done
         assert srv.metric("bitnet_py:request_success_total", finished_reason="length") == done
-        assert _idle(srv)["in_system"] == 0
+        assert engine_idle(srv.engine)["in_system"] == 0
         r = httpx.post(srv.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 3}, timeout=30)
         assert r.status_code == 200 and httpx.get(srv.url + "/health").status_code == 200
     finally:
@@ -109,9 +91,9 @@ def test_disconnect_mid_stream_frees_within_one_step_others_unaffected():
         log = {rid: (asked, freed) for rid, asked, freed in srv.engine.stats()["cancel_log"]}
         asked, freed = log[cancelled_id]
         assert freed - asked <= 1, (asked, freed)                    # freed at the next step boundary
-        stats = _idle(srv)
+        stats = engine_idle(srv.engine)
         assert stats["in_system"] == 0 and stats["kv_used_blocks"] == 0
-        _until(lambda: srv.metric("bitnet_py:kv_cache_usage_perc") == 0)   # the gauge is set after the stats
+        wait_until(lambda: srv.metric("bitnet_py:kv_cache_usage_perc") == 0)   # the gauge is set after the stats
     finally:
         srv.stop()
 
@@ -125,7 +107,7 @@ def test_disconnect_mid_prefill_frees_within_one_step(stream):
         with pytest.raises(httpx.ReadTimeout):
             with httpx.Client(timeout=httpx.Timeout(30, read=0.4)) as c:
                 c.post(srv.url + "/v1/completions", json=body).read()
-        stats = _idle(srv)
+        stats = engine_idle(srv.engine)
         assert stats["in_system"] == 0 and stats["kv_used_blocks"] == 0
         (_, asked, freed), = stats["cancel_log"]
         assert freed - asked <= 1 and freed < 26                     # stopped mid-prefill, within one step
@@ -160,7 +142,7 @@ def test_failure_in_one_sequence_fails_only_that_request():
         assert r_bad.status_code == 500 and r_bad.json()["error"]["type"] == "server_error"
         text, chunks, events = _stream_text(r_bad_stream)
         assert chunks[-1]["error"]["code"] == 500 and events[-1] == "[DONE]"
-        assert _idle(srv)["in_system"] == 0
+        assert engine_idle(srv.engine)["in_system"] == 0
         assert httpx.post(srv.url + "/v1/completions", json=good, timeout=30).status_code == 200
     finally:
         srv.stop()
@@ -182,11 +164,11 @@ def test_drain_finishes_short_requests_and_cuts_long_streams_with_a_final_chunk(
                    (("long", long_stream), ("short", short))]
         for t in threads:
             t.start()
-        _until(lambda: srv.engine.stats().get("running", 0) == 2)
+        wait_until(lambda: srv.engine.stats().get("running", 0) == 2)
         model.gate.clear()                        # hold the engine until the third request is in and the drain set
         threads.append(threading.Thread(target=post, args=("queued", queued)))
         threads[-1].start()
-        _until(lambda: srv.engine.stats()["submitted"] == 3)
+        wait_until(lambda: srv.engine.stats()["submitted"] == 3)
         srv.engine.drain(3.0)                     # short (<= 40 steps of 20 ms) ends within it, long (250) does not
         r = httpx.post(srv.url + "/v1/completions", json=short, timeout=30)
         assert r.status_code == 503 and r.headers["retry-after"]              # no new work while draining
@@ -202,7 +184,7 @@ def test_drain_finishes_short_requests_and_cuts_long_streams_with_a_final_chunk(
         assert 0 < len(text) and all("error" not in c for c in chunks)
         assert 0 < chunks[-1]["usage"]["completion_tokens"] < 250               # cut by the drain
         assert results["queued"].status_code == 503 and results["queued"].headers["retry-after"]
-        assert _idle(srv)["in_system"] == 0
+        assert engine_idle(srv.engine)["in_system"] == 0
     finally:
         srv.stop()
 
@@ -217,7 +199,7 @@ def test_per_request_timeout_streaming_and_not():
         s = httpx.post(srv.url + "/v1/completions", json={**body, "stream": True}, timeout=30)
         _, chunks, events = _stream_text(s)
         assert chunks[-1]["error"]["code"] == 504 and events[-1] == "[DONE]"
-        assert _idle(srv)["in_system"] == 0
+        assert engine_idle(srv.engine)["in_system"] == 0
     finally:
         srv.stop()
 
@@ -235,11 +217,11 @@ def test_cancelled_streams_release_their_request_state():
                 with c.stream("POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 100, "stream": True,
                                                                "ignore_eos": True}) as r:
                     next(r.iter_lines())
-        assert _idle(srv)["in_system"] == 0
+        assert engine_idle(srv.engine)["in_system"] == 0
 
         def none_left():                       # the event loop may still be unwinding the last response
             gc.collect()
             return sum(isinstance(o, Generation) for o in gc.get_objects()) == 0
-        _until(none_left)
+        wait_until(none_left)
     finally:
         srv.stop()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -13,7 +12,7 @@ import pytest
 from bitnet_py.engine import EngineConfig
 from bitnet_py.server import ServerSettings
 from fake_model import FakeModel
-from live_server import LiveServer
+from live_server import LiveServer, engine_idle, wait_until
 
 PROMPT = "the cat sat on the mat and"
 
@@ -202,23 +201,12 @@ def test_metrics_counters_move(server, oai):
     before = server.metric("bitnet_py:generation_tokens_total")
     prompt_before = server.metric("bitnet_py:prompt_tokens_total")
     oai.completions.create(model="x", prompt=PROMPT, max_tokens=7, temperature=0, extra_body={"ignore_eos": True})
-    deadline = time.time() + 30                # counted after the step's tokens went out, so maybe after the reply
-    while server.metric("bitnet_py:generation_tokens_total") < before + 7 and time.time() < deadline:
-        time.sleep(0.01)
+    # counted after the step's tokens went out, so maybe after the reply
+    wait_until(lambda: server.metric("bitnet_py:generation_tokens_total") >= before + 7)
     assert server.metric("bitnet_py:generation_tokens_total") == before + 7
     assert server.metric("bitnet_py:prompt_tokens_total") > prompt_before
     assert server.metric("bitnet_py:request_success_total", finished_reason="length") >= 1
     assert server.metric("bitnet_py:time_to_first_token_seconds_count") >= 1
-
-
-def _wait_idle(server, timeout=30.0) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        stats = server.engine.stats()
-        if stats["in_system"] == 0 and stats["kv_used_blocks"] == 0 and stats["running"] == 0:
-            return stats
-        time.sleep(0.01)
-    return server.engine.stats()
 
 
 def test_stream_disconnect_frees_sequence():
@@ -231,11 +219,9 @@ def test_stream_disconnect_frees_sequence():
                 for _ in range(3):
                     next(lines)
                 assert server.engine.stats()["running"] == 1
-        stats = _wait_idle(server)
+        stats = engine_idle(server.engine)
         assert stats["in_system"] == 0 and stats["kv_used_blocks"] == 0
-        deadline = time.time() + 30            # the gauges are set after the step's stats
-        while server.metric("bitnet_py:num_requests_running") and time.time() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: not server.metric("bitnet_py:num_requests_running"))   # set after the step's stats
         assert server.metric("bitnet_py:num_requests_running") == 0
         assert server.metric("bitnet_py:request_success_total", finished_reason="cancelled") == 1
     finally:
@@ -250,7 +236,7 @@ def test_disconnect_during_prefill_frees_sequence():
             httpx.post(srv.url + "/v1/completions", json=body, timeout=0.5)
         seen = srv.engine.stats()
         assert seen["in_system"] <= 1
-        stats = _wait_idle(srv)
+        stats = engine_idle(srv.engine)
         assert stats["in_system"] == 0 and stats["kv_used_blocks"] == 0
         (_, asked, freed), = stats["cancel_log"]
         assert freed < 26                            # freed mid-prefill, not after it
@@ -337,7 +323,7 @@ def test_request_timeout_cancels_with_504():
                                                 "stream": True})
             events = sse_events(s.text)
             assert json.loads(events[-2])["error"]["code"] == 504 and events[-1] == "[DONE]"
-        assert _wait_idle(srv)["in_system"] == 0
+        assert engine_idle(srv.engine)["in_system"] == 0
         assert srv.metric("bitnet_py:request_success_total", finished_reason="cancelled") == 2
     finally:
         srv.stop()
