@@ -48,9 +48,9 @@ class Q8KLinear:
             self._codes[id(w)] = ternary.astype(np.int32)
         return self._codes[id(w)]
 
-    def __call__(self, w, x, qa=None, round_f16=True):
+    def __call__(self, w, x, qa=None, round_f16=True, n_threads=0):
         if not (isinstance(w, TernaryWeight) and w.block_scales is not None):
-            return self.original(w, x, qa, round_f16)
+            return self.original(w, x, qa, round_f16, n_threads)
         q, d = quantize_q8_k(np.ascontiguousarray(x, dtype=np.float32))
         codes = self.codes(w)
         out = np.zeros((x.shape[0], w.m), np.float32)
