@@ -1,23 +1,23 @@
 """Faster drop-in for kernels.attention.paged_attention (same signature and arithmetic steps).
 
 Differences: float16 K/V are widened with the hardware conversion (`kernels.simd.f16_to_f32`, exact, so
-vectorizable) instead of table gathers, the q.k dot products sum with reassociation (8-wide partial sums,
-as ggml's own f16 dot product does) instead of one sequential float32 chain, and softmax exponentials come
-from `kernels.expf` (<= 1 ulp from exact, vectorized; ggml's SIMD softmax also uses a polynomial) instead of
-libm. The double sum of the exponentials, the optional float16 rounding of probabilities and the p.v
-accumulation order are unchanged. Work is split per (tile of up to TOKENS_PER_TASK consecutive tokens of a
-sequence, KV head), so each float16 K/V row is widened once for all query heads of its group (GQA) instead of
-once per head, and in a prefill each block of keys is read once for the tile's tokens while it is in cache.
-Groups of 4 (2B-4T, Llama-3-8B) take the intrinsics of `kernels.simd_attention` (q.k: eight sums per pair of
-keys, reduced together; p.v: 4 heads x 16 dims summed in registers across a block of keys) with the same p.v
-order.
-Only built where the host converts float16 in hardware (`HAVE_F16C`); model.py falls back otherwise.
+vectorizable) instead of table gathers, the q.k dot products sum in 8-lane partial sums (as ggml's own f16 dot
+product does) in an order written out in `kernels.simd_attention` (`qk4x2`, `qk1x32`: the same bits on every host)
+instead of one sequential float32 chain, and softmax exponentials come from `kernels.expf` (<= 1 ulp from exact,
+vectorized; ggml's SIMD softmax also uses a polynomial) instead of libm. The double sum of the exponentials, the
+optional float16 rounding of probabilities and the p.v accumulation order are unchanged. Work is split per (tile of
+up to TOKENS_PER_TASK consecutive tokens of a sequence, KV head), so each float16 K/V row is widened once for all
+query heads of its group (GQA) instead of once per head, and in a prefill each block of keys is read once for the
+tile's tokens while it is in cache. Groups of 4 (2B-4T, Llama-3-8B) take the intrinsics of `kernels.simd_attention`
+(q.k: eight sums per pair of keys, reduced together; p.v: 4 heads x 16 dims summed in registers across a block of
+keys) with the same p.v order. Only built where the host converts float16 in hardware (`HAVE_F16C`); model.py falls
+back otherwise.
 """
 
 import numpy as np
 from numba import get_num_threads, njit, prange
 
-from .config import JIT, JIT_MAX, JIT_PARALLEL, JIT_REDUCE
+from .config import JIT, JIT_MAX, JIT_PARALLEL
 from .expf import expf_nonpositive
 from .simd import HAVE_F16C
 
@@ -29,7 +29,7 @@ MIN_TASKS_PER_THREAD = 4  # ... fewer where tiles would leave fewer tasks than t
 
 if HAVE_F16C:
     from .simd import f16_to_f32, f32_to_f16_bits
-    from .simd_attention import prefetch_row, pv4x16, qk4x2
+    from .simd_attention import prefetch_row, pv4x16, qk1x32, qk4x2
 
     @njit(**JIT)
     def _load_row(c16, c32, use_f32, slot, kvh, buf):
@@ -41,10 +41,13 @@ if HAVE_F16C:
             for d in range(buf.shape[0]):
                 buf[d] = f16_to_f32(c16[slot, kvh, d])
 
-    @njit(**JIT_REDUCE)
+    @njit(**JIT)
     def _dot(q, t, h, row):
-        acc = np.float32(0.0)
-        for d in range(row.shape[0]):
+        """q[t, h] . row in one order on every host (`qk1x32`; the dims past the last 32 one by one)."""
+        D = row.shape[0]
+        n = D - D % 32
+        acc = qk1x32(q, t, h, row, n // 32)
+        for d in range(n, D):
             acc += q[t, h, d] * row[d]
         return acc
 

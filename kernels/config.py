@@ -57,7 +57,10 @@ TERNARY_KERNEL = os.environ.get("BITNET_PY_TERNARY_KERNEL", "auto")
 FAST_ATTENTION = os.environ.get("BITNET_PY_FAST_ATTENTION", "1") not in ("0", "false", "no")
 FUSE = os.environ.get("BITNET_PY_FUSE", "1") not in ("0", "false", "no")
 LAYER_STEPS = os.environ.get("BITNET_PY_LAYER_STEPS", "1") not in ("0", "false", "no")
-# Flags allowing vectorized reductions without reciprocal/approximate math (keeps divisions exact).
+# Flags allowing vectorized reductions without reciprocal/approximate math (keeps divisions exact). The order
+# of such a sum is LLVM's choice per host (8 lanes on AVX2, 16 on Genoa), so results that must be the same bits
+# on every host never use them: only the screened head's rounded-up error bounds (kernels/dense.py), the f16
+# head on hosts without float16 conversion hardware, and the bandwidth probe (kernels/membw.py) do.
 FASTMATH_REDUCE = {"reassoc", "nsz", "contract"}
 FASTMATH_OFF = False
 
@@ -65,5 +68,4 @@ JIT = dict(cache=CACHE, nogil=True, fastmath=FASTMATH_OFF)
 JIT_PARALLEL = dict(cache=CACHE, nogil=True, parallel=True, fastmath=FASTMATH_OFF)
 # max/min reductions: the result does not depend on the order, so NaN-free vectorized compares are exact
 JIT_MAX = dict(cache=CACHE, nogil=True, fastmath={"nnan", "nsz"})
-JIT_REDUCE = dict(cache=CACHE, nogil=True, fastmath=FASTMATH_REDUCE)
 JIT_REDUCE_PARALLEL = dict(cache=CACHE, nogil=True, parallel=True, fastmath=FASTMATH_REDUCE)

@@ -9,7 +9,7 @@ Both sum in float32 with reassociation allowed (8-wide partial sums), like ggml'
 import numpy as np
 from numba import njit, prange
 
-from .config import JIT, JIT_PARALLEL, JIT_REDUCE, JIT_REDUCE_PARALLEL
+from .config import JIT, JIT_PARALLEL, JIT_REDUCE_PARALLEL
 from .simd import HAVE_AVX2, HAVE_F16C
 
 ROWS_PER_TASK = 64
@@ -44,9 +44,10 @@ if HAVE_F16C:
     from .simd import f16_to_f32
     from .simd_dense import f16_dot1, f16_dot2
 
-    @njit(**JIT_REDUCE)
+    @njit(**JIT)
     def _f16_tail(w_bits, m, x, t, k0):
-        """sum over k >= k0 of w[m, k] * x[t, k] (the K % 32 values after the SIMD lines)."""
+        """sum over k >= k0 of w[m, k] * x[t, k] (the K % 32 values after the SIMD lines), in k order: not
+        reassociated, so that no host's vector width changes it."""
         acc = np.float32(0.0)
         for k in range(k0, x.shape[1]):
             acc += f16_to_f32(w_bits[m, k]) * x[t, k]

@@ -8,6 +8,10 @@ of 128 dims is 16 vector FMAs per accumulator, and LLVM then reduces each of the
   at slots s0, s1, as a tuple (g0 s0, .., g3 s0, g0 s1, .., g3 s1). Each dot sums in the order of a vectorized
   float32 loop: 8 lanes (lane l holds dims l, l+8, ...; one FMA per 8 dims), then lanes (l + l+4), then
   (0+2, 1+3), then 0+1; the eight reductions share their shuffles (transposed) instead of running one by one.
+- `qk1x32(q, t, h, row, n_chunks)`: q[t, h, :32n] . row[:32n] for one head (GQA groups other than four), in the
+  order LLVM gives a reassociated float32 loop on AVX2 hosts: four 8-lane accumulators (one FMA per 8 dims),
+  (a0 + a1) + (a2 + a3), then lanes (l + l+4), then (0+2, 1+3), then 0+1. Written out so that AVX-512 hosts
+  (where LLVM picks 16 lanes on Genoa) sum in the same order: the same bits on every host.
 - `pv4x16(sc, slots, j0, j1, v16, kvh, d, acc, c)`: acc[g, c + i] += sc[g, j] * V[slots[j], kvh, d + i] for
   g < 4, i < 16 and keys j0 <= j < j1 in key order, each product rounded before its add (no FMA): the same
   float32 operations, in the same order, as one sequential loop over keys per output element. The sixteen
@@ -25,7 +29,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .simd import _I32, _as_i64, _close_loop, _open_loop, _prefetch
+from .simd import _I32, _as_i64, _close_loop, _get_or_insert, _open_loop, _prefetch
 
 _F32 = ir.FloatType()
 _V8F32 = ir.VectorType(_F32, 8)
@@ -140,6 +144,37 @@ def pv4x16(typingctx, sc, slots, j0, j1, v16, kvh, d, acc, c):
         for final, p in zip(finals, acc_ptrs):
             builder.store(final, p, align=4)
         return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def qk1x32(typingctx, q, t, h, row, n_chunks):
+    sig = types.float32(q, t, h, row, n_chunks)
+
+    def codegen(context, builder, signature, args):
+        q_v, t_v, h_v, row_v, n_v = args
+        qty, tty, hty, rty, nty = signature.args
+        t_v, h_v, n_v = _as_i64(context, builder, (t_v, h_v, n_v), (tty, hty, nty))
+        qrow = _ptr(context, builder, qty, q_v, [t_v, h_v, _c64(0)])
+        krow = _ptr(context, builder, rty, row_v, [_c64(0)])
+        zero = ir.Constant(_V8F32, None)
+        blocks = _open_loop(builder, "qk1", builder.icmp_signed(">", n_v, _c64(0)))
+        i = builder.phi(_I64)
+        accs = [builder.phi(_V8F32) for _ in range(4)]
+        fma = _get_or_insert(builder.module, "llvm.fma.v8f32", ir.FunctionType(_V8F32, [_V8F32] * 3))  # one rounding
+        new = []
+        for part in range(4):
+            off = builder.add(builder.mul(i, _c64(32)), _c64(8 * part))
+            qs = builder.load(builder.bitcast(builder.gep(qrow, [off]), _V8F32.as_pointer()), align=4)
+            ks = builder.load(builder.bitcast(builder.gep(krow, [off]), _V8F32.as_pointer()), align=4)
+            new.append(builder.call(fma, [qs, ks, accs[part]]))
+        a = _close_loop(builder, blocks, i, _c64(0), n_v, accs, [zero] * 4, new)
+        total = builder.fadd(builder.fadd(a[0], a[1]), builder.fadd(a[2], a[3]))
+        half = builder.fadd(_shuffle(builder, total, total, [0, 1, 2, 3]), _shuffle(builder, total, total, [4, 5, 6, 7]))
+        pair = builder.fadd(_shuffle(builder, half, half, [0, 1]), _shuffle(builder, half, half, [2, 3]))
+        return builder.fadd(builder.extract_element(pair, ir.Constant(_I32, 0)),
+                            builder.extract_element(pair, ir.Constant(_I32, 1)))
 
     return sig, codegen
 
