@@ -127,4 +127,4 @@ def test_one_head_dot_has_the_documented_order_on_every_host(D):
         q = (rng.standard_normal((2, 3, D)) * 10.0 ** rng.integers(-2, 3, (2, 3, D))).astype(np.float32)
         row = rng.standard_normal(D).astype(np.float32)
         assert one_head_dot(q, 1, 2, row) == one_head_dot_reference(q[1, 2], row)
-    assert not any("reassoc" in ir or " fast " in ir for ir in one_head_dot.inspect_llvm().values())
+    assert not one_head_dot.targetoptions.get("fastmath")  # no reassociation: LLVM may not reorder the sum
