@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Check a new host in one command, sized for a short machine lease (about 4-6 minutes on 16 cores):
+# Check a new host in one command, sized for a short machine lease (92 s on 2 cores with the kernels cached; about a
+# minute more to compile them on a fresh host):
 #  1. what it is: CPU, the SIMD features the kernels use (AVX2, F16C, VNNI), numba and numpy versions;
 #  2. does it compute bitnet.cpp's outputs: the kernel, rope, attention and parity tests (pytest; needs
 #     ../shared/fixtures; in parallel where pytest-xdist is installed);
