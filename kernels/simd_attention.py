@@ -171,7 +171,8 @@ def qk1x32(typingctx, q, t, h, row, n_chunks):
             new.append(builder.call(fma, [qs, ks, accs[part]]))
         a = _close_loop(builder, blocks, i, _c64(0), n_v, accs, [zero] * 4, new)
         total = builder.fadd(builder.fadd(a[0], a[1]), builder.fadd(a[2], a[3]))
-        half = builder.fadd(_shuffle(builder, total, total, [0, 1, 2, 3]), _shuffle(builder, total, total, [4, 5, 6, 7]))
+        half = builder.fadd(_shuffle(builder, total, total, [0, 1, 2, 3]),
+                            _shuffle(builder, total, total, [4, 5, 6, 7]))
         pair = builder.fadd(_shuffle(builder, half, half, [0, 1]), _shuffle(builder, half, half, [2, 3]))
         return builder.fadd(builder.extract_element(pair, ir.Constant(_I32, 0)),
                             builder.extract_element(pair, ir.Constant(_I32, 1)))
