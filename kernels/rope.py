@@ -4,13 +4,13 @@ Tables follow ggml: theta_0 = pos, theta_{i+1} = theta_i * base^(-2/d) in float3
 cos/sin in float32. NORM style rotates adjacent pairs (2i, 2i+1); NEOX style rotates (i, i + d/2).
 
 The tables are the same bits on every host. numpy dispatches float32 `power` and float64 `cos`/`sin` to SVML on
-AVX-512 hosts (Sapphire Rapids, Genoa), whose results can differ from the C library's by an ulp or more. One
-float32 ulp in base^(-2/d) moves every angle: on a Sapphire Rapids host, with numpy's power, only 2 of the 8 tiny-bitnet
-TL2 prompts stayed bit-close to bitnet.cpp's logits (7 on AVX2 hosts; tests/test_parity_bitnetcpp.py), and moving
-base^(-2/d) by one ulp on an AVX2 host gives the same 2. So base^(-2/d) is the C library's
-`powf` (the function ggml calls), and a cos/sin value whose float64 result lies within a few float64 ulps of a
-float32 rounding midpoint, where an ulp of host difference could round it the other way, is recomputed with
-the C library's `cos`/`sin` (`math`).
+AVX-512 hosts (Sapphire Rapids, Genoa), whose results can differ from the C library's by an ulp or more. One float32
+ulp in base^(-2/d) moves every angle: on a Sapphire Rapids host, with numpy's power, only 2 of the 8 tiny-bitnet TL2
+prompts stayed bit-close to bitnet.cpp's logits (7 on AVX2 hosts; tests/test_parity_bitnetcpp.py), and moving
+base^(-2/d) by one ulp on an AVX2 host gives the same 2. So base^(-2/d) is the C library's `powf` (the function ggml
+calls), and a cos/sin value whose float64 result lies within a few float64 ulps of a float32 rounding midpoint,
+where an ulp of host difference could round it the other way, is recomputed with the C library's `cos`/`sin`
+(`math`).
 """
 import ctypes
 import ctypes.util
@@ -22,9 +22,9 @@ from numba import njit
 
 from .config import JIT
 
-MIDPOINT_GUARD_ULPS = 16  # float64 ulps: SIMD cos/sin libraries stay within ~4 of the correctly rounded value
-_DROPPED_MASK = (1 << 29) - 1
 TABLE_CHUNK = 1024  # positions per block of rope_tables
+MIDPOINT_GUARD_ULPS = 16  # float64 ulps: SIMD cos/sin libraries stay within ~4 of the correctly rounded value
+_DROPPED_MASK = (1 << 29) - 1  # the float64 mantissa bits a float32 rounding drops
 _MIDPOINT = 1 << 28
 _EXPONENT_MASK = 0x7FF << 52
 _F32_MIN_EXPONENT_BITS = (1023 - 126) << 52  # float64 exponent field of 2^-126, float32's smallest normal
