@@ -33,8 +33,9 @@ if "$py" -c "import xdist" 2>/dev/null; then
 fi
 timeout "${TESTS_TIMEOUT:-240}" "$py" -m pytest -q -p no:cacheprovider "${parallel[@]}" \
   tests/test_kernels.py tests/test_kernels_rowwise.py tests/test_q8k.py tests/test_lut_matmul.py tests/test_tasks.py \
-  tests/test_rope_tables.py tests/test_host_independence.py tests/test_attention_simd.py tests/test_attention_split.py tests/test_layer_steps.py \
-  tests/test_parity_bitnetcpp.py tests/test_parity_transformers.py 2>&1 | tail -25 | tee -a "$log"
+  tests/test_rope_tables.py tests/test_host_independence.py tests/test_attention_simd.py \
+  tests/test_attention_split.py tests/test_layer_steps.py tests/test_parity_bitnetcpp.py \
+  tests/test_parity_transformers.py 2>&1 | tail -25 | tee -a "$log"
 
 model=${MODEL:-out/2b4t-i2s.gguf}
 if [ ! -e "$model" ]; then
