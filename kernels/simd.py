@@ -82,13 +82,15 @@ def _data_ptr(context, builder, arrty, arr, offset):
 
 
 def _reduce_add(builder, vec):
-    """<8 x i32> -> i32 by halving (portable, no reduction intrinsic needed)."""
+    """<n x i32> or <n x float> -> its lane sum by halving: lanes (0..n/2) + (n/2..n) until one is left (portable,
+    no reduction intrinsic needed; for floats a fixed order, the same on every host)."""
+    add = builder.fadd if isinstance(vec.type.element, ir.FloatType) else builder.add
     n = vec.type.count
     while n > 1:
         half = n // 2
         lo = builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(_I32, half), list(range(half))))
         hi = builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(_I32, half), list(range(half, n))))
-        vec = builder.add(lo, hi)
+        vec = add(lo, hi)
         n = half
     return builder.extract_element(vec, ir.Constant(_I32, 0))
 

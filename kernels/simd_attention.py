@@ -29,7 +29,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .simd import _I32, _as_i64, _close_loop, _get_or_insert, _open_loop, _prefetch
+from .simd import _I32, _as_i64, _close_loop, _get_or_insert, _open_loop, _prefetch, _reduce_add
 
 _F32 = ir.FloatType()
 _V8F32 = ir.VectorType(_F32, 8)
@@ -170,12 +170,7 @@ def qk1x32(typingctx, q, t, h, row, n_chunks):
             ks = builder.load(builder.bitcast(builder.gep(krow, [off]), _V8F32.as_pointer()), align=4)
             new.append(builder.call(fma, [qs, ks, accs[part]]))
         a = _close_loop(builder, blocks, i, _c64(0), n_v, accs, [zero] * 4, new)
-        total = builder.fadd(builder.fadd(a[0], a[1]), builder.fadd(a[2], a[3]))
-        half = builder.fadd(_shuffle(builder, total, total, [0, 1, 2, 3]),
-                            _shuffle(builder, total, total, [4, 5, 6, 7]))
-        pair = builder.fadd(_shuffle(builder, half, half, [0, 1]), _shuffle(builder, half, half, [2, 3]))
-        return builder.fadd(builder.extract_element(pair, ir.Constant(_I32, 0)),
-                            builder.extract_element(pair, ir.Constant(_I32, 1)))
+        return _reduce_add(builder, builder.fadd(builder.fadd(a[0], a[1]), builder.fadd(a[2], a[3])))
 
     return sig, codegen
 

@@ -17,7 +17,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from .simd import (PREFETCH_BYTES, _I8, _I16, _I32, _V8I32, _V16I16, _V32I8, _as_i64, _close_loop, _data_ptr,
+from .simd import (PREFETCH_BYTES, _I8, _I16, _V8I32, _V16I16, _V32I8, _as_i64, _close_loop, _data_ptr,
                    _get_or_insert, _open_loop, _prefetch, _reduce_add, _return_rows, _splat, dot_pointers,
                    dot_signature)
 
@@ -150,14 +150,7 @@ def _make_f16_dot(n_rows):
             for t in range(n_rows):
                 f = flat[4 * t:4 * t + 4]
                 v = builder.fadd(builder.fadd(f[0], f[1]), builder.fadd(f[2], f[3]))
-                n = 8
-                while n > 1:  # lanes (0..n/2) + (n/2..n), the same order for every row count
-                    half = n // 2
-                    lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, half), list(range(half))))
-                    hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, half), list(range(half, n))))
-                    v = builder.fadd(lo, hi)
-                    n = half
-                sums.append(builder.extract_element(v, ir.Constant(_I32, 0)))
+                sums.append(_reduce_add(builder, v))  # the same order for every row count
             return _return_rows(context, builder, signature, sums, n_rows)
 
         return sig, codegen
