@@ -40,6 +40,7 @@ timeout "${TESTS_TIMEOUT:-240}" "$py" -m pytest -q -p no:cacheprovider "${parall
 model=${MODEL:-out/2b4t-i2s.gguf}
 if [ ! -e "$model" ]; then
   say "dummy model at the 2B-4T layout -> $model"
+  mkdir -p "$(dirname "$model")"
   "$py" -m bitnet_py.dummy --layout 2b-4t --type i2_s --seed 1 -o "$model" 2>&1 | tail -1 | tee -a "$log"
 fi
 
