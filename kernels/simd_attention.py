@@ -188,7 +188,7 @@ def prefetch_row(typingctx, c16, slot, kvh, d0, n_bytes):
         n_lines = builder.sdiv(builder.add(nb_v, _c64(63)), _c64(64))
         blocks = _open_loop(builder, "pf", builder.icmp_signed(">", n_lines, _c64(0)))
         line = builder.phi(_I64)
-        _prefetch(builder, builder.gep(base, [builder.mul(line, _c64(64))]))
+        _prefetch(builder, builder.gep(base, [builder.mul(line, _c64(64))]), 3)  # needed a few keys later: L1
         _close_loop(builder, blocks, line, _c64(0), n_lines, [], [], [])
         return context.get_dummy_value()
 
