@@ -16,6 +16,8 @@ Environment:
   kernels.layer_steps (two compiled calls per layer; same results).
 - BITNET_PY_VNNI=0: ternary dots without `vpdpbusd` on hosts that have VNNI (for comparisons; same results).
   Kernels compiled this way are cached in their own folder (`kernel-cache-<hash>-novnni`).
+- BITNET_PY_AVX512=0: the screened head's dot in its 256-bit form on hosts that have AVX-512 BW + VNNI
+  (kernels/simd_avx512.py; same results). Cached in `kernel-cache-<hash>-noavx512`.
 - OpenMP waiting (numba's `omp` threading layer, GNU libgomp): a decode step runs ~150 short parallel regions,
   and by default libgomp's idle threads spin ~300k iterations between them. When the cores are shared
   (other processes, the server's own Python threads) a spinning thread holds the core that the thread still
@@ -48,9 +50,11 @@ def source_hash(directory: Path) -> str:
 
 
 USE_VNNI = os.environ.get("BITNET_PY_VNNI", "1") not in ("0", "false", "no")
+USE_AVX512 = USE_VNNI and os.environ.get("BITNET_PY_AVX512", "1") not in ("0", "false", "no")
 SOURCE_HASH = source_hash(_KERNEL_DIR)
 CACHE_DIR = os.path.join(os.environ.get("NUMBA_CACHE_DIR") or str(_KERNEL_DIR / "__pycache__"),
-                         f"kernel-cache-{SOURCE_HASH}" + ("" if USE_VNNI else "-novnni"))
+                         f"kernel-cache-{SOURCE_HASH}" + ("" if USE_VNNI else "-novnni")
+                         + ("" if USE_AVX512 or not USE_VNNI else "-noavx512"))
 if CACHE:
     numba.config.CACHE_DIR = CACHE_DIR  # read when each @njit(cache=True) below is decorated
 TERNARY_KERNEL = os.environ.get("BITNET_PY_TERNARY_KERNEL", "auto")

@@ -17,7 +17,7 @@ import numpy as np
 from numba import njit, prange
 
 from .config import JIT, JIT_PARALLEL
-from .simd import HAVE_AVX2
+from .simd import HAVE_AVX2, HAVE_AVX512
 
 ACT_MAX = 16383  # activation codes |p| <= 2^14 - 1, fewer where 127 * ACT_MAX * K would overflow int32
 OUTLIER = 4.0  # inputs above this many rms(y) are bounded term by term (an outlier would dominate ||y||)
@@ -105,7 +105,10 @@ def screen_bounds_plain(wq, rows, p, act, lower, upper):
 
 
 if HAVE_AVX2:
-    from .simd_dense import i8_i16_dot1, i8_i16_dot2, i8_i16_dot4
+    if HAVE_AVX512:
+        from .simd_avx512 import i8_i16_dot1, i8_i16_dot2, i8_i16_dot4
+    else:
+        from .simd_dense import i8_i16_dot1, i8_i16_dot2, i8_i16_dot4
 
     @njit(**JIT_PARALLEL)
     def screen_bounds(wq, rows, p, act, lower, upper):

@@ -30,7 +30,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from .config import USE_VNNI
+from .config import USE_AVX512, USE_VNNI
 
 _FEATURES = set()
 try:
@@ -44,6 +44,10 @@ HAVE_F16C = "f16c" in _FEATURES or "neon" in _FEATURES or "fp-armv8" in _FEATURE
 # Rapids and later; not this project's Zen 3 dev machines). BITNET_PY_VNNI=0 turns it off (kernels/config.py).
 HAVE_VNNI = HAVE_AVX2 and USE_VNNI and (("avx512vnni" in _FEATURES and "avx512vl" in _FEATURES)
                                         or "avxvnni" in _FEATURES)
+# 512-bit decode dots (kernels.simd_avx512): byte and word ops on zmm (BW), vpdpbusd / vpdpwssd on zmm and ymm
+# (VNNI, VL). BITNET_PY_AVX512=0 turns them off.
+HAVE_AVX512 = (HAVE_VNNI and USE_AVX512
+               and all(f in _FEATURES for f in ("avx512f", "avx512bw", "avx512vl", "avx512vnni")))
 
 # i2s_dot: blocks per loop step by row count (their products are summed in i16 lanes before one widening: a shift,
 # an add, a vpmaddwd and an add per row), and how far ahead of the current weights to prefetch. 1-2 rows widen
