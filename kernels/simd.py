@@ -54,13 +54,16 @@ HAVE_AVX512 = (HAVE_VNNI and USE_AVX512
 # every 4 blocks (one token alone: 5-7 % faster than every 2, in L2, one process alternated); 4 rows every 2
 # (every 4 measured no faster: their per-code shifts, not the widening, fill the vector pipes)
 BLOCKS_PER_STEP = {1: 4, 2: 4, 4: 2}
-# Weights are prefetched PREFETCH_BYTES ahead into L2 (locality 2, `prefetcht1`). On a 2-vCPU Intel Xeon with
-# AVX-512 (one process, medians of alternated runs), the 2B-4T screen over 0.33 GB took 19.6 ms against 23.9 ms
-# with L1 prefetches 2048 bytes ahead, and the 210 one-token layer matmuls took 32.6-34.7 ms against 36.4-42.2 ms.
-# An L1 prefetch holds one of the core's few L1 miss buffers until its line arrives; an L2 prefetch does not.
-# Distances 8192 and 16384 were no better, and non-temporal prefetches took 1.5-1.8x the time. On the AMD Zen 3
-# dev machines, L1, L2 and L3 prefetches measured the same.
+# Weights are prefetched PREFETCH_BYTES ahead into L2 (locality 2, `prefetcht1`), and PREFETCH_L1_BYTES ahead from
+# there into L1. On a 2-vCPU Intel Xeon with AVX-512 (one process, medians of alternated runs), the 2B-4T screen
+# over 0.33 GB took 19.6 ms against 23.9 ms with L1 prefetches 2048 bytes ahead, and the 210 one-token layer
+# matmuls took 32.6-34.7 ms against 36.4-42.2 ms: an L1 prefetch from memory holds one of the core's few L1 miss
+# buffers until its line arrives, an L2 prefetch does not. The second, short L1 prefetch (of lines by then in L2)
+# read the layers at 8.5 / 14.4 GB/s on 1 / 2 threads against 7.8 / 13.8 without it. L2 distances of 8192 and 16384
+# bytes were no better, non-temporal prefetches took 1.5-1.8x the time. On the AMD Zen 3 dev machines, L1, L2 and
+# L3 prefetches measured the same.
 PREFETCH_BYTES = 4096
+PREFETCH_L1_BYTES = 512
 PREFETCH_LOCALITY = 2
 
 _I8 = ir.IntType(8)
@@ -107,12 +110,22 @@ def _reduce_add(builder, vec):
 
 
 def _prefetch(builder, ptr, locality=PREFETCH_LOCALITY):
-    """Software prefetch of the cache line at ptr (read; default into L2): the weights of a matmul are streamed
-    once from a memory map of 4 KiB pages, where the hardware prefetchers stop at each page end. Locality 3
-    (into L1) for data needed within a few hundred cycles (attention's K rows)."""
+    """Software prefetch of the cache line at ptr (read; default into L2). Locality 3 (into L1) for data needed
+    within a few hundred cycles (attention's K rows)."""
     fn = _get_or_insert(builder.module, "llvm.prefetch.p0i8",
                         ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]))
-    builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, locality), ir.Constant(_I32, 1)])
+    builder.call(fn, [builder.bitcast(ptr, _I8.as_pointer()), ir.Constant(_I32, 0), ir.Constant(_I32, locality),
+                      ir.Constant(_I32, 1)])
+
+
+def _prefetch_stream(builder, base, byte_offset):
+    """Prefetches for the weight line at byte_offset of base (once per 64-byte line): the line PREFETCH_BYTES ahead
+    into L2 and the one PREFETCH_L1_BYTES ahead into L1. The weights of a matmul are streamed once from a memory
+    map of 4 KiB pages, where the hardware prefetchers stop at each page end."""
+    i64 = ir.IntType(64)
+    b8 = builder.bitcast(base, _I8.as_pointer())
+    _prefetch(builder, builder.gep(b8, [builder.add(byte_offset, ir.Constant(i64, PREFETCH_BYTES))]))
+    _prefetch(builder, builder.gep(b8, [builder.add(byte_offset, ir.Constant(i64, PREFETCH_L1_BYTES))]), 3)
 
 
 def _codes(builder, wb, one_shift):
@@ -138,7 +151,7 @@ def _block_products(builder, wbase, qbases, blk, sums, one_shift, prefetch):
     maddubs = _get_or_insert(builder.module, "llvm.x86.avx2.pmadd.ub.sw", ir.FunctionType(_V16I16, [_V32I8, _V32I8]))
     woff = builder.mul(blk, ir.Constant(i64, 32))
     if prefetch:
-        _prefetch(builder, builder.gep(wbase, [builder.add(woff, ir.Constant(i64, PREFETCH_BYTES))]))
+        _prefetch_stream(builder, wbase, woff)
     wb = builder.load(builder.bitcast(builder.gep(wbase, [woff]), _V32I8.as_pointer()), align=1)
     codes = _codes(builder, wb, one_shift)
     for t, qbase in enumerate(qbases):

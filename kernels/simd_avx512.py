@@ -19,8 +19,8 @@ Integer lanes cannot overflow: each lane sums a subset of the 256-bit form's pro
 from llvmlite import ir
 from numba.extending import intrinsic
 
-from .simd import (PREFETCH_BYTES, _I8, _I16, _I32, _V32I8, _close_loop, _get_or_insert, _open_loop, _prefetch,
-                   _reduce_add, _return_rows, dot_pointers, dot_signature)
+from .simd import (_I8, _I16, _I32, _V32I8, _close_loop, _get_or_insert, _open_loop, _prefetch_stream, _reduce_add,
+                   _return_rows, dot_pointers, dot_signature)
 
 _I64 = ir.IntType(64)
 _V16I32 = ir.VectorType(_I32, 16)
@@ -71,8 +71,8 @@ def _make_i8_i16_dot(n_rows):
             accs = [builder.phi(_V16I32) for _ in zeros]
             first = builder.mul(i, _c64(4))
             byte0 = builder.mul(first, _c64(32))
-            _prefetch(builder, builder.gep(wi8, [builder.add(byte0, _c64(PREFETCH_BYTES))]))
-            _prefetch(builder, builder.gep(wi8, [builder.add(byte0, _c64(PREFETCH_BYTES + 64))]))
+            _prefetch_stream(builder, wi8, byte0)
+            _prefetch_stream(builder, wi8, builder.add(byte0, _c64(64)))
             new = list(accs)
             for c in range(4):
                 chunk(builder.add(first, _c64(c)), new, c % n_acc)

@@ -17,8 +17,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from .simd import (PREFETCH_BYTES, _I8, _I16, _V8I32, _V16I16, _V32I8, _as_i64, _close_loop, _data_ptr,
-                   _get_or_insert, _open_loop, _prefetch, _reduce_add, _return_rows, _splat, dot_pointers,
+from .simd import (_I8, _I16, _V8I32, _V16I16, _V32I8, _as_i64, _close_loop, _data_ptr,
+                   _get_or_insert, _open_loop, _prefetch_stream, _reduce_add, _return_rows, _splat, dot_pointers,
                    dot_signature)
 
 _ALWAYS = ir.Constant(ir.IntType(1), 1)  # callers pass n >= 1: the loops below run at least once
@@ -54,8 +54,7 @@ def _make_i8_dot_abs(n_rows):
             def load(base):
                 return builder.load(builder.bitcast(builder.gep(base, [off]), _V32I8.as_pointer()), align=1)
 
-            wi8 = builder.bitcast(wbase, _I8.as_pointer())
-            _prefetch(builder, builder.gep(wi8, [builder.add(off, ir.Constant(i64, PREFETCH_BYTES))]))
+            _prefetch_stream(builder, wbase, off)
             wv = load(wbase)
             new = []
             for t in range(n_rows):
@@ -90,7 +89,7 @@ def _make_i8_i16_dot(n_rows):
             accs = [builder.phi(_V8I32) for _ in range(n_rows)]
             off = builder.mul(i, ir.Constant(i64, 32))
             wi8 = builder.bitcast(wbase, _I8.as_pointer())
-            _prefetch(builder, builder.gep(wi8, [builder.add(off, ir.Constant(i64, PREFETCH_BYTES))]))
+            _prefetch_stream(builder, wi8, off)
             new = list(accs)
             for half in range(2):  # 16 weights at a time, widened to int16
                 o = builder.add(off, ir.Constant(i64, 16 * half))
@@ -134,8 +133,7 @@ def _make_f16_dot(n_rows):
             i = builder.phi(i64)
             accs = [[builder.phi(v8f32) for _ in range(4)] for _ in range(n_rows)]
             base = builder.mul(i, c64(32))  # 32 halves = one 64-byte line
-            wi8 = builder.bitcast(wbase, _I8.as_pointer())
-            _prefetch(builder, builder.gep(wi8, [builder.add(builder.mul(base, c64(2)), c64(PREFETCH_BYTES))]))
+            _prefetch_stream(builder, wbase, builder.mul(base, c64(2)))
             new = [[None] * 4 for _ in range(n_rows)]
             for j in range(4):
                 wp = builder.bitcast(builder.gep(wbase, [builder.add(base, c64(8 * j))]), v8i16.as_pointer())

@@ -12,7 +12,7 @@ i32 lanes cannot overflow: |sum| <= K * 2 * 128 for any K this engine meets.
 from llvmlite import ir
 from numba.extending import intrinsic
 
-from .simd import (PREFETCH_BYTES, _I8, _V8I32, _V32I8, _close_loop, _get_or_insert, _prefetch, _reduce_add,
+from .simd import (_I8, _V8I32, _V32I8, _close_loop, _get_or_insert, _prefetch_stream, _reduce_add,
                    _return_rows, _splat, dot_pointers, dot_signature)
 
 _I64 = ir.IntType(64)
@@ -72,7 +72,7 @@ def _make_i2s_dot_vnni(n_rows):
             i = builder.phi(_I64)
             accs = [builder.phi(_V8I32) for _ in range(n_rows * n_acc)]
             first = builder.mul(i, _c64(2))
-            _prefetch(builder, builder.gep(wbase, [builder.add(builder.mul(first, _c64(32)), _c64(PREFETCH_BYTES))]))
+            _prefetch_stream(builder, wbase, builder.mul(first, _c64(32)))
             new = block(builder.add(first, _c64(1)), block(first, accs, 0), 1)
             paired = _close_loop(builder, (entry, loop, after), i, _c64(0), n_pairs, accs, zeros, new)
             builder.cbranch(builder.icmp_signed(">", nb_v, builder.mul(n_pairs, _c64(2))), odd, done)
