@@ -70,7 +70,11 @@ def test_setup_and_run_scripts_serve_completions(tmp_path):
     home, bin_dir = tmp_path / "home", tmp_path / "bin"
     home.mkdir()
     bin_dir.mkdir()
-    (bin_dir / "python").symlink_to(sys.executable)  # the scripts' `python` is this interpreter
+    # the scripts' `python` is this interpreter: a wrapper, not a symlink (a symlink outside a virtualenv's bin/
+    # starts the base interpreter, without the virtualenv's packages)
+    wrapper = bin_dir / "python"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
     port = _free_port()
     reference = json.loads((FIXTURES / "tiny-bitnet" / "ref-i2_s.json").read_text())["results"][0]
 
