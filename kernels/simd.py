@@ -11,7 +11,8 @@ calling `@njit` function; everything around them stays ordinary Numba code.
   activation rows (`q` flat i8, row t at `q0 + t*q_stride`), as sum(code * q) with code in {0, 1, 2}; the
   caller subtracts sum(q). Returns an int32 (dot1) or a tuple of int32. On VNNI hosts (`HAVE_VNNI`),
   `kernels.simd_vnni` has the same dots through `vpdpbusd` (the same integers).
-- `kernels.simd_dense`: the int8 and float16 head dots, built from the helpers here.
+- `kernels.simd_dense`: the int8 and float16 head dots, built from the helpers here; `kernels.simd_avx512`: the
+  screened head's dot in 512-bit form (hosts with AVX-512 BW + VNNI, `HAVE_AVX512`).
 - `f16_to_f32(bits)`: u16 float16 bits -> float32 value (exact; `fpext half`, vectorizes to vcvtph2ps).
 - `f32_to_f16_bits(x)`: float32 -> nearest float16 as u16 bits (`fptrunc`, vectorizes to vcvtps2ph).
 - `i32_as_f32(bits)`: bit cast int32 -> float32 (builds 2^n in `kernels.expf`).
@@ -41,11 +42,11 @@ HAVE_AVX2 = "avx2" in _FEATURES
 HAVE_F16C = "f16c" in _FEATURES or "neon" in _FEATURES or "fp-armv8" in _FEATURES
 # VNNI (AVX-512 VNNI with 256-bit forms, or AVX-VNNI): `vpdpbusd` multiplies u8 x i8, sums each group of four and
 # adds to i32 lanes in one instruction, replacing vpmaddubsw + i16 adds + vpmaddwd (AMD Genoa, Intel Sapphire
-# Rapids and later; not this project's Zen 3 dev machines). BITNET_PY_VNNI=0 turns it off (kernels/config.py).
+# Rapids and later; not the Zen 3 VMs of the first nine sessions). BITNET_PY_VNNI=0 turns it off (kernels/config.py).
 HAVE_VNNI = HAVE_AVX2 and USE_VNNI and (("avx512vnni" in _FEATURES and "avx512vl" in _FEATURES)
                                         or "avxvnni" in _FEATURES)
-# 512-bit decode dots (kernels.simd_avx512): byte and word ops on zmm (BW), vpdpbusd / vpdpwssd on zmm and ymm
-# (VNNI, VL). BITNET_PY_AVX512=0 turns them off.
+# The screened head's 512-bit dot (kernels.simd_avx512): word ops on zmm (BW) and vpdpwssd (VNNI). Hosts with
+# AVX-512 VNNI pass HAVE_VNNI too. BITNET_PY_AVX512=0 turns it off.
 HAVE_AVX512 = (HAVE_VNNI and USE_AVX512
                and all(f in _FEATURES for f in ("avx512f", "avx512bw", "avx512vl", "avx512vnni")))
 
