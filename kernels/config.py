@@ -27,7 +27,7 @@ Environment:
   Dedicated cores: OMP_WAIT_POLICY=ACTIVE may gain a little; shared cores: OMP_WAIT_POLICY=PASSIVE. On a 2-vCPU
   Intel Xeon VM (pause takes longer there than on Zen 3): a greedy 2B-4T step took 64.8 / 67.3 / 72 ms (medians
   of 4 alternated processes) with GOMP_SPINCOUNT 1000000 / 100000 / 10000 on idle cores, and with two busy
-  processes beside it 328 / 199 / 149 ms with 100000 / 10000 / PASSIVE; the default stays the polite one.
+  processes beside it 328 / 199 / 149 ms with 100000 / 10000 / PASSIVE (one round); the default stays polite.
 Only "safe" fast-math flags are used where float results must match the reference order of operations:
 `STRICT` kernels (activation quantization, norms) get none, reductions over exact integers don't care.
 """
