@@ -28,7 +28,8 @@ SPLIT_MIN_KEYS = 256  # split only when some token sees at least this many keys 
 SPLIT_THREADS_PER_TASK = 2  # ... and there are at least this many threads per (token, KV head) task
 SPLIT_MAX_SCORE_BYTES = 64 << 20  # ... and the scores of all tokens fit in this many bytes
 SPLIT_LONG_KEYS = 2048  # also split decode steps (few tokens) whose tokens see this many keys on average ...
-SPLIT_LONG_MAX_TOKENS = 8  # ... with at most this many tokens in the step
+SPLIT_LONG_MAX_TOKENS = 8  # ... with at most this many tokens in the step ...
+SPLIT_LONG_MAX_TASKS_PER_THREAD = 4  # ... and fewer (token, KV head) tasks than this per thread
 
 if HAVE_F16C:
     from .attention_fast import _exp_shifted, _normalize, _pv_g4, _qk_g4, paged_attention_fast
@@ -89,15 +90,21 @@ if HAVE_F16C:
     def choose_attention(n_tokens, n_head, n_kv_head, use_f32, n_keys_max, n_threads, n_keys_mean=None):
         """The kernel for a step (one choice for all layers; both give the same results): the split kernel for
         float16 caches, GQA groups of 4 and long contexts when (token, KV head) tasks would leave threads idle,
-        or when a decode step's tokens see SPLIT_LONG_KEYS keys on average (2B-4T on 2 threads at 4000 keys:
-        one sequence 9.1 -> 10.3 tok/s, four 14.7 -> 16.1; with K/V prefetched, one sequence at 2000 keys:
-        12.9 / 12.5 / 13.6 tok/s split against 11.9 / 11.1 / 13.5 fast, mixed at 1000); attention_fast
+        or when a decode step's tokens see SPLIT_LONG_KEYS keys on average (2B-4T on 2 threads at 4000 keys, the
+        Zen 3 VM of earlier sessions: one sequence 9.1 -> 10.3 tok/s, four 14.7 -> 16.1, the one measurement that
+        disagrees with the task limit below; with K/V prefetched, one sequence at 2000 keys:
+        12.9 / 12.5 / 13.6 tok/s split against 11.9 / 11.1 / 13.5 fast, mixed at 1000), unless the step has
+        SPLIT_LONG_MAX_TASKS_PER_THREAD (token, KV head) tasks per thread (then attention_fast keeps every thread
+        busy without the split's extra passes: on a 2-vCPU Intel Xeon, 30 layers at 4096 keys with their own caches
+        took 102 / 199 / 383 ms fast against 113 / 235 / 461 split for 2 / 4 / 8 sequences, 64 against 58 for one;
+        4 sequences at depth 4000 decoded 1.084x faster in one process, 6 of 6 rounds); attention_fast
         otherwise."""
         n_keys_mean = n_keys_max if n_keys_mean is None else n_keys_mean
         if (not use_f32 and n_head == 4 * n_kv_head and n_keys_max >= SPLIT_MIN_KEYS
                 and n_tokens * n_head * n_keys_max * 4 <= SPLIT_MAX_SCORE_BYTES
                 and (n_tokens * n_kv_head * SPLIT_THREADS_PER_TASK <= n_threads
-                     or (n_tokens <= SPLIT_LONG_MAX_TOKENS and n_keys_mean >= SPLIT_LONG_KEYS))):
+                     or (n_tokens <= SPLIT_LONG_MAX_TOKENS and n_keys_mean >= SPLIT_LONG_KEYS
+                         and n_tokens * n_kv_head < SPLIT_LONG_MAX_TASKS_PER_THREAD * n_threads))):
             return paged_attention_split_g4
         return paged_attention_fast
 

@@ -36,6 +36,8 @@ CASES = {  # name -> (tokens per sequence, sequences, context length)
     "decode1000": (1, 1, 1000),
     "decode2000": (1, 1, 2000),
     "decode4096": (1, 1, 4096),
+    "batch2x4096": (1, 2, 4096),
+    "batch4x4096": (1, 4, 4096),
     "batch8x4096": (1, 8, 4096),
 }
 

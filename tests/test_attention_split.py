@@ -118,7 +118,10 @@ def test_auto_picks_split_only_for_few_long_tasks(monkeypatch):
     assert run(1, 400) == "fast"  # 2 threads, 2 tasks: none idle
     assert run(1, split_mod.SPLIT_LONG_KEYS - 1) == "split"  # a decode step at a very long context
     assert run(1, split_mod.SPLIT_LONG_KEYS - 2) == "fast"
-    assert run(8, split_mod.SPLIT_LONG_KEYS + 8) == "split"  # 8 tokens (a decode batch) past the threshold
+    assert run(3, split_mod.SPLIT_LONG_KEYS + 8) == "split"  # a decode batch past the threshold: 6 tasks, 2 threads
+    assert run(4, split_mod.SPLIT_LONG_KEYS + 8) == "fast"  # 8 tasks: SPLIT_LONG_MAX_TASKS_PER_THREAD each
+    monkeypatch.setattr(split_mod.numba, "get_num_threads", lambda: 16)
+    assert run(8, split_mod.SPLIT_LONG_KEYS + 8) == "split"  # 16 tasks for 16 threads
     assert run(9, split_mod.SPLIT_LONG_KEYS + 8) == "fast"  # more tokens: prefill-like, attention_fast
 
 
