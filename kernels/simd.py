@@ -110,6 +110,14 @@ def _reduce_add(builder, vec):
     return builder.extract_element(vec, ir.Constant(_I32, 0))
 
 
+def _int_total(builder, vecs):
+    """Integer accumulator vectors of one row -> the sum of all their lanes as one scalar: pairwise vector adds,
+    then one halving reduction (integer adds: any order gives the same total)."""
+    while len(vecs) > 1:
+        vecs = [builder.add(vecs[k], vecs[k + 1]) if k + 1 < len(vecs) else vecs[k] for k in range(0, len(vecs), 2)]
+    return _reduce_add(builder, vecs[0])
+
+
 def _prefetch(builder, ptr, locality=PREFETCH_LOCALITY):
     """Software prefetch of the cache line at ptr (read; default into L2). Locality 3 (into L1) for data needed
     within a few hundred cycles (attention's K rows)."""

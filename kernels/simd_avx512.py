@@ -19,7 +19,7 @@ Integer lanes cannot overflow: each lane sums a subset of the 256-bit form's pro
 from llvmlite import ir
 from numba.extending import intrinsic
 
-from .simd import (_I8, _I16, _I32, _V32I8, _close_loop, _get_or_insert, _open_loop, _prefetch_stream, _reduce_add,
+from .simd import (_I16, _I32, _V32I8, _close_loop, _get_or_insert, _int_total, _open_loop, _prefetch_stream,
                    _return_rows, dot_pointers, dot_signature)
 
 _I64 = ir.IntType(64)
@@ -35,15 +35,6 @@ def _load(builder, base, offset, vty, align=1):
     return builder.load(builder.bitcast(builder.gep(base, [offset]), vty.as_pointer()), align=align)
 
 
-def _row_sum(builder, accs):
-    """Integer accumulators of one row -> their total as i32 (integer adds: any order gives the same sum)."""
-    total = None
-    for a in accs:
-        s = _reduce_add(builder, a)
-        total = s if total is None else builder.add(total, s)
-    return total
-
-
 def _make_i8_i16_dot(n_rows):
     n_acc = 4 if n_rows <= 2 else 2
 
@@ -55,11 +46,10 @@ def _make_i8_i16_dot(n_rows):
             wbase, xbases, n_v = dot_pointers(context, builder, signature, args, n_rows)  # i8 / i16 elements
             dpwssd = _get_or_insert(builder.module, "llvm.x86.avx512.vpdpwssd.512",
                                     ir.FunctionType(_V16I32, [_V16I32] * 3))
-            wi8 = builder.bitcast(wbase, _I8.as_pointer())
 
             def chunk(c, accs, slot):
                 off = builder.mul(c, _c64(32))
-                w16 = builder.bitcast(builder.sext(_load(builder, wi8, off, _V32I8), _V32I16), _V16I32)
+                w16 = builder.bitcast(builder.sext(_load(builder, wbase, off, _V32I8), _V32I16), _V16I32)
                 for t in range(n_rows):
                     xv = builder.bitcast(_load(builder, xbases[t], off, _V32I16, 2), _V16I32)
                     accs[t * n_acc + slot] = builder.call(dpwssd, [accs[t * n_acc + slot], w16, xv])
@@ -71,8 +61,8 @@ def _make_i8_i16_dot(n_rows):
             accs = [builder.phi(_V16I32) for _ in zeros]
             first = builder.mul(i, _c64(4))
             byte0 = builder.mul(first, _c64(32))
-            _prefetch_stream(builder, wi8, byte0)
-            _prefetch_stream(builder, wi8, builder.add(byte0, _c64(64)))
+            _prefetch_stream(builder, wbase, byte0)
+            _prefetch_stream(builder, wbase, builder.add(byte0, _c64(64)))
             new = list(accs)
             for c in range(4):
                 chunk(builder.add(first, _c64(c)), new, c % n_acc)
@@ -84,7 +74,7 @@ def _make_i8_i16_dot(n_rows):
             rnew = list(raccs)
             chunk(c, rnew, 0)
             final = _close_loop(builder, rest, c, rest_start, n_v, raccs, wide, rnew)
-            sums = [_row_sum(builder, final[t * n_acc:(t + 1) * n_acc]) for t in range(n_rows)]
+            sums = [_int_total(builder, final[t * n_acc:(t + 1) * n_acc]) for t in range(n_rows)]
             return _return_rows(context, builder, signature, sums, n_rows)
 
         return sig, codegen
