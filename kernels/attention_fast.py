@@ -9,9 +9,9 @@ optional float16 rounding of probabilities and the p.v accumulation order are un
 up to TOKENS_PER_TASK consecutive tokens of a sequence, KV head), so each float16 K/V row is widened once for all
 query heads of its group (GQA) instead of once per head, and in a prefill each block of keys is read once for the
 tile's tokens while it is in cache. Groups of 4 (2B-4T, Llama-3-8B) take the intrinsics of `kernels.simd_attention`
-(q.k: eight sums per pair of keys, reduced together; p.v: 4 heads x 16 dims summed in registers across a block of
-keys) with the same p.v order. Only built where the host converts float16 in hardware (`HAVE_F16C`); model.py falls
-back otherwise.
+(q.k: eight sums per pair of keys, reduced together; p.v: 4 heads x 16 dims, or 32 in zmm registers on AVX-512
+hosts, summed in registers across a block of keys) with the same p.v order. Only built where the host converts
+float16 in hardware (`HAVE_F16C`); model.py falls back otherwise.
 """
 
 import numpy as np
@@ -19,7 +19,7 @@ from numba import get_num_threads, njit, prange
 
 from .config import JIT, JIT_MAX, JIT_PARALLEL
 from .expf import expf_nonpositive
-from .simd import HAVE_F16C
+from .simd import HAVE_AVX512, HAVE_F16C
 
 PV_KEY_BLOCK = 64  # keys per p.v block (their V rows stay in L1 for the block's 16-dim slices)
 QK_KEY_BLOCK = 64  # keys per q.k block of a token tile (even: q.k pairs keys)
@@ -29,7 +29,10 @@ MIN_TASKS_PER_THREAD = 4  # ... fewer where tiles would leave fewer tasks than t
 
 if HAVE_F16C:
     from .simd import f16_to_f32, f32_to_f16_bits
-    from .simd_attention import prefetch_row, pv4x16, qk1x32, qk4x2
+    from .simd_attention import prefetch_row, pv4x16, pv4x32, qk1x32, qk4x2
+
+    PV_DIMS = 32 if HAVE_AVX512 else 16  # dims per p.v call: zmm registers where the host has them
+    pv4 = pv4x32 if HAVE_AVX512 else pv4x16
 
     @njit(**JIT)
     def _load_row(c16, c32, use_f32, slot, kvh, buf):
@@ -113,37 +116,37 @@ if HAVE_F16C:
     @njit(**JIT)
     def _pv_g4_block(sc, slots, jb, je, v16, kvh, acc, d0, prefetch):
         """acc[g, i] += sum over keys jb <= j < je of sc[g, j] * V[slots[j], kvh, d0 + i], in key order, for the
-        dims i below the last multiple of 16 of acc.shape[1] (`pv4x16`, 16 dims at a time)."""
-        W16 = acc.shape[1] - acc.shape[1] % 16
-        # the next block's V rows (the dims this call reads), prefetched a share per 16-dim slice: the rows'
+        dims i below the last multiple of PV_DIMS of acc.shape[1] (`pv4`, PV_DIMS dims at a time)."""
+        W = acc.shape[1] - acc.shape[1] % PV_DIMS
+        # the next block's V rows (the dims this call reads), prefetched a share per slice of dims: the rows'
         # stride defeats the hardware prefetchers, and a decode at depth streams V from memory
-        per_slice = -(-PV_KEY_BLOCK // max(1, W16 // 16))
+        per_slice = -(-PV_KEY_BLOCK // max(1, W // PV_DIMS))
         row_bytes = 2 * acc.shape[1]
-        for c in range(0, W16, 16):
-            k0 = je + (c // 16) * per_slice
+        for c in range(0, W, PV_DIMS):
+            k0 = je + (c // PV_DIMS) * per_slice
             for j in range(k0, min(k0 + per_slice, je + PV_KEY_BLOCK, slots.shape[0]) if prefetch else k0):
                 prefetch_row(v16, slots[j], kvh, d0, row_bytes)
-            pv4x16(sc, slots, jb, je, v16, kvh, d0 + c, acc, c)
+            pv4(sc, slots, jb, je, v16, kvh, d0 + c, acc, c)
 
     @njit(**JIT)
     def _pv_g4_tail(sc, slots, n, v16, kvh, acc, d0):
-        """The dims past the last multiple of 16 of acc.shape[1] (none for heads of 64 or 128), key by key."""
+        """The dims past the last multiple of PV_DIMS of acc.shape[1] (none for heads of 64 or 128), key by key."""
         W = acc.shape[1]
-        W16 = W - W % 16
-        for j in range(n if W16 < W else 0):
+        Wv = W - W % PV_DIMS
+        for j in range(n if Wv < W else 0):
             s0 = slots[j]
             for g in range(4):
                 p = sc[g, j]
-                for i in range(W16, W):
+                for i in range(Wv, W):
                     acc[g, i] += p * f16_to_f32(v16[s0, kvh, d0 + i])
 
     @njit(**JIT)
     def _pv_g4(sc, slots, n, v16, kvh, acc, d0):
         """acc[g, i] += sum over keys j < n of sc[g, j] * V[slots[j], kvh, d0 + i], for the 4 heads g of a GQA
         group and i < acc.shape[1] (a slice of the head dimension, or all of it). Keys in order for every
-        (g, d) (the reference order: a product, then its add; no reassociation), `pv4x16` over 16 dims at a
+        (g, d) (the reference order: a product, then its add; no reassociation), `pv4` over PV_DIMS dims at a
         time with the sums in registers, in key blocks of PV_KEY_BLOCK so the block's V rows stay in cache
-        for all of its 16-dim slices; dims past a multiple of 16 key by key."""
+        for all of its slices; dims past a multiple of PV_DIMS key by key."""
         for jb in range(0, n, PV_KEY_BLOCK):
             _pv_g4_block(sc, slots, jb, min(n, jb + PV_KEY_BLOCK), v16, kvh, acc, d0, True)
         _pv_g4_tail(sc, slots, n, v16, kvh, acc, d0)

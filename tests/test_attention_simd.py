@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from numba import njit
 
-from kernels.simd import HAVE_F16C
+from kernels.simd import HAVE_AVX512, HAVE_F16C
 
 pytestmark = pytest.mark.skipif(not HAVE_F16C, reason="the attention intrinsics need hardware float16 conversion")
 
 if HAVE_F16C:
     from kernels.attention_fast import _dot as one_head_dot
-    from kernels.simd_attention import pv4x16, qk4x2
+    from kernels.simd_attention import pv4x16, pv4x32, qk4x2
 
     @njit
     def qk_all(q, t, h0, k16, kvh, slots, out):  # out: f32[4, n] (pairs of keys, the last one alone)
@@ -25,8 +25,14 @@ if HAVE_F16C:
                     out[g, j + 1] = r[4 + g]
 
     @njit
-    def pv_range(sc, slots, j0, j1, v16, kvh, d, acc, c):
+    def pv16_range(sc, slots, j0, j1, v16, kvh, d, acc, c):
         pv4x16(sc, slots, j0, j1, v16, kvh, d, acc, c)
+
+    @njit
+    def pv32_range(sc, slots, j0, j1, v16, kvh, d, acc, c):
+        pv4x32(sc, slots, j0, j1, v16, kvh, d, acc, c)
+
+PV_FORMS = [16] + ([32] if HAVE_AVX512 else [])  # dims per call; the zmm form runs only on AVX-512 hosts
 
 
 def f16_cache(rng, n_slots, kvh, dim, values):
@@ -73,28 +79,30 @@ def test_qk_matches_float64_at_real_sizes():
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
 
 
-def pv_reference(sc, slots, j0, j1, v16, kvh, d, acc, c):
+def pv_reference(sc, slots, j0, j1, v16, kvh, d, acc, c, width):
     """float32, key by key: acc += p * v with the product rounded before the add."""
     v = v16.view(np.float16).astype(np.float32)
     for j in range(j0, j1):
         for g in range(4):
-            acc[g, c:c + 16] = acc[g, c:c + 16] + np.float32(sc[g, j]) * v[slots[j], kvh, d:d + 16]
+            acc[g, c:c + width] = acc[g, c:c + width] + np.float32(sc[g, j]) * v[slots[j], kvh, d:d + width]
 
 
-@pytest.mark.parametrize("j0,j1,d,c", [(0, 64, 0, 0), (5, 77, 48, 16), (10, 10, 0, 0), (3, 4, 112, 0)])
-def test_pv_is_bit_identical_to_sequential_float32(j0, j1, d, c):
+@pytest.mark.parametrize("width", PV_FORMS)
+@pytest.mark.parametrize("j0,j1,d,c", [(0, 64, 0, 0), (5, 77, 48, 16), (10, 10, 0, 0), (3, 4, 96, 0)])
+def test_pv_is_bit_identical_to_sequential_float32(j0, j1, d, c, width):
     rng = np.random.default_rng(j0 + j1 + d)
     v16 = rng.standard_normal((90, 5, 128)).astype(np.float16).view(np.uint16)
     big = np.abs(rng.standard_normal((7, 100))).astype(np.float32) / 50
     sc = big[2:6]  # rows of a larger array (row stride 100)
     slots = rng.permutation(90).astype(np.int64)
-    acc = rng.standard_normal((4, 32)).astype(np.float32)
+    acc = rng.standard_normal((4, 64)).astype(np.float32)
     want = acc.copy()
-    pv_reference(sc, slots, j0, j1, v16, 3, d, want, c)
-    untouched = acc[:, [i for i in range(32) if not c <= i < c + 16]].copy()
-    pv_range(sc, slots, j0, j1, v16, 3, d, acc, c)
-    np.testing.assert_array_equal(acc[:, c:c + 16], want[:, c:c + 16])
-    np.testing.assert_array_equal(acc[:, [i for i in range(32) if not c <= i < c + 16]], untouched)
+    pv_reference(sc, slots, j0, j1, v16, 3, d, want, c, width)
+    outside = [i for i in range(64) if not c <= i < c + width]
+    untouched = acc[:, outside].copy()
+    (pv16_range if width == 16 else pv32_range)(sc, slots, j0, j1, v16, 3, d, acc, c)
+    np.testing.assert_array_equal(acc[:, c:c + width], want[:, c:c + width])
+    np.testing.assert_array_equal(acc[:, outside], untouched)
 
 
 def one_head_dot_reference(q, row):
@@ -128,3 +136,13 @@ def test_one_head_dot_has_the_documented_order_on_every_host(D):
         row = rng.standard_normal(D).astype(np.float32)
         assert one_head_dot(q, 1, 2, row) == one_head_dot_reference(q[1, 2], row)
     assert not one_head_dot.targetoptions.get("fastmath")  # no reassociation: LLVM may not reorder the sum
+
+
+@pytest.mark.skipif(not HAVE_AVX512, reason="the zmm p.v form is built for AVX-512 hosts only")
+def test_pv_zmm_form_uses_zmm_registers():
+    rng = np.random.default_rng(3)
+    v16 = rng.standard_normal((8, 1, 32)).astype(np.float16).view(np.uint16)
+    pv32_range(np.ones((4, 8), np.float32), np.arange(8), 0, 8, v16, 0, 0, np.zeros((4, 32), np.float32), 0)
+    asm = next(iter(pv32_range.inspect_asm().values()))
+    widen = [line for line in asm.splitlines() if "vcvtph2ps" in line]  # vcvtph2ps, or vcvtph2psx (AVX512-FP16)
+    assert widen and all("%zmm" in line for line in widen)  # 16 float16 widened into one zmm register
