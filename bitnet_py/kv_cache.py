@@ -19,7 +19,7 @@ CACHE_DTYPES = {"f16": np.uint16, "f32": np.float32}
 
 @dataclass
 class KVCache:
-    k: np.ndarray  # u16[L, n_slots, KVH, D] (float16 bits) or f32[L, n_slots, KVH, D]
+    k: np.ndarray  # u16[L, KVH, n_slots, D] (float16 bits) or f32[L, KVH, n_slots, D]
     v: np.ndarray  # same as k
     block_size: int
 
@@ -30,7 +30,7 @@ class KVCache:
             raise ValueError(f"KV cache needs n_blocks > 0 and block_size > 0, got {n_blocks}, {block_size}")
         if cache_type not in CACHE_DTYPES:
             raise ValueError(f"cache type must be one of {sorted(CACHE_DTYPES)}, got {cache_type!r}")
-        shape = (n_layer, n_blocks * block_size, n_kv_head, head_dim)
+        shape = (n_layer, n_kv_head, n_blocks * block_size, head_dim)
         dtype = CACHE_DTYPES[cache_type]
         return cls(huge_pages.zeros(shape, dtype), huge_pages.zeros(shape, dtype), block_size)
 
@@ -40,7 +40,7 @@ class KVCache:
 
     @property
     def n_blocks(self) -> int:
-        return self.k.shape[1] // self.block_size
+        return self.k.shape[2] // self.block_size
 
     @property
     def nbytes(self) -> int:

@@ -178,8 +178,8 @@ class Model:
         self._cos, self._sin = rope_tables(c.n_ctx_train if c.n_ctx_train < 1 << 17 else 1 << 17,
                                            c.rope_dims, c.rope_base, c.rope_freq_scale)
         self._lut = f16_lut()
-        self._empty16 = np.zeros((0, c.n_kv_head, c.head_dim), np.uint16)
-        self._empty32 = np.zeros((0, c.n_kv_head, c.head_dim), np.float32)
+        self._empty16 = np.zeros((c.n_kv_head, 0, c.head_dim), np.uint16)
+        self._empty32 = np.zeros((c.n_kv_head, 0, c.head_dim), np.float32)
         relu2 = c.traits.ffn_act == "relu2"
         self._act = relu2_mul if relu2 else silu_mul
         self._act_parallel = relu2_mul_parallel if relu2 else silu_mul_parallel
@@ -323,8 +323,8 @@ class Model:
             if f32:
                 rope_apply(q, pos, self._cos, self._sin, c.traits.rope_neox, c.rope_dims)
                 rope_apply(k, pos, self._cos, self._sin, c.traits.rope_neox, c.rope_dims)
-                kv.k[il, slots] = k
-                kv.v[il, slots] = v
+                kv.k[il][:, slots] = k.transpose(1, 0, 2)
+                kv.v[il][:, slots] = v.transpose(1, 0, 2)
                 k16 = v16 = self._empty16
                 k32, v32 = kv.k[il], kv.v[il]
             else:  # rope, f16 K/V into the cache, Q rounded to f16 (ggml converts Q to f16 for Q.K)

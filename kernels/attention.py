@@ -12,15 +12,17 @@ from numba import njit, prange
 from .config import JIT_PARALLEL
 from .f16 import round_to_f16
 
+CACHE_LAYOUT = "heads_first"  # every attention kernel reads caches [KVH, n_slots, D] (bitnet_py.kv_cache)
+
 
 @njit(**JIT_PARALLEL)
 def paged_attention(q, k16, v16, k32, v32, use_f32, positions, seq_index, block_tables, block_size,
                     round_probs, scale, lut, out):
-    """q: f32[T, H, D]; the cache is either k16, v16: u16[S_slots, KVH, D] (f16 bits, decoded through
-    lut: f32[65536]) or, when use_f32, k32, v32: f32[S_slots, KVH, D] (the unused pair may be empty);
+    """q: f32[T, H, D]; the cache is either k16, v16: u16[KVH, S_slots, D] (f16 bits, decoded through
+    lut: f32[65536]) or, when use_f32, k32, v32: f32[KVH, S_slots, D] (the unused pair may be empty);
     positions, seq_index: i32[T]; block_tables: i32[S, B]; round_probs: bool[S] -> out: f32[T, H, D]."""
     T, H, D = q.shape
-    KVH = k32.shape[1] if use_f32 else k16.shape[1]
+    KVH = k32.shape[0] if use_f32 else k16.shape[0]
     group = H // KVH
     for th in prange(T * H):
         t = th // H
@@ -37,10 +39,10 @@ def paged_attention(q, k16, v16, k32, v32, use_f32, positions, seq_index, block_
             acc = np.float32(0.0)
             if use_f32:
                 for d in range(D):
-                    acc += q[t, h, d] * k32[slot, kvh, d]
+                    acc += q[t, h, d] * k32[kvh, slot, d]
             else:
                 for d in range(D):
-                    acc += q[t, h, d] * lut[k16[slot, kvh, d]]
+                    acc += q[t, h, d] * lut[k16[kvh, slot, d]]
             v = acc * scale
             scores[j] = v
             if v > best:
@@ -64,7 +66,7 @@ def paged_attention(q, k16, v16, k32, v32, use_f32, positions, seq_index, block_
             slot = slots[j]
             if use_f32:
                 for d in range(D):
-                    out[t, h, d] += p * v32[slot, kvh, d]
+                    out[t, h, d] += p * v32[kvh, slot, d]
             else:
                 for d in range(D):
-                    out[t, h, d] += p * lut[v16[slot, kvh, d]]
+                    out[t, h, d] += p * lut[v16[kvh, slot, d]]

@@ -36,13 +36,13 @@ if HAVE_F16C:
 
     @njit(**JIT)
     def _load_row(c16, c32, use_f32, slot, kvh, buf):
-        """Cache row [slot, kvh, :] -> buf: f32[D], from the float32 cache or widened (exactly) from float16."""
+        """Cache row [kvh, slot, :] -> buf: f32[D], from the float32 cache or widened (exactly) from float16."""
         if use_f32:
             for d in range(buf.shape[0]):
-                buf[d] = c32[slot, kvh, d]
+                buf[d] = c32[kvh, slot, d]
         else:
             for d in range(buf.shape[0]):
-                buf[d] = f16_to_f32(c16[slot, kvh, d])
+                buf[d] = f16_to_f32(c16[kvh, slot, d])
 
     @njit(**JIT)
     def _dot(q, t, h, row):
@@ -56,7 +56,7 @@ if HAVE_F16C:
 
     @njit(**JIT)
     def _qk_g4(q, t, h0, k16, kvh, slots, j0, j1, scale, sc, prefetch):
-        """sc[g, j] = scale * (q[t, h0 + g] . K[slots[j], kvh]) for the 4 heads of a GQA group and keys
+        """sc[g, j] = scale * (q[t, h0 + g] . K[kvh, slots[j]]) for the 4 heads of a GQA group and keys
         j0 <= j < j1 (j0 even), keys in pairs from j0 (`qk4x2`: each q element loaded once for 8 sums) and an
         odd last key alone (the same sums for it). One call per range: a call per key costs more than its
         arithmetic (argument reference counting)."""
@@ -115,7 +115,7 @@ if HAVE_F16C:
 
     @njit(**JIT)
     def _pv_g4_block(sc, slots, jb, je, v16, kvh, acc, d0, prefetch):
-        """acc[g, i] += sum over keys jb <= j < je of sc[g, j] * V[slots[j], kvh, d0 + i], in key order, for the
+        """acc[g, i] += sum over keys jb <= j < je of sc[g, j] * V[kvh, slots[j], d0 + i], in key order, for the
         dims i below the last multiple of PV_DIMS of acc.shape[1] (`pv4`, PV_DIMS dims at a time)."""
         W = acc.shape[1] - acc.shape[1] % PV_DIMS
         # the next block's V rows (the dims this call reads), prefetched a share per slice of dims: the rows'
@@ -138,11 +138,11 @@ if HAVE_F16C:
             for g in range(4):
                 p = sc[g, j]
                 for i in range(Wv, W):
-                    acc[g, i] += p * f16_to_f32(v16[s0, kvh, d0 + i])
+                    acc[g, i] += p * f16_to_f32(v16[kvh, s0, d0 + i])
 
     @njit(**JIT)
     def _pv_g4(sc, slots, n, v16, kvh, acc, d0):
-        """acc[g, i] += sum over keys j < n of sc[g, j] * V[slots[j], kvh, d0 + i], for the 4 heads g of a GQA
+        """acc[g, i] += sum over keys j < n of sc[g, j] * V[kvh, slots[j], d0 + i], for the 4 heads g of a GQA
         group and i < acc.shape[1] (a slice of the head dimension, or all of it). Keys in order for every
         (g, d) (the reference order: a product, then its add; no reassociation), `pv4` over PV_DIMS dims at a
         time with the sums in registers, in key blocks of PV_KEY_BLOCK so the block's V rows stay in cache
@@ -217,7 +217,7 @@ if HAVE_F16C:
         """paged_attention_fast with up to `tile` consecutive tokens of a sequence per task (GQA groups of 4,
         float16 cache; one token per task otherwise). Results do not depend on `tile` (tested)."""
         T, H, D = q.shape
-        KVH = k32.shape[1] if use_f32 else k16.shape[1]
+        KVH = k32.shape[0] if use_f32 else k16.shape[0]
         group = H // KVH
         fast4 = group == 4 and not use_f32  # 2B-4T, Llama-3-8B: four query heads per f16 K/V head
         starts = _token_tiles(seq_index, tile if fast4 else 1)
@@ -262,7 +262,7 @@ if HAVE_F16C:
         prefill at 4096 keys, 2 threads, one cache per layer: 3.6-3.7 s with one token per task, 2.8 s with
         tiles of 4, 2.5-2.6 s with tiles of 8. (Python: numba's thread count inside a kernel would keep it out
         of the on-disk cache.)"""
-        KVH = k32.shape[1] if use_f32 else k16.shape[1]
+        KVH = k32.shape[0] if use_f32 else k16.shape[0]
         tile = (q.shape[0] * KVH) // (MIN_TASKS_PER_THREAD * get_num_threads())
         paged_attention_tiled(q, k16, v16, k32, v32, use_f32, positions, seq_index, block_tables, block_size,
                               round_probs, scale, out, max(1, min(TOKENS_PER_TASK, tile)))

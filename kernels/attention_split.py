@@ -38,9 +38,9 @@ if HAVE_F16C:
     def paged_attention_split_g4(q, k16, v16, k32, v32, use_f32, positions, seq_index, block_tables, block_size,
                                  round_probs, scale, lut, out):
         """Same contract as kernels.attention.paged_attention, for float16 caches (use_f32 False; k32, v32 and
-        lut unused) and H = 4 * KVH: q: f32[T, H, D]; k16, v16: u16[n_slots, KVH, D] float16 bits."""
+        lut unused) and H = 4 * KVH: q: f32[T, H, D]; k16, v16: u16[KVH, n_slots, D] float16 bits."""
         T, H, D = q.shape
-        KVH = k16.shape[1]
+        KVH = k16.shape[0]
         n_max = 0
         chunk_offs = np.zeros(T + 1, np.int64)  # token t's key chunks: [chunk_offs[t], chunk_offs[t + 1])
         for t in range(T):
@@ -112,7 +112,7 @@ if HAVE_F16C:
                              round_probs, scale, lut, out):
         """Same contract as kernels.attention.paged_attention; the kernel `choose_attention` picks."""
         T, H, _ = q.shape
-        kvh = k32.shape[1] if use_f32 else k16.shape[1]
+        kvh = k32.shape[0] if use_f32 else k16.shape[0]
         kernel = choose_attention(T, H, kvh, use_f32, int(positions.max()) + 1 if T else 0, numba.get_num_threads(),
                                   float(positions.mean()) + 1 if T else 0.0)
         kernel(q, k16, v16, k32, v32, use_f32, positions, seq_index, block_tables, block_size, round_probs, scale,

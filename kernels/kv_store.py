@@ -15,7 +15,7 @@ if HAVE_F16C:
     @njit(**JIT)
     def rope_store_f16(q, k, v, positions, cos, sin, neox, n_dims, slots, k_cache, v_cache):
         """q: f32[T, H, D], k, v: f32[T, KVH, D] (rope applied to q and k in place; q then rounded to float16
-        values); positions: i32[T]; slots: i64[T] -> k_cache, v_cache: u16[n_slots, KVH, D] rows slots[t]."""
+        values); positions: i32[T]; slots: i64[T] -> k_cache, v_cache: u16[KVH, n_slots, D] rows [:, slots[t]]."""
         rope_apply(q, positions, cos, sin, neox, n_dims)
         rope_apply(k, positions, cos, sin, neox, n_dims)
         T, KVH, D = k.shape
@@ -23,8 +23,8 @@ if HAVE_F16C:
             s = slots[t]
             for h in range(KVH):
                 for d in range(D):
-                    k_cache[s, h, d] = f32_to_f16_bits(k[t, h, d])
-                    v_cache[s, h, d] = f32_to_f16_bits(v[t, h, d])
+                    k_cache[h, s, d] = f32_to_f16_bits(k[t, h, d])
+                    v_cache[h, s, d] = f32_to_f16_bits(v[t, h, d])
         H = q.shape[1]
         for t in range(T):
             for h in range(H):
@@ -35,6 +35,6 @@ else:
         """Same contract, numpy conversions."""
         rope_apply(q, positions, cos, sin, neox, n_dims)
         rope_apply(k, positions, cos, sin, neox, n_dims)
-        k_cache[slots] = k.astype(np.float16).view(np.uint16)
-        v_cache[slots] = v.astype(np.float16).view(np.uint16)
+        k_cache[:, slots] = k.transpose(1, 0, 2).astype(np.float16).view(np.uint16)
+        v_cache[:, slots] = v.transpose(1, 0, 2).astype(np.float16).view(np.uint16)
         q[...] = q.astype(np.float16).astype(np.float32)

@@ -66,10 +66,10 @@ if HAVE_LAYER_STEPS:
     def attention_inputs(x, attn_norm, eps, wq, wk, wv, sq, sk, sv, floor, positions, cos, sin, neox, n_dims,
                          slots, k_cache, v_cache, q_out, n_threads):
         """x: f32[T, E]; wq, wk, wv: u8 I2_S; sq, sk, sv: f32 scales; positions: i32[T]; slots: i64[T]
-        -> q_out: f32[T, H, D] (roped, float16-rounded); k_cache, v_cache: u16[n_slots, KVH, D] rows slots[t].
+        -> q_out: f32[T, H, D] (roped, float16-rounded); k_cache, v_cache: u16[KVH, n_slots, D] rows [:, slots[t]].
         n_threads: numba's thread count (sizes the matmuls' row tasks)."""
         T = x.shape[0]
-        KVH, D = k_cache.shape[1], k_cache.shape[2]
+        KVH, D = k_cache.shape[0], k_cache.shape[2]
         h = np.empty_like(x)
         _norm(x, attn_norm, eps, h)
         q8, scales, sums = _quantize(h, floor)

@@ -4,7 +4,7 @@ Written by hand because the loops Numba hands to LLVM leave most of the time out
 of 128 dims is 16 vector FMAs per accumulator, and LLVM then reduces each of the eight accumulators on its own
 (seven shuffles and adds each); p.v keeps its sixteen output vectors in memory and reloads them for every key.
 
-- `qk4x2(q, t, h0, k16, kvh, s0, s1)`: the eight float32 dots q[t, h0 + g] . K[s, kvh] for g < 4 and the keys
+- `qk4x2(q, t, h0, k16, kvh, s0, s1)`: the eight float32 dots q[t, h0 + g] . K[kvh, s] for g < 4 and the keys
   at slots s0, s1, as a tuple (g0 s0, .., g3 s0, g0 s1, .., g3 s1). Each dot sums in the order of a vectorized
   float32 loop: 8 lanes (lane l holds dims l, l+8, ...; one FMA per 8 dims), then lanes (l + l+4), then
   (0+2, 1+3), then 0+1; the eight reductions share their shuffles (transposed) instead of running one by one.
@@ -12,13 +12,13 @@ of 128 dims is 16 vector FMAs per accumulator, and LLVM then reduces each of the
   order LLVM gives a reassociated float32 loop on AVX2 hosts: four 8-lane accumulators (one FMA per 8 dims),
   (a0 + a1) + (a2 + a3), then lanes (l + l+4), then (0+2, 1+3), then 0+1. Written out so that AVX-512 hosts
   (where LLVM picks 16 lanes on Genoa) sum in the same order: the same bits on every host.
-- `pv4x16(sc, slots, j0, j1, v16, kvh, d, acc, c)`: acc[g, c + i] += sc[g, j] * V[slots[j], kvh, d + i] for
+- `pv4x16(sc, slots, j0, j1, v16, kvh, d, acc, c)`: acc[g, c + i] += sc[g, j] * V[kvh, slots[j], d + i] for
   g < 4, i < 16 and keys j0 <= j < j1 in key order, each product rounded before its add (no FMA): the same
   float32 operations, in the same order, as one sequential loop over keys per output element. The sixteen
   sums stay in registers for the whole key range. `pv4x32`: the same for i < 32 in zmm registers (hosts with
   AVX-512): the same operations per element, half the instructions; p.v is bound by its multiplies and adds
   (in L1: 21.8 ns per key and KV head for 128 dims with pv4x16, 13.6 with pv4x32, one thread).
-- `prefetch_row(c16, slot, kvh, d0, n_bytes)`: software prefetch of n_bytes of c16[slot, kvh, d0:]. One KV
+- `prefetch_row(c16, slot, kvh, d0, n_bytes)`: software prefetch of n_bytes of c16[kvh, slot, d0:]. One KV
   head's rows sit 2 * n_kv_head * D bytes apart (1280 for 2B-4T), a stride the hardware prefetchers lose at
   each 4 KiB page; q.k prefetches the K rows QK_PREFETCH_KEYS keys ahead and p.v the next block's V rows
   (kernels.attention_fast). 30 layers of one decode step, 2 threads, caches in memory, one process: the fast
@@ -91,7 +91,7 @@ def qk4x2(typingctx, q, t, h0, k16, kvh, s0, s1):
         qarr = context.make_array(qty)(context, builder, q_v)
         D = builder.extract_value(qarr.shape, 2)
         qrows = [_ptr(context, builder, qty, q_v, [t_v, builder.add(h0_v, _c64(g)), _c64(0)]) for g in range(4)]
-        krows = [_ptr(context, builder, kty, k_v, [s, kvh_v, _c64(0)]) for s in (s0_v, s1_v)]
+        krows = [_ptr(context, builder, kty, k_v, [kvh_v, s, _c64(0)]) for s in (s0_v, s1_v)]
         n_chunks = builder.sdiv(D, _c64(8))
         zero = ir.Constant(_V8F32, None)
         blocks = _open_loop(builder, "qk", builder.icmp_signed(">", n_chunks, _c64(0)))
@@ -135,7 +135,7 @@ def _make_pv4(lanes):
             j = builder.phi(_I64)
             accs = [builder.phi(vf32) for _ in range(8)]
             slot = builder.load(_ptr(context, builder, slty, sl_v, [j]))
-            vrow = _ptr(context, builder, vty, v_v, [slot, kvh_v, d_v])
+            vrow = _ptr(context, builder, vty, v_v, [kvh_v, slot, d_v])
             vs = [_load_f16(builder, vrow, lanes), _load_f16(builder, builder.gep(vrow, [_c64(lanes)]), lanes)]
             new = []
             for g in range(4):
@@ -187,14 +187,14 @@ def qk1x32(typingctx, q, t, h, row, n_chunks):
 
 @intrinsic
 def prefetch_row(typingctx, c16, slot, kvh, d0, n_bytes):
-    """Prefetch the cache lines holding n_bytes of c16[slot, kvh, d0:] (see the module docstring)."""
+    """Prefetch the cache lines holding n_bytes of c16[kvh, slot, d0:] (see the module docstring)."""
     sig = types.void(c16, slot, kvh, d0, n_bytes)
 
     def codegen(context, builder, signature, args):
         c_v, slot_v, kvh_v, d0_v, nb_v = args
         cty, sty, kty, dty, nty = signature.args
         slot_v, kvh_v, d0_v, nb_v = _as_i64(context, builder, (slot_v, kvh_v, d0_v, nb_v), (sty, kty, dty, nty))
-        base = builder.bitcast(_ptr(context, builder, cty, c_v, [slot_v, kvh_v, d0_v]), ir.IntType(8).as_pointer())
+        base = builder.bitcast(_ptr(context, builder, cty, c_v, [kvh_v, slot_v, d0_v]), ir.IntType(8).as_pointer())
         n_lines = builder.sdiv(builder.add(nb_v, _c64(63)), _c64(64))
         blocks = _open_loop(builder, "pf", builder.icmp_signed(">", n_lines, _c64(0)))
         line = builder.phi(_I64)

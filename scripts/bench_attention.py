@@ -46,10 +46,18 @@ N_LAYERS = 30
 
 
 def _cache(rng, n_slots: int) -> np.ndarray:
-    """u16[n_slots, KVH, D] float16 bits of random values, in memory like the model's KV cache (huge pages)."""
+    """u16[KVH, n_slots, D] float16 bits of random values, in memory like the model's KV cache (huge pages)."""
     from bitnet_py import huge_pages
-    out = huge_pages.zeros((n_slots, KVH, D), np.uint16)
-    out[...] = rng.standard_normal((n_slots, KVH, D)).astype(np.float16).view(np.uint16)
+    out = huge_pages.zeros((KVH, n_slots, D), np.uint16)
+    out[...] = rng.standard_normal((KVH, n_slots, D)).astype(np.float16).view(np.uint16)
+    return out
+
+
+def _slots_first(cache: np.ndarray) -> np.ndarray:
+    """The same cache as u16[n_slots, KVH, D], the layout of revisions before kernels.attention.CACHE_LAYOUT."""
+    from bitnet_py import huge_pages
+    out = huge_pages.zeros((cache.shape[1], cache.shape[0], cache.shape[2]), cache.dtype)
+    out[...] = cache.transpose(1, 0, 2)
     return out
 
 
@@ -68,13 +76,14 @@ def make_case(per_seq: int, n_seq: int, n_ctx: int, rng, n_caches: int = 1):
 
 def kernels_at(rev: str) -> dict:
     """fast, split and auto attention of git revision `rev`, from its kernels/ imported as `kernels_<rev>` beside
-    the working tree's (scripts/bench_ab.py's `packages_at`)."""
+    the working tree's (scripts/bench_ab.py's `packages_at`), and whether they read caches [n_slots, KVH, D]."""
     from bench_ab import packages_at
     pkg = "kernels" + packages_at(rev, ("kernels",))
     fast = importlib.import_module(pkg + ".attention_fast")
     split = importlib.import_module(pkg + ".attention_split")
+    layout = getattr(importlib.import_module(pkg + ".attention"), "CACHE_LAYOUT", "slots_first")
     return {f"fast@{rev}": fast.paged_attention_fast, f"split@{rev}": split.paged_attention_split_g4,
-            f"auto@{rev}": split.paged_attention_auto}
+            f"auto@{rev}": split.paged_attention_auto}, layout == "slots_first"
 
 
 def main(argv=None) -> int:
@@ -92,10 +101,10 @@ def main(argv=None) -> int:
     p.add_argument("--against", metavar="REV", help="also time the kernels of this git revision")
     a = p.parse_args(argv)
     numba.set_num_threads(a.threads)
-    other = kernels_at(a.against) if a.against else {}
+    other, other_slots_first = kernels_at(a.against) if a.against else ({}, False)
     rng = np.random.default_rng(0)
     lut, scale = f16_lut(), np.float32(1 / np.sqrt(D))
-    e32 = np.zeros((0, KVH, D), np.float32)
+    e32 = np.zeros((KVH, 0, D), np.float32)
     caches = N_LAYERS if a.layer_caches else 1
     print(f"threads {a.threads}, load avg {os.getloadavg()[0]:.1f}; ms per {N_LAYERS} layers (median of "
           f"{a.repetitions}), {'one cache per layer' if caches > 1 else 'one cache for all layers'}\n")
@@ -104,11 +113,13 @@ def main(argv=None) -> int:
     print("|---" * (len(names) + 2) + "|")
     for name in a.cases.split(","):
         q, k, v, pos, seq, tables, rp = make_case(*CASES[name], rng, caches)
+        k_old, v_old = ([_slots_first(c) for c in k], [_slots_first(c) for c in v]) if other_slots_first else (k, v)
         kernels = {"plain": paged_attention, "fast": paged_attention_fast, "split": paged_attention_split_g4,
                    "auto": paged_attention_auto, **other}
 
         def call(kernel, layer, out):
-            kernel(q, k[layer % caches], v[layer % caches], e32, e32, False, pos, seq, tables, BLOCK, rp, scale,
+            kc, vc = (k_old, v_old) if kernel in other.values() else (k, v)
+            kernel(q, kc[layer % caches], vc[layer % caches], e32, e32, False, pos, seq, tables, BLOCK, rp, scale,
                    lut, out)
 
         outs = {}

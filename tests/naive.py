@@ -35,6 +35,11 @@ def rope(x, positions, base, neox, n_dims):
     return x
 
 
+def heads_first(rows):
+    """Cache rows [n_slots, KVH, D] -> the KV cache's layout [KVH, n_slots, D] (each head's rows contiguous)."""
+    return np.ascontiguousarray(rows.transpose(1, 0, 2))
+
+
 def attention(q, k_seq, v_seq, n_visible, scale, round_probs):
     """q: [H, D]; k_seq, v_seq: f32 [N, KVH, D]; attends to the first n_visible positions."""
     H, D = q.shape

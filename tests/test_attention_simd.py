@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from numba import njit
 
+from naive import heads_first
+
 from kernels.simd import HAVE_AVX512, HAVE_F16C
 
 pytestmark = pytest.mark.skipif(not HAVE_F16C, reason="the attention intrinsics need hardware float16 conversion")
@@ -47,7 +49,7 @@ def test_qk_dots_are_exact_where_the_arithmetic_is_exact():
     for n in (1, 2, 7, 40):
         slots = rng.permutation(40)[:n].astype(np.int64)
         out = np.full((4, n), np.nan, np.float32)
-        qk_all(q, 2, 4, k16, 1, slots, out)
+        qk_all(q, 2, 4, heads_first(k16), 1, slots, out)
         k = k16.view(np.float16).astype(np.float64)
         want = np.einsum("gd,jd->gj", q[2, 4:8].astype(np.float64), k[slots, 1])
         np.testing.assert_array_equal(out, want.astype(np.float32))
@@ -60,7 +62,7 @@ def test_qk_reduction_tree_is_the_documented_one():
         q = (rng.standard_normal((1, 4, 8)) * 10.0 ** rng.integers(-3, 4, (1, 4, 8))).astype(np.float32)
         k16 = rng.standard_normal((2, 1, 8)).astype(np.float16).view(np.uint16)
         out = np.empty((4, 2), np.float32)
-        qk_all(q, 0, 0, k16, 0, np.array([0, 1], np.int64), out)
+        qk_all(q, 0, 0, heads_first(k16), 0, np.array([0, 1], np.int64), out)
         for g in range(4):
             for j in range(2):
                 lane = q[0, g] * k16[j, 0].view(np.float16).astype(np.float32)  # float32 products
@@ -74,7 +76,7 @@ def test_qk_matches_float64_at_real_sizes():
     k16 = rng.standard_normal((300, 5, 128)).astype(np.float16).view(np.uint16)
     slots = rng.permutation(300).astype(np.int64)
     out = np.empty((4, 300), np.float32)
-    qk_all(q, 0, 16, k16, 4, slots, out)
+    qk_all(q, 0, 16, heads_first(k16), 4, slots, out)
     want = np.einsum("gd,jd->gj", q[0, 16:20].astype(np.float64), k16.view(np.float16)[slots, 4].astype(np.float64))
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
 
@@ -100,7 +102,7 @@ def test_pv_is_bit_identical_to_sequential_float32(j0, j1, d, c, width):
     pv_reference(sc, slots, j0, j1, v16, 3, d, want, c, width)
     outside = [i for i in range(64) if not c <= i < c + width]
     untouched = acc[:, outside].copy()
-    (pv16_range if width == 16 else pv32_range)(sc, slots, j0, j1, v16, 3, d, acc, c)
+    (pv16_range if width == 16 else pv32_range)(sc, slots, j0, j1, heads_first(v16), 3, d, acc, c)
     np.testing.assert_array_equal(acc[:, c:c + width], want[:, c:c + width])
     np.testing.assert_array_equal(acc[:, outside], untouched)
 
@@ -141,7 +143,7 @@ def test_one_head_dot_has_the_documented_order_on_every_host(D):
 @pytest.mark.skipif(not HAVE_AVX512, reason="the zmm p.v form is built for AVX-512 hosts only")
 def test_pv_zmm_form_uses_zmm_registers():
     rng = np.random.default_rng(3)
-    v16 = rng.standard_normal((8, 1, 32)).astype(np.float16).view(np.uint16)
+    v16 = rng.standard_normal((1, 8, 32)).astype(np.float16).view(np.uint16)  # [KVH, n_slots, D]
     pv32_range(np.ones((4, 8), np.float32), np.arange(8), 0, 8, v16, 0, 0, np.zeros((4, 32), np.float32), 0)
     asm = next(iter(pv32_range.inspect_asm().values()))
     widen = [line for line in asm.splitlines() if "vcvtph2ps" in line]  # vcvtph2ps, or vcvtph2psx (AVX512-FP16)

@@ -45,11 +45,11 @@ def test_split_equals_fast_bit_for_bit(D, positions, seqs, round_probs):
     q, k, v, pos, seq, tables, bs = _case(D, 2, positions, seqs)
     rp = np.array([round_probs, not round_probs, round_probs])[:tables.shape[0]]
     scale = np.float32(1 / np.sqrt(D))
-    e32 = np.zeros((0, 2, D), np.float32)
+    e32 = np.zeros((2, 0, D), np.float32)
     fast, split = np.full_like(q, np.nan), np.full_like(q, np.nan)
-    paged_attention_fast(q, k.view(np.uint16), v.view(np.uint16), e32, e32, False, pos, seq, tables, bs, rp,
+    paged_attention_fast(q, naive.heads_first(k.view(np.uint16)), naive.heads_first(v.view(np.uint16)), e32, e32, False, pos, seq, tables, bs, rp,
                          scale, np.zeros(1, np.float32), fast)
-    paged_attention_split_g4(q, k.view(np.uint16), v.view(np.uint16), e32, e32, False, pos, seq, tables, bs, rp,
+    paged_attention_split_g4(q, naive.heads_first(k.view(np.uint16)), naive.heads_first(v.view(np.uint16)), e32, e32, False, pos, seq, tables, bs, rp,
                              scale, np.zeros(1, np.float32), split)
     assert np.array_equal(split.view(np.uint32), fast.view(np.uint32))
     for t in range(len(pos)):
@@ -73,11 +73,11 @@ def test_token_tiles_do_not_change_results(D, round_probs):
     assert list(_token_tiles(seq, 4)) == [0, 4, 8, 12, 15, 18, 20, 21]
     rp = np.array([round_probs, not round_probs, round_probs])
     scale = np.float32(1 / np.sqrt(D))
-    e32 = np.zeros((0, 2, D), np.float32)
+    e32 = np.zeros((2, 0, D), np.float32)
     outs = {}
     for tile in (1, 2, 3, 4, 7):
         outs[tile] = np.full_like(q, np.nan)
-        paged_attention_tiled(q, k.view(np.uint16), v.view(np.uint16), e32, e32, False, pos, seq, tables, bs, rp,
+        paged_attention_tiled(q, naive.heads_first(k.view(np.uint16)), naive.heads_first(v.view(np.uint16)), e32, e32, False, pos, seq, tables, bs, rp,
                               scale, outs[tile], tile)
     for tile in (2, 3, 4, 7):
         assert np.array_equal(outs[tile].view(np.uint32), outs[1].view(np.uint32)), tile
@@ -94,9 +94,9 @@ def test_auto_picks_split_only_for_few_long_tasks(monkeypatch):
     monkeypatch.setattr(split_mod.numba, "get_num_threads", lambda: 16)
     monkeypatch.setattr(split_mod, "paged_attention_split_g4", lambda *a: calls.append("split"))
     monkeypatch.setattr(split_mod, "paged_attention_fast", lambda *a: calls.append("fast"))
-    D, e16 = 64, np.zeros((0, 2, 64), np.uint16)
-    k16 = np.zeros((512, 2, D), np.uint16)
-    e32, k32 = np.zeros((0, 2, D), np.float32), np.zeros((512, 2, D), np.float32)
+    D, e16 = 64, np.zeros((2, 0, 64), np.uint16)
+    k16 = np.zeros((2, 512, D), np.uint16)
+    e32, k32 = np.zeros((2, 0, D), np.float32), np.zeros((2, 512, D), np.float32)
     tables = np.arange(32, dtype=np.int32)[None, :]
 
     def run(T, last_pos, use_f32=False, H=8):
@@ -140,8 +140,11 @@ def test_bench_attention_imports_another_revisions_kernels():
     import subprocess
     if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True).returncode:
         pytest.fail("the tests run from a git checkout (CI clones the repository)")
-    other = load_script("bench_attention").kernels_at("HEAD")
+    other, slots_first = load_script("bench_attention").kernels_at("HEAD")
     assert sorted(other) == ["auto@HEAD", "fast@HEAD", "split@HEAD"]
+    head_source = subprocess.run(["git", "-C", str(ROOT), "show", "HEAD:kernels/attention.py"], capture_output=True,
+                                 text=True, check=True).stdout
+    assert slots_first == ('CACHE_LAYOUT = "heads_first"' not in head_source)  # older revisions: [n_slots, KVH, D]
     import kernels.attention_fast
     copy = sys.modules["kernels_HEAD.attention_fast"]
     assert copy is not kernels.attention_fast and Path(copy.__file__).parent.name == "kernels_HEAD"

@@ -233,8 +233,8 @@ def test_kv_cache_is_zeroed_writable_memory_advised_huge_pages(cache_type):
         assert a.flags.writeable and a.flags.c_contiguous and not a.any()
         assert ("hg" in _vm_flags(a)) == huge_pages_possible()
     assert not np.shares_memory(kv.k, kv.v)
-    kv.k[1, 17] = 5
-    assert kv.k.sum() == 5 * kv.k.shape[-2] * kv.k.shape[-1] and not kv.v.any()
+    kv.k[1, :, 17] = 5  # layer 1, slot 17, every KV head ([L, KVH, n_slots, D])
+    assert kv.k.sum() == 5 * kv.k.shape[1] * kv.k.shape[-1] and not kv.v.any()
 
 
 def test_a_repack_cache_too_large_for_memory_stays_mapped(tmp_path, monkeypatch):

@@ -104,10 +104,12 @@ def test_paged_attention(round_probs):
     out = np.empty_like(q)
     rp = np.array([round_probs, round_probs])
     scale = np.float32(1 / 8)
-    paged_attention(q, _bits(k_cache), _bits(v_cache), np.zeros((0, KVH, D), np.float32),
-                    np.zeros((0, KVH, D), np.float32), False, pos, seq, tables, bs, rp, scale, f16_lut(), out)
+    paged_attention(q, naive.heads_first(_bits(k_cache)), naive.heads_first(_bits(v_cache)),
+                    np.zeros((KVH, 0, D), np.float32), np.zeros((KVH, 0, D), np.float32), False, pos, seq, tables, bs,
+                    rp, scale, f16_lut(), out)
     out32 = np.empty_like(q)
-    paged_attention(q, np.zeros((0, KVH, D), np.uint16), np.zeros((0, KVH, D), np.uint16), k_cache, v_cache, True,
+    paged_attention(q, np.zeros((KVH, 0, D), np.uint16), np.zeros((KVH, 0, D), np.uint16),
+                    naive.heads_first(k_cache), naive.heads_first(v_cache), True,
                     pos, seq, tables, bs, rp, scale, f16_lut(), out32)
     np.testing.assert_allclose(out32, out, rtol=1e-6, atol=1e-6)  # same values through either cache type
     for t in range(3):
@@ -409,12 +411,14 @@ def test_paged_attention_fast(round_probs, D, H, KVH):
     q = _f16(RNG.standard_normal((T, H, D)).astype(np.float32))
     rp = np.array([round_probs, not round_probs])
     scale = np.float32(1 / np.sqrt(D))
-    e16, e32 = np.zeros((0, KVH, D), np.uint16), np.zeros((0, KVH, D), np.float32)
+    e16, e32 = np.zeros((KVH, 0, D), np.uint16), np.zeros((KVH, 0, D), np.float32)
     outs = {}
     for name, fn in (("fast", paged_attention_fast), ("ref", paged_attention)):
         for use_f32 in (False, True):
             out = np.full_like(q, np.nan)
-            args = (e16, e16, k_cache, v_cache) if use_f32 else (_bits(k_cache), _bits(v_cache), e32, e32)
+            k_rows, v_rows = (k_cache, v_cache) if use_f32 else (_bits(k_cache), _bits(v_cache))
+            k_heads, v_heads = naive.heads_first(k_rows), naive.heads_first(v_rows)
+            args = (e16, e16, k_heads, v_heads) if use_f32 else (k_heads, v_heads, e32, e32)
             fn(q, *args, use_f32, pos, seq, tables, bs, rp, scale, f16_lut(), out)
             outs[name, use_f32] = out
     for use_f32 in (False, True):  # q.k sums in another order; f16-rounded probabilities may flip by 1 ulp

@@ -131,8 +131,9 @@ def test_rope_store_f16_equals_the_separate_steps(neox):
     rq, rk = q.copy(), k.copy()
     rope_apply(rq, pos, cos, sin, neox, D)
     rope_apply(rk, pos, cos, sin, neox, D)
-    ref_k, ref_v = np.zeros((32, KVH, D), np.uint16), np.zeros((32, KVH, D), np.uint16)
-    ref_k[slots], ref_v[slots] = rk.astype(np.float16).view(np.uint16), v.astype(np.float16).view(np.uint16)
+    ref_k, ref_v = np.zeros((KVH, 32, D), np.uint16), np.zeros((KVH, 32, D), np.uint16)  # [KVH, n_slots, D]
+    for i, s in enumerate(slots):
+        ref_k[:, s], ref_v[:, s] = rk[i].astype(np.float16).view(np.uint16), v[i].astype(np.float16).view(np.uint16)
     kc, vc = np.zeros_like(ref_k), np.zeros_like(ref_v)
     rope_store_f16(q, k, v, pos, cos, sin, neox, D, slots, kc, vc)
     assert np.array_equal(kc, ref_k) and np.array_equal(vc, ref_v)
