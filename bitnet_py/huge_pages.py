@@ -1,7 +1,7 @@
 """Memory backed by huge pages (2 MiB): the KV cache, and the model's bytes under `--no-mmap`.
 
-Streams that cross many 4 KiB pages (every weight once per decode step; the K/V rows of one head, 1280 bytes
-apart in a 2B-4T cache) pay a page-table walk per page. Linux backs anonymous memory with transparent huge pages
+Streams that cross many 4 KiB pages (every weight once per decode step; the K/V rows of every layer and head)
+pay a page-table walk per page. Linux backs anonymous memory with transparent huge pages
 where `transparent_hugepage/enabled` is `always`, or `madvise` and the memory is advised `MADV_HUGEPAGE`; numpy
 does not advise its large arrays here (numpy 2.4: no `hg` in their VmFlags), and page-cache maps of ordinary files
 stay in 4 KiB pages (`MADV_COLLAPSE` refuses them). Measured on this project's Zen 3 dev machine, one process,

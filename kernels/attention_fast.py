@@ -23,7 +23,7 @@ from .simd import HAVE_AVX512, HAVE_F16C
 
 PV_KEY_BLOCK = 64  # keys per p.v block (their V rows stay in L1 for the block's 16-dim slices)
 QK_KEY_BLOCK = 64  # keys per q.k block of a token tile (even: q.k pairs keys)
-QK_PREFETCH_KEYS = 8  # q.k prefetches the K row of the key this far ahead (the stride defeats the hardware's)
+QK_PREFETCH_KEYS = 8  # q.k prefetches the K row of the key this far ahead (kernels.simd_attention.prefetch_row)
 TOKENS_PER_TASK = 8  # consecutive tokens of a sequence per task at most (prefill), sharing each block of K/V
 MIN_TASKS_PER_THREAD = 4  # ... fewer where tiles would leave fewer tasks than this per thread (many-core hosts)
 
@@ -118,8 +118,8 @@ if HAVE_F16C:
         """acc[g, i] += sum over keys jb <= j < je of sc[g, j] * V[kvh, slots[j], d0 + i], in key order, for the
         dims i below the last multiple of PV_DIMS of acc.shape[1] (`pv4`, PV_DIMS dims at a time)."""
         W = acc.shape[1] - acc.shape[1] % PV_DIMS
-        # the next block's V rows (the dims this call reads), prefetched a share per slice of dims: the rows'
-        # stride defeats the hardware prefetchers, and a decode at depth streams V from memory
+        # the next block's V rows (the dims this call reads), prefetched a share per slice of dims: a decode at
+        # depth streams V from memory, and the hardware prefetchers alone leave p.v waiting on it
         per_slice = -(-PV_KEY_BLOCK // max(1, W // PV_DIMS))
         row_bytes = 2 * acc.shape[1]
         for c in range(0, W, PV_DIMS):

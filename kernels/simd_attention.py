@@ -18,13 +18,14 @@ of 128 dims is 16 vector FMAs per accumulator, and LLVM then reduces each of the
   sums stay in registers for the whole key range. `pv4x32`: the same for i < 32 in zmm registers (hosts with
   AVX-512): the same operations per element, half the instructions; p.v is bound by its multiplies and adds
   (in L1: 21.8 ns per key and KV head for 128 dims with pv4x16, 13.6 with pv4x32, one thread).
-- `prefetch_row(c16, slot, kvh, d0, n_bytes)`: software prefetch of n_bytes of c16[kvh, slot, d0:]. One KV
-  head's rows sit 2 * n_kv_head * D bytes apart (1280 for 2B-4T), a stride the hardware prefetchers lose at
-  each 4 KiB page; q.k prefetches the K rows QK_PREFETCH_KEYS keys ahead and p.v the next block's V rows
-  (kernels.attention_fast). 30 layers of one decode step, 2 threads, caches in memory, one process: the fast
-  kernel at 1000 / 2000 / 4000 keys 11.9 / 28.0 / 58.1 -> 10.0 / 21.7 / 48.5 ms (scripts/bench_attention.py
-  --layer-caches --against); in token tiles only the tile's first token prefetches (a 128-token prefill at
-  4096 keys: within the noise).
+- `prefetch_row(c16, slot, kvh, d0, n_bytes)`: software prefetch of n_bytes of c16[kvh, slot, d0:]. q.k
+  prefetches the K rows QK_PREFETCH_KEYS keys ahead and p.v the next block's V rows (kernels.attention_fast).
+  Measured when one KV head's rows sat 1280 bytes apart (the cache was [slot, KV head, dim]): 30 layers of one
+  decode step, 2 threads, caches in memory, one process: the fast kernel at 1000 / 2000 / 4000 keys 11.9 / 28.0 /
+  58.1 -> 10.0 / 21.7 / 48.5 ms (scripts/bench_attention.py --layer-caches --against). With each head's rows
+  contiguous ([KV head, slot, dim]) the prefetches still pay: without them the split kernel took 50.9 against
+  35.7 ms at 4096 keys; 16 keys ahead instead of 8 was no faster. In token tiles only the tile's first token
+  prefetches (a 128-token prefill at 4096 keys: within the noise).
 """
 from llvmlite import ir
 from numba import types
