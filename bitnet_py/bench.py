@@ -260,8 +260,8 @@ def run(args) -> dict:
     bandwidth = {}
     for depth in sorted(set(args.depth)):
         fill = rng.integers(0, vocab, depth)  # the context every test of this depth starts from (positions >=
-        for start in range(0, depth, DEPTH_FILL_CHUNK):  # depth are rewritten), in chunks as the server does
-            run_prefill(model, kv, tables, fill[start:start + DEPTH_FILL_CHUNK], start)
+        for start in range(0, depth, DEPTH_FILL_CHUNK):  # depth are rewritten), in chunks as the server does, with
+            run_prefill(model, kv, tables, fill[start:start + DEPTH_FILL_CHUNK], start, heads)  # the tests' head
         for nt in args.threads:
             numba.set_num_threads(nt)
             if nt not in bandwidth:

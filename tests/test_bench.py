@@ -158,17 +158,22 @@ def test_bench_depth_beyond_the_context_is_refused(capsys):
         bench.main(["-m", path, "-p", "4", "-n", "0", "-d", "5000", "-t", "1", "-r", "1", "--no-jit"])
 
 
-def test_bench_depth_fill_goes_in_chunks(capsys, monkeypatch):
+@pytest.mark.parametrize("logits", ["all", "greedy"])
+def test_bench_depth_fill_goes_in_chunks(capsys, monkeypatch, logits):
+    """The fill runs in chunks, with the tests' head: a greedy run's fill must not read the whole f16 head (that
+    would promote it beside the screen and inflate the run's peak RSS)."""
     import bitnet_py.model as model_mod
     starts = []
     real_forward = model_mod.Model.forward
     monkeypatch.setattr(bench, "DEPTH_FILL_CHUNK", 8)
     monkeypatch.setattr(model_mod.Model, "forward",
-                        lambda self, b, kv, heads=None: starts.append((int(b.positions[0]), len(b.positions))) or
-                        real_forward(self, b, kv, heads))
+                        lambda self, b, kv, heads=None: starts.append((int(b.positions[0]), len(b.positions), heads))
+                        or real_forward(self, b, kv, heads))
     assert bench.main(["-m", str(fixture_path(*TINY)), "-p", "0", "-n", "1", "-d", "20", "-t", "1", "-r", "1",
-                       "--no-jit", "--json"]) == 0
-    assert starts[:3] == [(0, 8), (8, 8), (16, 4)]
+                       "--no-jit", "--json", "--logits", logits]) == 0
+    assert [s[:2] for s in starts[:3]] == [(0, 8), (8, 8), (16, 4)]
+    for _, _, heads in starts[:3]:
+        assert heads is None if logits == "all" else [h.k for h in heads] == [1]
 
 
 def test_bench_says_where_tl2_weights_came_from(capsys):
