@@ -43,14 +43,14 @@ def test_split_equals_fast_bit_for_bit(D, positions, seqs, round_probs):
     from kernels.attention_fast import paged_attention_fast
     from kernels.attention_split import paged_attention_split_g4
     q, k, v, pos, seq, tables, bs = _case(D, 2, positions, seqs)
+    kc, vc = naive.heads_first(k.view(np.uint16)), naive.heads_first(v.view(np.uint16))  # the cache's layout
     rp = np.array([round_probs, not round_probs, round_probs])[:tables.shape[0]]
     scale = np.float32(1 / np.sqrt(D))
     e32 = np.zeros((2, 0, D), np.float32)
     fast, split = np.full_like(q, np.nan), np.full_like(q, np.nan)
-    paged_attention_fast(q, naive.heads_first(k.view(np.uint16)), naive.heads_first(v.view(np.uint16)), e32, e32, False, pos, seq, tables, bs, rp,
-                         scale, np.zeros(1, np.float32), fast)
-    paged_attention_split_g4(q, naive.heads_first(k.view(np.uint16)), naive.heads_first(v.view(np.uint16)), e32, e32, False, pos, seq, tables, bs, rp,
-                             scale, np.zeros(1, np.float32), split)
+    paged_attention_fast(q, kc, vc, e32, e32, False, pos, seq, tables, bs, rp, scale, np.zeros(1, np.float32), fast)
+    paged_attention_split_g4(q, kc, vc, e32, e32, False, pos, seq, tables, bs, rp, scale, np.zeros(1, np.float32),
+                             split)
     assert np.array_equal(split.view(np.uint32), fast.view(np.uint32))
     for t in range(len(pos)):
         slots = np.array([tables[seq[t], j // bs] * bs + j % bs for j in range(pos[t] + 1)])
@@ -70,6 +70,7 @@ def test_token_tiles_do_not_change_results(D, round_probs):
     positions = list(range(120, 135)) + [60, 61, 62] + [135, 136] + [0]
     seqs = [0] * 15 + [1] * 3 + [0] * 2 + [2]
     q, k, v, pos, seq, tables, bs = _case(D, 2, positions, seqs)
+    kc, vc = naive.heads_first(k.view(np.uint16)), naive.heads_first(v.view(np.uint16))  # the cache's layout
     assert list(_token_tiles(seq, 4)) == [0, 4, 8, 12, 15, 18, 20, 21]
     rp = np.array([round_probs, not round_probs, round_probs])
     scale = np.float32(1 / np.sqrt(D))
@@ -77,8 +78,7 @@ def test_token_tiles_do_not_change_results(D, round_probs):
     outs = {}
     for tile in (1, 2, 3, 4, 7):
         outs[tile] = np.full_like(q, np.nan)
-        paged_attention_tiled(q, naive.heads_first(k.view(np.uint16)), naive.heads_first(v.view(np.uint16)), e32, e32, False, pos, seq, tables, bs, rp,
-                              scale, outs[tile], tile)
+        paged_attention_tiled(q, kc, vc, e32, e32, False, pos, seq, tables, bs, rp, scale, outs[tile], tile)
     for tile in (2, 3, 4, 7):
         assert np.array_equal(outs[tile].view(np.uint32), outs[1].view(np.uint32)), tile
     for t in (0, 14, 17, 19, 20):
