@@ -219,6 +219,13 @@ def _return_rows(context, builder, signature, values, n_rows):
     return context.make_tuple(builder, signature.return_type, values)
 
 
+def _return_row_totals(context, builder, signature, accs, n_acc, n_rows):
+    """Integer accumulators, n_acc per row (row t: accs[t * n_acc:(t + 1) * n_acc]) -> each row's total
+    (`_int_total`), returned as the intrinsic's signature says."""
+    totals = [_int_total(builder, accs[t * n_acc:(t + 1) * n_acc]) for t in range(n_rows)]
+    return _return_rows(context, builder, signature, totals, n_rows)
+
+
 def dot_signature(n_rows, packed, w0, q, q0, q_stride, n_blocks, scalar=types.int32):
     """Signature of a dot intrinsic over (weights, w0, activations, q0, q_stride, n_blocks) -> `scalar` (one row)
     or n_rows of them: the I2_S dots here, the head dots of simd_dense.py."""

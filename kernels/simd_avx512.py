@@ -19,8 +19,8 @@ Integer lanes cannot overflow: each lane sums a subset of the 256-bit form's pro
 from llvmlite import ir
 from numba.extending import intrinsic
 
-from .simd import (_I16, _I32, _V32I8, _close_loop, _get_or_insert, _int_total, _open_loop, _prefetch_stream,
-                   _return_rows, dot_pointers, dot_signature)
+from .simd import (_I16, _I32, _V32I8, _close_loop, _get_or_insert, _open_loop, _prefetch_stream,
+                   _return_row_totals, dot_pointers, dot_signature)
 
 _I64 = ir.IntType(64)
 _V16I32 = ir.VectorType(_I32, 16)
@@ -74,8 +74,7 @@ def _make_i8_i16_dot(n_rows):
             rnew = list(raccs)
             chunk(c, rnew, 0)
             final = _close_loop(builder, rest, c, rest_start, n_v, raccs, wide, rnew)
-            sums = [_int_total(builder, final[t * n_acc:(t + 1) * n_acc]) for t in range(n_rows)]
-            return _return_rows(context, builder, signature, sums, n_rows)
+            return _return_row_totals(context, builder, signature, final, n_acc, n_rows)
 
         return sig, codegen
 

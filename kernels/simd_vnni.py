@@ -12,8 +12,8 @@ i32 lanes cannot overflow: |sum| <= K * 2 * 128 for any K this engine meets.
 from llvmlite import ir
 from numba.extending import intrinsic
 
-from .simd import (_I8, _V8I32, _V32I8, _close_loop, _get_or_insert, _int_total, _prefetch_stream,
-                   _return_rows, _splat, dot_pointers, dot_signature)
+from .simd import (_I8, _V8I32, _V32I8, _close_loop, _get_or_insert, _prefetch_stream, _return_row_totals, _splat,
+                   dot_pointers, dot_signature)
 
 _I64 = ir.IntType(64)
 
@@ -81,8 +81,7 @@ def _make_i2s_dot_vnni(n_rows):
             builder.branch(done)
             builder.position_at_end(done)
             final = merge([(paired, after), (last, odd)])
-            sums = [_int_total(builder, final[t * n_acc:(t + 1) * n_acc]) for t in range(n_rows)]
-            return _return_rows(context, builder, signature, sums, n_rows)
+            return _return_row_totals(context, builder, signature, final, n_acc, n_rows)
 
         return sig, codegen
 

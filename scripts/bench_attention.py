@@ -117,25 +117,27 @@ def main(argv=None) -> int:
         kernels = {"plain": paged_attention, "fast": paged_attention_fast, "split": paged_attention_split_g4,
                    "auto": paged_attention_auto, **other}
 
-        def call(kernel, layer, out):
-            kc, vc = (k_old, v_old) if kernel in other.values() else (k, v)
-            kernel(q, kc[layer % caches], vc[layer % caches], e32, e32, False, pos, seq, tables, BLOCK, rp, scale,
-                   lut, out)
+        layouts = {kname: (k_old, v_old) if kname in other else (k, v) for kname in kernels}  # each kernel's caches
+
+        def call(kname, layer, out):
+            kc, vc = layouts[kname]
+            kernels[kname](q, kc[layer % caches], vc[layer % caches], e32, e32, False, pos, seq, tables, BLOCK, rp,
+                           scale, lut, out)
 
         outs = {}
-        for kname, kernel in kernels.items():
+        for kname in kernels:
             outs[kname] = np.empty_like(q)
-            call(kernel, 0, outs[kname])  # compile + check
+            call(kname, 0, outs[kname])  # compile + check
         if not np.array_equal(outs["fast"], outs["split"]):
             raise SystemExit(f"{name}: split differs from fast")
         np.testing.assert_allclose(outs["fast"], outs["plain"], rtol=1e-4, atol=2e-3)
         changed = [kn for kn in other if not np.array_equal(outs[kn], outs["fast"])]
         times = {kname: [] for kname in kernels}
         for _ in range(a.repetitions):
-            for kname, kernel in kernels.items():  # interleaved: host noise hits every kernel alike
+            for kname in kernels:  # interleaved: host noise hits every kernel alike
                 t0 = time.perf_counter()
                 for layer in range(N_LAYERS):
-                    call(kernel, layer, outs[kname])
+                    call(kname, layer, outs[kname])
                 times[kname].append(time.perf_counter() - t0)
         med = {kname: statistics.median(ts) * 1e3 for kname, ts in times.items()}
         cells = [f"{med['plain']:.1f}"] + [f"{med[kn]:.1f} ({med['plain'] / med[kn]:.1f}x)" for kn in names]
