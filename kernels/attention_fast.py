@@ -4,8 +4,10 @@ Differences: float16 K/V are widened with the hardware conversion (`kernels.simd
 vectorizable) instead of table gathers, the q.k dot products sum in 8-lane partial sums (as ggml's own f16 dot
 product does) in an order written out in `kernels.simd_attention` (`qk4x2`, `qk1x32`: the same bits on every host)
 instead of one sequential float32 chain, and softmax exponentials come from `kernels.expf` (<= 1 ulp from exact,
-vectorized; ggml's SIMD softmax also uses a polynomial) instead of libm. The double sum of the exponentials, the
-optional float16 rounding of probabilities and the p.v accumulation order are unchanged. Work is split per (tile of
+vectorized; ggml's SIMD softmax also uses a polynomial) instead of libm. The double sum of the exponentials and the
+optional float16 rounding of probabilities are unchanged, and so is the p.v order (a float32 product, then its
+add, key by key) except for groups of 4 with a float16 cache: there each chunk of PV_CHUNK_KEYS keys is summed from
+zero by one fused multiply-add per key, and the chunks' sums are added in key order. Work is split per (tile of
 up to TOKENS_PER_TASK consecutive tokens of a sequence, KV head), so each float16 K/V row is widened once for all
 query heads of its group (GQA) instead of once per head, and in a prefill each block of keys is read once for the
 tile's tokens while it is in cache. Groups of 4 (2B-4T, Llama-3-8B) take the intrinsics of `kernels.simd_attention`
@@ -22,6 +24,8 @@ from .expf import expf_nonpositive
 from .simd import HAVE_AVX512, HAVE_F16C
 
 PV_KEY_BLOCK = 64  # keys per p.v block (their V rows stay in L1 for the block's 16-dim slices)
+PV_CHUNK_KEYS = 256  # p.v sums keys in chunks of this many (from key 0), then the chunks in order (a multiple of
+# PV_KEY_BLOCK): the split kernel's p.v tasks take whole V rows of a range of chunks (kernels.attention_split)
 QK_KEY_BLOCK = 64  # keys per q.k block of a token tile (even: q.k pairs keys)
 QK_PREFETCH_KEYS = 8  # q.k prefetches the K row of the key this far ahead (kernels.simd_attention.prefetch_row)
 TOKENS_PER_TASK = 8  # consecutive tokens of a sequence per task at most (prefill), sharing each block of K/V
@@ -129,11 +133,12 @@ if HAVE_F16C:
             pv4(sc, slots, jb, je, v16, kvh, d0 + c, acc, c)
 
     @njit(**JIT)
-    def _pv_g4_tail(sc, slots, n, v16, kvh, acc, d0):
-        """The dims past the last multiple of PV_DIMS of acc.shape[1] (none for heads of 64 or 128), key by key."""
+    def _pv_g4_tail(sc, slots, j0, j1, v16, kvh, acc, d0):
+        """The dims past the last multiple of PV_DIMS of acc.shape[1] (none for heads of 64 or 128), keys
+        j0 <= j < j1 one by one (a float32 product, then its add)."""
         W = acc.shape[1]
         Wv = W - W % PV_DIMS
-        for j in range(n if Wv < W else 0):
+        for j in range(j0, j1 if Wv < W else j0):
             s0 = slots[j]
             for g in range(4):
                 p = sc[g, j]
@@ -141,15 +146,21 @@ if HAVE_F16C:
                     acc[g, i] += p * f16_to_f32(v16[kvh, s0, d0 + i])
 
     @njit(**JIT)
-    def _pv_g4(sc, slots, n, v16, kvh, acc, d0):
-        """acc[g, i] += sum over keys j < n of sc[g, j] * V[kvh, slots[j], d0 + i], for the 4 heads g of a GQA
-        group and i < acc.shape[1] (a slice of the head dimension, or all of it). Keys in order for every
-        (g, d) (the reference order: a product, then its add; no reassociation), `pv4` over PV_DIMS dims at a
-        time with the sums in registers, in key blocks of PV_KEY_BLOCK so the block's V rows stay in cache
-        for all of its slices; dims past a multiple of PV_DIMS key by key."""
-        for jb in range(0, n, PV_KEY_BLOCK):
-            _pv_g4_block(sc, slots, jb, min(n, jb + PV_KEY_BLOCK), v16, kvh, acc, d0, True)
-        _pv_g4_tail(sc, slots, n, v16, kvh, acc, d0)
+    def _pv_g4_chunk(sc, slots, j0, j1, v16, kvh, part, prefetch):
+        """part[g, i] = sum over keys j0 <= j < j1 (one p.v chunk) of sc[g, j] * V[kvh, slots[j], i], from zero,
+        in key order (`pv4`: one fused multiply-add per key; the tail dims of `_pv_g4_tail`), in blocks of
+        PV_KEY_BLOCK keys whose V rows stay in cache for all of the block's PV_DIMS slices."""
+        part[:] = 0.0
+        for jb in range(j0, j1, PV_KEY_BLOCK):
+            _pv_g4_block(sc, slots, jb, min(j1, jb + PV_KEY_BLOCK), v16, kvh, part, 0, prefetch)
+        _pv_g4_tail(sc, slots, j0, j1, v16, kvh, part, 0)
+
+    @njit(**JIT)
+    def _add_chunk(acc, part):
+        """acc += part (f32[4, D]): a p.v chunk's sums added to the output's, in chunk order by the callers."""
+        for g in range(acc.shape[0]):
+            for i in range(acc.shape[1]):
+                acc[g, i] += part[g, i]
 
     @njit(**JIT)
     def _token_tiles(seq_index, tile):
@@ -199,14 +210,22 @@ if HAVE_F16C:
         for i in range(n_tok):
             _softmax(scores[i], positions[t0 + i] + 1, rp)
         acc = np.zeros((n_tok, 4, D), dtype=np.float32)
-        for jb in range(0, n_max, PV_KEY_BLOCK):
+        part = np.empty((n_tok, 4, D), dtype=np.float32)
+        for cs in range(0, n_max, PV_CHUNK_KEYS):  # p.v chunk by chunk (`_pv_g4_chunk`'s order)
+            ce = min(n_max, cs + PV_CHUNK_KEYS)
+            part[:] = 0.0
+            for jb in range(cs, ce, PV_KEY_BLOCK):
+                for i in range(n_tok):
+                    n = positions[t0 + i] + 1
+                    if jb < n:
+                        _pv_g4_block(scores[i], slots, jb, min(n, jb + PV_KEY_BLOCK), v16, kvh, part[i], 0,
+                                     i == 0)
             for i in range(n_tok):
                 n = positions[t0 + i] + 1
-                if jb < n:
-                    _pv_g4_block(scores[i], slots, jb, min(n, jb + PV_KEY_BLOCK), v16, kvh, acc[i], 0,
-                                 i == 0)
+                if cs < n:
+                    _pv_g4_tail(scores[i], slots, cs, min(n, ce), v16, kvh, part[i], 0)
+                    _add_chunk(acc[i], part[i])
         for i in range(n_tok):
-            _pv_g4_tail(scores[i], slots, positions[t0 + i] + 1, v16, kvh, acc[i], 0)
             for g in range(4):
                 for d in range(D):
                     out[t0 + i, kvh * 4 + g, d] = acc[i, g, d]

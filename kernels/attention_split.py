@@ -7,11 +7,12 @@ so 2 threads run 3 + 2 of them, and 90 threads leave 85 idle. Here, for float16 
 1. scores: one task per (token, KV head, chunk of KEY_CHUNK keys); q.k as attention_fast (`_qk_g4`: keys in
    pairs from the first, the same pairing since chunks start at even keys);
 2. softmax: one task per (token, query head): max, exponentials, the double sum in key order, normalization;
-3. p.v: one task per (token, KV head, slice of D_CHUNK dims of the head): `_pv_g4` as in attention_fast (the
-   same order of keys for every output element).
+3. p.v: one task per (token, KV head, one of PV_RUNS runs of chunks of PV_CHUNK_KEYS keys): each chunk's sums
+   (`_pv_g4_chunk`, whole V rows) into a buffer, then
+4. one task per (token, KV head) adds the chunks' sums in order, as attention_fast does as it goes.
 `choose_attention` (once per step) picks this path when (token, KV head) tasks are scarce and contexts long, or
 for decode steps at long contexts (SPLIT_LONG_KEYS); attention_fast otherwise. The choice never changes results.
-The split runs four parallel regions and passes scores through memory, but keeps every thread busy:
+The split runs five parallel regions and passes scores through memory, but keeps every thread busy:
 `python scripts/bench_attention.py -t 2 --layer-caches`, 30 layers each with its own cache, one decode step at
 4096 keys: 35.4 ms split against 48.5 fast; on a 16-core Xeon (one cache for all layers) 9.0 against 19.4.
 """
@@ -23,7 +24,9 @@ from .config import JIT_PARALLEL
 from .simd import HAVE_F16C
 
 KEY_CHUNK = 256  # keys per q.k task (even: q.k pairs keys)
-D_CHUNK = 32  # head dimensions per p.v task
+PV_RUNS = 4  # p.v tasks per (token, KV head): runs of whole V rows (30 layers at 4096 keys, 2 threads, from memory:
+# 16.9 ms as 4 slices of 32 dims over all keys, one cache line of each row per task; 12 ms as 4 runs of 1024 keys;
+# 13.3 as 16 of 256)
 SPLIT_MIN_KEYS = 256  # split only when some token sees at least this many keys ...
 SPLIT_THREADS_PER_TASK = 2  # ... and there are at least this many threads per (token, KV head) task
 SPLIT_MAX_SCORE_BYTES = 64 << 20  # ... and the scores of all tokens fit in this many bytes
@@ -32,7 +35,8 @@ SPLIT_LONG_MAX_TOKENS = 8  # ... with at most this many tokens in the step ...
 SPLIT_LONG_MAX_TASKS_PER_THREAD = 4  # ... and fewer (token, KV head) tasks than this per thread
 
 if HAVE_F16C:
-    from .attention_fast import _exp_shifted, _normalize, _pv_g4, _qk_g4, paged_attention_fast
+    from .attention_fast import (PV_CHUNK_KEYS, _add_chunk, _exp_shifted, _normalize, _pv_g4_chunk, _qk_g4,
+                                 paged_attention_fast)
 
     @njit(**JIT_PARALLEL)
     def paged_attention_split_g4(q, k16, v16, k32, v32, use_f32, positions, seq_index, block_tables, block_size,
@@ -75,17 +79,25 @@ if HAVE_F16C:
             for j in range(n):
                 total += np.float64(sc[0, j])
             _normalize(sc, 0, n, total, round_probs[seq_index[t]])
-        n_dc = (D + D_CHUNK - 1) // D_CHUNK
-        for task in prange(T * KVH * n_dc):  # 3. p.v per slice of the head dimension
-            t, rest = task // (KVH * n_dc), task % (KVH * n_dc)
-            kvh, dc = rest // n_dc, rest % n_dc
+        n_chunks = (n_max + PV_CHUNK_KEYS - 1) // PV_CHUNK_KEYS
+        per_run = (n_chunks + PV_RUNS - 1) // PV_RUNS  # chunks per p.v task
+        n_runs = (n_chunks + per_run - 1) // per_run
+        parts = np.empty((T, KVH, n_chunks, 4, D), np.float32)  # each chunk's p.v sums
+        for task in prange(T * KVH * n_runs):  # 3. p.v per run of chunks (whole V rows)
+            t, rest = task // (KVH * n_runs), task % (KVH * n_runs)
+            kvh, run = rest // n_runs, rest % n_runs
             n = positions[t] + 1
-            d0 = dc * D_CHUNK
-            acc = np.zeros((4, min(D, d0 + D_CHUNK) - d0), np.float32)
-            _pv_g4(scores[t][kvh * 4:kvh * 4 + 4], slots[t], n, v16, kvh, acc, d0)
-            for g in range(4):
-                for i in range(acc.shape[1]):
-                    out[t, kvh * 4 + g, d0 + i] = acc[g, i]
+            sc = scores[t][kvh * 4:kvh * 4 + 4]
+            last = min((run + 1) * per_run, (n + PV_CHUNK_KEYS - 1) // PV_CHUNK_KEYS)
+            for c in range(run * per_run, last):
+                j0 = c * PV_CHUNK_KEYS
+                _pv_g4_chunk(sc, slots[t], j0, min(n, j0 + PV_CHUNK_KEYS), v16, kvh, parts[t, kvh, c], True)
+        for task in prange(T * KVH):  # 4. the chunks' sums in order
+            t, kvh = task // KVH, task % KVH
+            acc = np.zeros((4, D), np.float32)
+            for c in range((positions[t] + PV_CHUNK_KEYS) // PV_CHUNK_KEYS):
+                _add_chunk(acc, parts[t, kvh, c])
+            out[t, kvh * 4:kvh * 4 + 4] = acc
 
     def choose_attention(n_tokens, n_head, n_kv_head, use_f32, n_keys_max, n_threads, n_keys_mean=None):
         """The kernel for a step (one choice for all layers; both give the same results): the split kernel for

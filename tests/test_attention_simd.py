@@ -1,5 +1,5 @@
-"""kernels/simd_attention.py against slow numpy references: p.v bit for bit (same float32 operations in the
-same order), q.k exactly where the arithmetic is exact, and its lane-reduction tree bit for bit."""
+"""kernels/simd_attention.py against slow numpy references: p.v bit for bit (the same fused float32 operations in
+the same order), q.k exactly where the arithmetic is exact, and its lane-reduction tree bit for bit."""
 from __future__ import annotations
 
 import numpy as np
@@ -81,17 +81,24 @@ def test_qk_matches_float64_at_real_sizes():
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
 
 
+def fma32(a, b, c):
+    """float32 fused multiply-add: a * b + c with one rounding. The float64 product of two float32 values is
+    exact; the float64 sum is exact too where the addends' exponents are within 29 of each other (here always),
+    so the one rounding is the float32 one."""
+    return (np.float64(a) * b.astype(np.float64) + c.astype(np.float64)).astype(np.float32)
+
+
 def pv_reference(sc, slots, j0, j1, v16, kvh, d, acc, c, width):
-    """float32, key by key: acc += p * v with the product rounded before the add."""
+    """float32, key by key: acc = fma(p, v, acc) (one rounding per key)."""
     v = v16.view(np.float16).astype(np.float32)
     for j in range(j0, j1):
         for g in range(4):
-            acc[g, c:c + width] = acc[g, c:c + width] + np.float32(sc[g, j]) * v[slots[j], kvh, d:d + width]
+            acc[g, c:c + width] = fma32(sc[g, j], v[slots[j], kvh, d:d + width], acc[g, c:c + width])
 
 
 @pytest.mark.parametrize("width", PV_FORMS)
 @pytest.mark.parametrize("j0,j1,d,c", [(0, 64, 0, 0), (5, 77, 48, 16), (10, 10, 0, 0), (3, 4, 96, 0)])
-def test_pv_is_bit_identical_to_sequential_float32(j0, j1, d, c, width):
+def test_pv_is_bit_identical_to_sequential_fused_float32(j0, j1, d, c, width):
     rng = np.random.default_rng(j0 + j1 + d)
     v16 = rng.standard_normal((90, 5, 128)).astype(np.float16).view(np.uint16)
     big = np.abs(rng.standard_normal((7, 100))).astype(np.float32) / 50
@@ -102,9 +109,16 @@ def test_pv_is_bit_identical_to_sequential_float32(j0, j1, d, c, width):
     pv_reference(sc, slots, j0, j1, v16, 3, d, want, c, width)
     outside = [i for i in range(64) if not c <= i < c + width]
     untouched = acc[:, outside].copy()
+    unfused = acc.copy()  # the same keys with each product rounded before its add
+    v = v16.view(np.float16).astype(np.float32)
+    for j in range(j0, j1):
+        for g in range(4):
+            unfused[g, c:c + width] += np.float32(sc[g, j]) * v[slots[j], 3, d:d + width]
     (pv16_range if width == 16 else pv32_range)(sc, slots, j0, j1, heads_first(v16), 3, d, acc, c)
     np.testing.assert_array_equal(acc[:, c:c + width], want[:, c:c + width])
     np.testing.assert_array_equal(acc[:, outside], untouched)
+    if j1 - j0 > 10:  # the data tell a fused sum from an unfused one
+        assert not np.array_equal(want[:, c:c + width], unfused[:, c:c + width])
 
 
 def one_head_dot_reference(q, row):

@@ -32,6 +32,52 @@ def _case(D, KVH, positions, seqs, bs=16):
     return q, k, v, np.array(positions, np.int32), np.array(seqs, np.int32), tables, bs
 
 
+def _chunked_pv(p, v):
+    """The documented p.v order of the GQA-4 float16 path (kernels.attention_fast.PV_CHUNK_KEYS): p: f32[n],
+    v: f32[n, D] -> f32[D]: each chunk summed from zero by one fused multiply-add per key (float64 product and
+    sum, exact at these magnitudes, then one float32 rounding), the chunks' sums added in order."""
+    from kernels.attention_fast import PV_CHUNK_KEYS
+    acc = np.zeros(v.shape[1], np.float32)
+    for c0 in range(0, len(p), PV_CHUNK_KEYS):
+        part = np.zeros(v.shape[1], np.float32)
+        for j in range(c0, min(len(p), c0 + PV_CHUNK_KEYS)):
+            part = (np.float64(p[j]) * v[j].astype(np.float64) + part.astype(np.float64)).astype(np.float32)
+        acc = acc + part
+    return acc
+
+
+@pytest.mark.parametrize("kernel", ["fast", "split"])
+def test_pv_sums_chunks_of_fused_products_in_order(kernel):
+    """With q = 0 every probability is exactly 1/n (rounded to float16 or not), so each output element is the
+    p.v sum alone: bit for bit the numpy replay of the chunked, fused order, for tokens of one tile whose key
+    counts end inside, at and past chunk boundaries (and not the sequential order it replaced)."""
+    from kernels.attention_fast import PV_CHUNK_KEYS, paged_attention_fast
+    from kernels.attention_split import paged_attention_split_g4
+    C = PV_CHUNK_KEYS
+    positions = [2 * C + 40, C - 1, C, 3]
+    q, k, v, pos, seq, tables, bs = _case(128, 2, positions, [0, 0, 0, 0])
+    q[:] = 0.0
+    for round_probs in (True, False):
+        rp = np.array([round_probs])
+        out = np.full_like(q, np.nan)
+        e32 = np.zeros((2, 0, 128), np.float32)
+        fn = paged_attention_fast if kernel == "fast" else paged_attention_split_g4
+        fn(q, naive.heads_first(k.view(np.uint16)), naive.heads_first(v.view(np.uint16)), e32, e32, False, pos, seq,
+           tables, bs, rp, np.float32(0.125), np.zeros(1, np.float32), out)
+        for t, n in enumerate(pos + 1):
+            p = np.float32(1.0 / np.float64(n))
+            p = np.float32(np.float16(p)) if round_probs else p
+            vs = v[tables[0, np.arange(n) // bs] * bs + np.arange(n) % bs].astype(np.float32)  # f32[n, KVH, D]
+            for h in range(8):
+                want = _chunked_pv(np.full(n, p, np.float32), vs[:, h // 4])
+                np.testing.assert_array_equal(out[t, h], want)
+                if n > C and not round_probs:  # float32 probabilities: products that round
+                    sequential = np.zeros(128, np.float32)
+                    for j in range(n):
+                        sequential = sequential + p * vs[j, h // 4]
+                    assert not np.array_equal(want, sequential)
+
+
 @pytest.mark.parametrize("D", [128, 64, 80])
 @pytest.mark.parametrize("positions,seqs", [
     ([4095], [0]),  # one long decode step
