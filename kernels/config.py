@@ -54,10 +54,11 @@ def source_hash(directory: Path) -> str:
 
 USE_VNNI = os.environ.get("BITNET_PY_VNNI", "1") not in ("0", "false", "no")
 USE_AVX512 = USE_VNNI and os.environ.get("BITNET_PY_AVX512", "1") not in ("0", "false", "no")
+USE_AMX = os.environ.get("BITNET_PY_AMX", "1") not in ("0", "false", "no")  # kernels/amx.py (prefill)
 SOURCE_HASH = source_hash(_KERNEL_DIR)
 CACHE_DIR = os.path.join(os.environ.get("NUMBA_CACHE_DIR") or str(_KERNEL_DIR / "__pycache__"),
                          f"kernel-cache-{SOURCE_HASH}" + ("" if USE_VNNI else "-novnni")
-                         + ("" if USE_AVX512 or not USE_VNNI else "-noavx512"))
+                         + ("" if USE_AVX512 or not USE_VNNI else "-noavx512") + ("" if USE_AMX else "-noamx"))
 if CACHE:
     numba.config.CACHE_DIR = CACHE_DIR  # read when each @njit(cache=True) below is decorated
 TERNARY_KERNEL = os.environ.get("BITNET_PY_TERNARY_KERNEL", "auto")

@@ -24,8 +24,10 @@ from numba import njit, prange
 from .config import JIT, JIT_PARALLEL
 from .tasks import balanced_rows_per_task, n_tasks3, task3
 from .simd import HAVE_AVX2, HAVE_VNNI
+from .amx import HAVE_AMX, i2s_rows_amx, permute_activations, tile_config_bytes
 
 ROWS_PER_TASK = 32
+AMX_MIN_TOKENS = 16  # AMX tiles (kernels.amx) from this many tokens: one tile of activations is 16 tokens
 
 
 @njit(**JIT)
@@ -88,30 +90,60 @@ else:
     _rows = _rows_plain
 
 
+if HAVE_AMX:
+    @njit(**JIT)
+    def _rows_any(packed, q, qp, act_scales, act_sums, scale, out, m_lo, m_hi, cfg):
+        """Rows [m_lo, m_hi): AMX tiles for the whole groups of 16 rows where qp (permuted activations) is
+        given (T >= AMX_MIN_TOKENS), the SIMD rows for the rest (the same integers)."""
+        n16 = (m_hi - m_lo) // 16 * 16 if qp.shape[0] else 0
+        if n16:
+            i2s_rows_amx(packed, qp, q.shape[0], act_scales, act_sums, scale, out, m_lo, m_lo + n16, cfg)
+        if m_lo + n16 < m_hi:
+            _rows(packed, q, act_scales, act_sums, scale, out, m_lo + n16, m_hi)
+
+    @njit(**JIT)
+    def _amx_inputs(q):
+        """-> (permuted activations, or i8[0, K] below AMX_MIN_TOKENS tokens; the tile configuration)."""
+        if q.shape[0] >= AMX_MIN_TOKENS and q.shape[1] % 128 == 0:
+            return permute_activations(q), tile_config_bytes()
+        return np.zeros((0, q.shape[1]), np.int8), tile_config_bytes()
+else:
+    @njit(**JIT)
+    def _rows_any(packed, q, qp, act_scales, act_sums, scale, out, m_lo, m_hi, cfg):
+        _rows(packed, q, act_scales, act_sums, scale, out, m_lo, m_hi)
+
+    @njit(**JIT)
+    def _amx_inputs(q):
+        return np.zeros((0, q.shape[1]), np.int8), np.zeros(64, np.uint8)
+
+
 @njit(**JIT_PARALLEL)
 def i2s_matmul(packed, q, act_scales, act_sums, scale, out, n_threads):
     """packed: u8[M*K/4]; q: i8[T, K] (C order); act_scales: f32[T]; act_sums: i32[T]; scale: f32
-    -> out: f32[T, M]. SIMD when the host has AVX2, else plain loops."""
+    -> out: f32[T, M]. AMX tiles for 16+ tokens where the host has them, SIMD when it has AVX2, else plain
+    loops."""
     M = out.shape[1]
     r = balanced_rows_per_task(ROWS_PER_TASK, M, 0, 0, n_threads)
+    qp, cfg = _amx_inputs(q)
     for task in prange(n_tasks3(r, M, 0, 0)):
-        _rows(packed, q, act_scales, act_sums, scale, out, task * r, min(M, task * r + r))
+        _rows_any(packed, q, qp, act_scales, act_sums, scale, out, task * r, min(M, task * r + r), cfg)
 
 
 @njit(**JIT_PARALLEL)
 def i2s_matmul_multi(p0, p1, p2, q, act_scales, act_sums, s0, s1, s2, o0, o1, o2, n_threads):
     """Up to three weights on the same activations in one parallel region: o_i = W_i q (p2/o2 may be
-    empty: u8[0], f32[T, 0]). SIMD when the host has AVX2, else plain loops."""
+    empty: u8[0], f32[T, 0]). AMX, SIMD or plain loops as i2s_matmul."""
     M0, M1, M2 = o0.shape[1], o1.shape[1], o2.shape[1]
     r = balanced_rows_per_task(ROWS_PER_TASK, M0, M1, M2, n_threads)
+    qp, cfg = _amx_inputs(q)
     for task in prange(n_tasks3(r, M0, M1, M2)):
         w, lo, hi = task3(task, r, M0, M1, M2)
         if w == 0:
-            _rows(p0, q, act_scales, act_sums, s0, o0, lo, hi)
+            _rows_any(p0, q, qp, act_scales, act_sums, s0, o0, lo, hi, cfg)
         elif w == 1:
-            _rows(p1, q, act_scales, act_sums, s1, o1, lo, hi)
+            _rows_any(p1, q, qp, act_scales, act_sums, s1, o1, lo, hi, cfg)
         else:
-            _rows(p2, q, act_scales, act_sums, s2, o2, lo, hi)
+            _rows_any(p2, q, qp, act_scales, act_sums, s2, o2, lo, hi, cfg)
 
 
 @njit(**JIT_PARALLEL)
