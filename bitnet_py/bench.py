@@ -226,6 +226,8 @@ def run(args) -> dict:
     import numba
 
     from kernels import config as kernel_config
+    from kernels.amx import HAVE_AMX
+    from kernels.simd import HAVE_AVX2
     from .model import Model
     from .sampling import TopRequest
     if args.kernel:
@@ -302,6 +304,7 @@ def run(args) -> dict:
     return dict(model=args.model, arch=model.config.arch, type=wtype, head_type=args.head_type, logits=args.logits,
                 file_bytes=file_bytes,
                 kernel=kernel_config.TERNARY_KERNEL, threading_layer=numba.threading_layer(),
+                amx=HAVE_AMX and HAVE_AVX2 and kernel_config.TERNARY_KERNEL in ("auto", "mad", "simd"),
                 load_ms=load_ms, tl2_source=model.weights.tl2_source, jit=jit, peak_rss_bytes=peak_rss,
                 weights_memory=weights_memory(model), huge_pages_mode=huge_pages_mode(),
                 kv_bytes=kv.nbytes,

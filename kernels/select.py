@@ -3,7 +3,8 @@
 `ternary_kernels(M, K)` -> TernaryKernels(name, matmul, matmul_multi), both with i2s_matmul's signatures.
 `auto` picks per shape from measurements (scripts/bench_kernels.py prints them for the host):
 - hosts with AVX2: the SIMD multiply-add kernel for every shape (18-40x faster than the lookup-table kernel
-  at the 2B-4T shapes 2560x2560, 6912x2560, 2560x6912 and T = 1, 8, one thread);
+  at the 2B-4T shapes 2560x2560, 6912x2560, 2560x6912 and T = 1, 8, one thread); on hosts with AMX it runs steps
+  of 16+ tokens on AMX tiles (kernels.amx; 3.8x the VNNI loop at 128 tokens);
 - other hosts: the plain multiply-add loop (1.2-1.5x faster than the lookup-table kernel at those shapes:
   scalar table loads cost more than the multiply-adds they replace).
 BITNET_PY_TERNARY_KERNEL overrides the choice (kernels/config.py).

@@ -92,8 +92,19 @@ def test_bench_markdown_and_kernel_choice(capsys, monkeypatch):
     path = str(fixture_path(*TINY))
     assert bench.main(["-m", path, "-p", "4", "-n", "2", "-t", "1", "-r", "1", "--no-jit", "--kernel", "lut"]) == 0
     out = capsys.readouterr().out
-    assert "| pp4 | 1 |" in out and "| tg2 | 1 |" in out and "ternary kernel: lut" in out
+    assert "| pp4 | 1 |" in out and "| tg2 | 1 |" in out and "ternary kernel: lut," in out  # lut: no AMX tiles
     assert "bytes read per decoded token" in out and "peak RSS" in out and "| steal |" in out
+
+
+def test_bench_says_whether_steps_of_16_tokens_run_on_amx_tiles(capsys):
+    from kernels.amx import HAVE_AMX
+    from kernels.simd import HAVE_AVX2
+    path = str(fixture_path(*TINY))
+    assert bench.main(["-m", path, "-p", "16", "-n", "1", "-t", "1", "-r", "1", "--no-jit", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["amx"] is (HAVE_AMX and HAVE_AVX2)
+    from bitnet_py.bench_report import AMX_NOTE, markdown
+    assert (AMX_NOTE in markdown(data)) is data["amx"]
 
 
 def test_bench_bad_input(capsys, tmp_path):
