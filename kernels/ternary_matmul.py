@@ -8,7 +8,8 @@ Three implementations with identical results:
 - AMX tiles (`kernels.amx`, hosts with AMX-INT8 such as Sapphire Rapids) for steps of AMX_MIN_TOKENS tokens or
   more (prefill, large batches): 16 tokens x 64 K x 16 rows per `tdpbsud`, the rows of a task past its last whole
   group of 16 by the SIMD loop below. On a 2-vCPU Intel Xeon (one process against the VNNI loop, 2 threads):
-  pp128 1.90x, batched decode of 16 / 20 / 32 sequences 1.045 / 1.134 / 1.30x;
+  pp128 1.90x with one sums tile, then 1.228x more with kernels.amx's 2 x 2 blocks; batched decode of 16 / 20 /
+  32 sequences 1.045 / 1.134 / 1.30x (one sums tile);
 - SIMD (hosts with AVX2, `kernels.simd`; `kernels.simd_vnni` where the host has VNNI): `vpmaddubsw` (or
   `vpdpbusd`) on unpacked codes, 128 codes per step, up to 4 tokens
   per weight unpack. Rows are split into tasks of up to `ROWS_PER_TASK` (fewer on many-core hosts,
