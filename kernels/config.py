@@ -74,6 +74,4 @@ FASTMATH_OFF = False
 
 JIT = dict(cache=CACHE, nogil=True, fastmath=FASTMATH_OFF)
 JIT_PARALLEL = dict(cache=CACHE, nogil=True, parallel=True, fastmath=FASTMATH_OFF)
-# max/min reductions: the result does not depend on the order, so NaN-free vectorized compares are exact
-JIT_MAX = dict(cache=CACHE, nogil=True, fastmath={"nnan", "nsz"})
 JIT_REDUCE_PARALLEL = dict(cache=CACHE, nogil=True, parallel=True, fastmath=FASTMATH_REDUCE)

@@ -7,19 +7,21 @@ I2_S uses floor = 1e-5; TL2 uses no floor (floor = 0; an all-zero row then gives
 import numpy as np
 from numba import njit, prange
 
-from .config import JIT, JIT_MAX, JIT_PARALLEL
+from .config import JIT, JIT_PARALLEL
+from .simd import i32_as_f32
 
 
-@njit(**JIT_MAX)
+@njit(**JIT)
 def _abs_max(x, t):
-    """max |x[t, :]| as float64 (the float32 maximum, converted exactly). A maximum does not depend on the
-    order of comparisons, so it may vectorize (JIT_MAX); NaNs are not expected."""
-    best = np.float32(0.0)
-    for k in range(x.shape[1]):
-        a = abs(x[t, k])
-        if a > best:
-            best = a
-    return np.float64(best)
+    """max |x[t, :]| as float64 (the float32 maximum, converted exactly; NaNs are not expected). Taken over the
+    bit patterns with the sign bit cleared, which order as the magnitudes do: an unsigned integer maximum, which
+    LLVM vectorizes (the float compare-and-select loop it left scalar took 0.38 of the 0.44 ms that quantizing
+    128 x 2560 activations took on one thread; 0.08 now)."""
+    bits = x[t].view(np.uint32)
+    best = np.uint32(0)
+    for k in range(bits.shape[0]):
+        best = max(best, bits[k] & np.uint32(0x7FFFFFFF))
+    return np.float64(i32_as_f32(np.int32(best)))
 
 
 @njit(**JIT)
@@ -30,13 +32,9 @@ def _quantize_row(x, floor, q, scales, sums, t):
         amax = floor
     s = np.float32(127.0 / amax) if amax > 0.0 else np.float32(1.0)
     total = 0
-    for k in range(K):
-        v = np.rint(x[t, k] * s)
-        if v > 127.0:
-            v = 127.0
-        elif v < -128.0:
-            v = -128.0
-        iv = np.int32(v)
+    lo, hi = np.float32(-128.0), np.float32(127.0)
+    for k in range(K):  # branch-free clamp: the loop vectorizes (2.4-3x faster than with if / elif)
+        iv = np.int32(min(max(np.rint(x[t, k] * s), lo), hi))
         q[t, k] = iv
         total += iv
     scales[t] = s
