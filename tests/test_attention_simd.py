@@ -162,3 +162,21 @@ def test_pv_zmm_form_uses_zmm_registers():
     asm = next(iter(pv32_range.inspect_asm().values()))
     widen = [line for line in asm.splitlines() if "vcvtph2ps" in line]  # vcvtph2ps, or vcvtph2psx (AVX512-FP16)
     assert widen and all("%zmm" in line for line in widen)  # 16 float16 widened into one zmm register
+
+
+def test_row_max_over_integer_keys_equals_the_float_maximum():
+    """kernels.attention_fast._row_max against numpy: all-negative rows, -inf, tiny and huge magnitudes, empty
+    ranges (-inf); a zero maximum of either sign comes back as a zero."""
+    from kernels.attention_fast import _row_max
+    rng = np.random.default_rng(5)
+    for trial in range(300):
+        n = int(rng.integers(0, 300))
+        s = (rng.standard_normal((4, 300)) * 10.0 ** rng.integers(-30, 30)).astype(np.float32)
+        if trial % 3 == 0:
+            s[2] = -np.abs(s[2])
+        if trial % 5 == 0:
+            s[2, :n // 2] = -np.inf
+        if trial % 7 == 0:
+            s[2, : n // 3] = np.float32(-0.0)
+        got, want = _row_max(s, 2, n), (s[2, :n].max() if n else np.float32(-np.inf))
+        assert got == want and (want == 0 or np.float32(got).tobytes() == np.float32(want).tobytes()), (n, got, want)
