@@ -80,6 +80,12 @@ if HAVE_F16C:
             sc[0, j], sc[1, j], sc[2, j], sc[3, j] = a0 * scale, a1 * scale, a2 * scale, a3 * scale
 
     @njit(**JIT)
+    def _order_key(bits):
+        """A float32's bits (i32) -> an i32 that orders as the floats do (the magnitude bits flipped where the
+        sign is set); its own inverse."""
+        return bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))
+
+    @njit(**JIT)
     def _row_max(scores, g, n):
         """max of scores[g, :n] (not NaN; -inf for n = 0), as a maximum of integer keys that order as the floats
         do (a float's bits with the magnitude bits flipped where it is negative): LLVM vectorizes an integer
@@ -87,11 +93,10 @@ if HAVE_F16C:
         maximum is a zero of either sign this returns +0.0; the scores shifted by it, and their exponentials, are
         the same either way."""
         keys = scores[g].view(np.int32)
-        best = np.int32(-2139095041)  # the key of -inf (bits 0xFF800000): 0x807FFFFF
+        best = _order_key(np.int32(-8388608))  # -inf (bits 0xFF800000)
         for j in range(n):
-            b = keys[j]
-            best = max(best, b ^ ((b >> 31) & np.int32(0x7FFFFFFF)))
-        return i32_as_f32(best ^ ((best >> 31) & np.int32(0x7FFFFFFF)))
+            best = max(best, _order_key(keys[j]))
+        return i32_as_f32(_order_key(best))
 
     @njit(**JIT)
     def _exp_sums4(scores, n):
@@ -123,8 +128,8 @@ if HAVE_F16C:
             scores[g, j] = p
 
     @njit(**JIT)
-    def _pv_g4_block(sc, slots, jb, je, v16, kvh, acc, d0, prefetch):
-        """acc[g, i] += sum over keys jb <= j < je of sc[g, j] * V[kvh, slots[j], d0 + i], in key order, for the
+    def _pv_g4_block(sc, slots, jb, je, v16, kvh, acc, prefetch):
+        """acc[g, i] += sum over keys jb <= j < je of sc[g, j] * V[kvh, slots[j], i], in key order, for the
         dims i below the last multiple of PV_DIMS of acc.shape[1] (`pv4`, PV_DIMS dims at a time)."""
         W = acc.shape[1] - acc.shape[1] % PV_DIMS
         # the next block's V rows (the dims this call reads), prefetched a share per slice of dims: a decode at
@@ -134,11 +139,11 @@ if HAVE_F16C:
         for c in range(0, W, PV_DIMS):
             k0 = je + (c // PV_DIMS) * per_slice
             for j in range(k0, min(k0 + per_slice, je + PV_KEY_BLOCK, slots.shape[0]) if prefetch else k0):
-                prefetch_row(v16, slots[j], kvh, d0, row_bytes)
-            pv4(sc, slots, jb, je, v16, kvh, d0 + c, acc, c)
+                prefetch_row(v16, slots[j], kvh, 0, row_bytes)
+            pv4(sc, slots, jb, je, v16, kvh, c, acc, c)
 
     @njit(**JIT)
-    def _pv_g4_tail(sc, slots, j0, j1, v16, kvh, acc, d0):
+    def _pv_g4_tail(sc, slots, j0, j1, v16, kvh, acc):
         """The dims past the last multiple of PV_DIMS of acc.shape[1] (none for heads of 64 or 128), keys
         j0 <= j < j1 one by one (a float32 product, then its add)."""
         W = acc.shape[1]
@@ -148,7 +153,7 @@ if HAVE_F16C:
             for g in range(4):
                 p = sc[g, j]
                 for i in range(Wv, W):
-                    acc[g, i] += p * f16_to_f32(v16[kvh, s0, d0 + i])
+                    acc[g, i] += p * f16_to_f32(v16[kvh, s0, i])
 
     @njit(**JIT)
     def _pv_g4_chunk(sc, slots, j0, j1, v16, kvh, part, prefetch):
@@ -157,8 +162,8 @@ if HAVE_F16C:
         PV_KEY_BLOCK keys whose V rows stay in cache for all of the block's PV_DIMS slices."""
         part[:] = 0.0
         for jb in range(j0, j1, PV_KEY_BLOCK):
-            _pv_g4_block(sc, slots, jb, min(j1, jb + PV_KEY_BLOCK), v16, kvh, part, 0, prefetch)
-        _pv_g4_tail(sc, slots, j0, j1, v16, kvh, part, 0)
+            _pv_g4_block(sc, slots, jb, min(j1, jb + PV_KEY_BLOCK), v16, kvh, part, prefetch)
+        _pv_g4_tail(sc, slots, j0, j1, v16, kvh, part)
 
     @njit(**JIT)
     def _add_chunk(acc, part):
@@ -223,12 +228,11 @@ if HAVE_F16C:
                 for i in range(n_tok):
                     n = positions[t0 + i] + 1
                     if jb < n:
-                        _pv_g4_block(scores[i], slots, jb, min(n, jb + PV_KEY_BLOCK), v16, kvh, part[i], 0,
-                                     i == 0)
+                        _pv_g4_block(scores[i], slots, jb, min(n, jb + PV_KEY_BLOCK), v16, kvh, part[i], i == 0)
             for i in range(n_tok):
                 n = positions[t0 + i] + 1
                 if cs < n:
-                    _pv_g4_tail(scores[i], slots, cs, min(n, ce), v16, kvh, part[i], 0)
+                    _pv_g4_tail(scores[i], slots, cs, min(n, ce), v16, kvh, part[i])
                     _add_chunk(acc[i], part[i])
         for i in range(n_tok):
             for g in range(4):
