@@ -174,6 +174,13 @@ def weight_type(model) -> str:
     return w.source_type if isinstance(w, TernaryWeight) else w.source_type
 
 
+def _on_amx_kernel(w) -> bool:
+    """Whether weight w's matmuls take the kernel with the AMX path (I2_S-style ternary, the SIMD kernel)."""
+    from kernels.select import ternary_kernels
+    from .weights import TernaryWeight
+    return isinstance(w, TernaryWeight) and w.block_scales is None and ternary_kernels(w.m, w.k).name == "simd"
+
+
 def is_2b4t(model) -> bool:
     c = model.config
     return all(getattr(c, k) == v for k, v in LAYOUT_2B_4T.items())
@@ -227,7 +234,6 @@ def run(args) -> dict:
 
     from kernels import config as kernel_config
     from kernels.amx import HAVE_AMX
-    from kernels.simd import HAVE_AVX2
     from .model import Model
     from .sampling import TopRequest
     if args.kernel:
@@ -304,7 +310,7 @@ def run(args) -> dict:
     return dict(model=args.model, arch=model.config.arch, type=wtype, head_type=args.head_type, logits=args.logits,
                 file_bytes=file_bytes,
                 kernel=kernel_config.TERNARY_KERNEL, threading_layer=numba.threading_layer(),
-                amx=HAVE_AMX and HAVE_AVX2 and kernel_config.TERNARY_KERNEL in ("auto", "mad", "simd"),
+                amx=HAVE_AMX and _on_amx_kernel(model.weights.layers[0].wq),
                 load_ms=load_ms, tl2_source=model.weights.tl2_source, jit=jit, peak_rss_bytes=peak_rss,
                 weights_memory=weights_memory(model), huge_pages_mode=huge_pages_mode(),
                 kv_bytes=kv.nbytes,
