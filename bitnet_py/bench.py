@@ -175,10 +175,12 @@ def weight_type(model) -> str:
 
 
 def _on_amx_kernel(w) -> bool:
-    """Whether weight w's matmuls take the kernel with the AMX path (I2_S-style ternary, the SIMD kernel)."""
-    from kernels.select import ternary_kernels
+    """Whether weight w's matmuls take a kernel with the AMX path (per-tensor-scaled ternary: the SIMD kernel on
+    I2_S bytes, or the base-3 one)."""
+    from kernels.select import weight_kernels
     from .weights import TernaryWeight
-    return isinstance(w, TernaryWeight) and w.block_scales is None and ternary_kernels(w.m, w.k).name == "simd"
+    return (isinstance(w, TernaryWeight) and w.block_scales is None
+            and weight_kernels(w.layout, w.m, w.k).name in ("simd", "b3"))
 
 
 def is_2b4t(model) -> bool:
@@ -311,6 +313,7 @@ def run(args) -> dict:
                 file_bytes=file_bytes,
                 kernel=kernel_config.TERNARY_KERNEL, threading_layer=numba.threading_layer(),
                 amx=HAVE_AMX and _on_amx_kernel(model.weights.layers[0].wq),
+                layout=getattr(model.weights.layers[0].wq, "layout", ""),
                 load_ms=load_ms, tl2_source=model.weights.tl2_source, jit=jit, peak_rss_bytes=peak_rss,
                 weights_memory=weights_memory(model), huge_pages_mode=huge_pages_mode(),
                 kv_bytes=kv.nbytes,

@@ -66,13 +66,15 @@ LOGITS_NOTE = {"all": "all n_vocab per step (as llama-bench)",
 
 
 AMX_NOTE = " (AMX tiles for steps of 16+ tokens)"
+LAYOUT_NOTE = {"b3": " on base-3 weights (1.6 bits per weight)"}
 
 
 def markdown(res: dict) -> str:
     gb = 1e9
     lines = [f"model: `{res['model']}` ({res['arch']}, {res['type']}, {res['file_bytes'] / 2**30:.2f} GiB), "
              f"cpu: {res['cpu']} x{res['n_cpu']}, numba threading layer: {res['threading_layer']}, "
-             f"ternary kernel: {res['kernel']}{AMX_NOTE if res.get('amx') else ''}, head: {res['head_type']}, "
+             f"ternary kernel: {res['kernel']}{LAYOUT_NOTE.get(res.get('layout'), '')}"
+             f"{AMX_NOTE if res.get('amx') else ''}, head: {res['head_type']}, "
              f"logits: {LOGITS_NOTE[res.get('logits', 'all')]}, "
              f"transparent huge pages: {res.get('huge_pages_mode') or 'unknown'}", "",
              "| test | threads | tok/s (mean ± sd) | median | load avg | steal | roofline % | vs bitnet.cpp |",

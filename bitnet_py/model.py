@@ -29,7 +29,7 @@ from kernels.q8k import quantize_q8k, quantize_q8k_parallel, tq_matmul_q8k, tq_m
 
 from kernels import config as kernel_config
 from kernels import layer_steps
-from kernels.select import ternary_kernels
+from kernels.select import weight_kernels
 
 from .allocator import keep_freed_buffers
 from .config import ModelConfig
@@ -111,7 +111,7 @@ def linear(w: TernaryWeight | DenseWeight, x: np.ndarray, qa: QuantizedActivatio
     elif isinstance(w, TernaryWeight):
         if qa is None:
             qa = quantize_activation(x, w.act_floor)
-        ternary_kernels(w.m, w.k).matmul(w.packed, qa.q, qa.scales, qa.sums, w.scale, out, n_threads)
+        weight_kernels(w.layout, w.m, w.k).matmul(w.packed, qa.q, qa.scales, qa.sums, w.scale, out, n_threads)
     elif w.i8 is not None:
         qa = quantize_activation(np.ascontiguousarray(x), HEAD_ACT_FLOOR)
         i8_matmul(w.i8, w.i8_scales, qa.q, qa.scales, out)
@@ -135,7 +135,8 @@ def fusable(ws: list) -> bool:
         return False
     if all(w.block_scales is not None for w in ws):
         return True
-    return all(w.block_scales is None for w in ws) and len({w.act_floor for w in ws}) == 1
+    return (all(w.block_scales is None for w in ws) and len({w.act_floor for w in ws}) == 1
+            and len({w.layout for w in ws}) == 1)
 
 
 def fused_linear(ws: list, x: np.ndarray, n_threads: int = 0) -> list[np.ndarray]:
@@ -153,8 +154,9 @@ def fused_linear(ws: list, x: np.ndarray, n_threads: int = 0) -> list[np.ndarray
     qa = quantize_activation(x, ws[0].act_floor)
     w2, o2 = (ws[2].packed, outs[2]) if len(ws) == 3 else (_NO_WEIGHT, np.empty((T, 0), np.float32))
     s2 = ws[2].scale if len(ws) == 3 else np.float32(0.0)
-    ternary_kernels(ws[0].m, ws[0].k).matmul_multi(ws[0].packed, ws[1].packed, w2, qa.q, qa.scales, qa.sums,
-                                                   ws[0].scale, ws[1].scale, s2, outs[0], outs[1], o2, n_threads)
+    weight_kernels(ws[0].layout, ws[0].m, ws[0].k).matmul_multi(ws[0].packed, ws[1].packed, w2, qa.q, qa.scales,
+                                                                qa.sums, ws[0].scale, ws[1].scale, s2, outs[0],
+                                                                outs[1], o2, n_threads)
     return outs
 
 
@@ -200,7 +202,7 @@ class Model:
         for L in self.weights.layers:
             ws = [L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down]
             if not (all(isinstance(w, TernaryWeight) and w.block_scales is None
-                        and ternary_kernels(w.m, w.k).name == "simd" for w in ws)
+                        and weight_kernels(w.layout, w.m, w.k).name == layer_steps.TERNARY_KERNEL for w in ws)
                     and len({w.act_floor for w in ws}) == 1):
                 return None
             floor = L.wq.act_floor

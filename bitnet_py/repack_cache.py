@@ -1,5 +1,6 @@
-"""On-disk cache of weights prepared at load (TL2 / TQ1_0 / TQ2_0 tensors repacked to I2_S bytes, the screened
-head's int8 copy), memory-mapped on later loads.
+"""On-disk cache of weights prepared at load (TL2 / TQ1_0 / TQ2_0 tensors repacked to I2_S bytes, ternary
+tensors in the base-3 layout as ``<name>#b3`` on hosts that use it, the screened head's int8 copy),
+memory-mapped on later loads.
 
 The kernels read only I2_S's layout, so every load of a TL2 file decodes each ternary tensor into a new copy
 (1.7-2.3 s of a ~3 s load at the 2B-4T layout on 2 vCPUs, most of the rest being page faults on that copy);
@@ -86,17 +87,19 @@ class RepackCache:
     `put(name, packed)` collects this load's repacked tensors; `save()` writes them if anything missed."""
 
     def __init__(self, source: str | os.PathLike, tiling: dict, folder: Path | None = None, anonymous: bool = False,
-                 unwanted: tuple[str, ...] = ()):
+                 unwanted: tuple[str, ...] = (), b3: bool = False):
         """anonymous: copy a cache file that is hit into anonymous memory (the model's no_mmap). unwanted: suffixes
         of entry names this load does not read (the screened head's copy when the head is not screened): they are
-        neither copied nor promoted (`skip`), and stay readable from the file map for `save`."""
+        neither copied nor promoted (`skip`), and stay readable from the file map for `save`. b3: this load keeps
+        ternary tensors in the base-3 layout (bitnet_py.weights), part of the key: a load without it (another
+        host, BITNET_PY_B3=0) writes its own file rather than map base-3 entries it does not read."""
         self.anonymous = anonymous
         self.unwanted = tuple(unwanted)
         real = os.path.realpath(source)
         st = os.stat(real)
         tiles = sorted((m, k, t.bm, t.bk) for (m, k), t in tiling.items())
         self.key = json.dumps({"version": FORMAT_VERSION, "path": real, "size": st.st_size,
-                               "mtime_ns": st.st_mtime_ns, "inode": st.st_ino, "tiling": tiles})
+                               "mtime_ns": st.st_mtime_ns, "inode": st.st_ino, "tiling": tiles, "b3": b3})
         self.folder = folder or cache_folder()
         self._prefix = f"{Path(real).stem}-{_digest(real, 8)}-"
         self.path = self.folder / f"{self._prefix}{_digest(self.key, 16)}.i2s"

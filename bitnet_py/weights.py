@@ -1,15 +1,20 @@
 """GGUF tensors -> per-layer weights in the layouts the kernels want, prepared once at load.
 
 Ternary weights (I2_S, TL2, TQ1_0, TQ2_0) all end up in I2_S's packed layout: I2_S tensors are used
-zero-copy from the memory map, the others are decoded and repacked once. Float weights stay memory-mapped.
+zero-copy from the memory map, the others are decoded and repacked once. On hosts with AVX-512 VBMI + VNNI the
+per-tensor-scaled ones (I2_S, TL2) go one step further, to the base-3 layout (kernels.b3_simd: 1.6 bits per
+weight, 0.8x the bytes a decoded token reads), kept in the repack cache like the TL2 repack. Float weights stay
+memory-mapped.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from kernels.b3_simd import b3_bytes, pack_b3_from_i2s
+from kernels.select import b3_enabled, use_b3
 from kernels.tl2_repack import pack_i2s, tl2_to_i2s_packed, tq2_0_to_i2s_packed
 
 from .config import ModelConfig
@@ -17,6 +22,7 @@ from .gguf.constants import DEQUANT_TYPES, I2S_BLOCK, REPACKED_TYPES, TL2_ROWPER
 from .gguf.reader import GGUFError, GGUFFile, TensorInfo
 from .gguf.ternary_unpack import i2s_scale, tl2_region, unpack_tq1_0
 from .gguf.tl2_tiling import TL2Tile
+from .huge_pages import zeros
 from .repack_cache import TQ_SCALES_SUFFIX, RepackCache, cache_enabled
 from .screened_head import CACHE_SUFFIXES as SCREEN_CACHE_SUFFIXES, ScreenedHead, cached_head, quantize_head
 
@@ -24,18 +30,21 @@ log = logging.getLogger(__name__)
 
 I2S_ACT_FLOOR = 1e-5  # bitnet.cpp floors the activation absmax at 1e-5 for I2_S ...
 TL2_ACT_FLOOR = 0.0  # ... and not for TL2
+B3_SUFFIX = "#b3"  # repack cache entry of a tensor in the base-3 layout
 
 
 @dataclass
 class TernaryWeight:
-    """y = W x with W ternary: packed u8[M*K/4] in I2_S layout, one scale or per-256-block scales."""
+    """y = W x with W ternary: packed u8[M*K/4] in I2_S layout (or u8[M*Kp/5] in the base-3 layout), one scale
+    or per-256-block scales."""
     m: int
     k: int
-    packed: np.ndarray  # u8[M*K/4]
+    packed: np.ndarray  # u8[M*K/4] ("i2_s") or u8[M*Kp/5] ("b3", kernels.b3_simd)
     scale: np.float32  # per-tensor scale (I2_S, TL2)
     block_scales: np.ndarray | None  # f32[M, K/256] for TQ1_0 / TQ2_0, else None
     act_floor: float
     source_type: str
+    layout: str = "i2_s"
 
 
 @dataclass
@@ -113,9 +122,54 @@ def _dequantize(f: GGUFFile, info: TensorInfo) -> np.ndarray:
     return dequantize(f.raw(info.name), int(info.type_id)).reshape(m, k).astype(np.float32)
 
 
+class B3Arena:
+    """One anonymous map (huge pages where offered) for the base-3 tensors a load builds: a map per tensor
+    (0.3-3.6 MB at 2B-4T) holds few whole 2 MiB pages, and 2B-4T's decode matmuls on such 4 KiB pages ran no
+    faster than I2_S's on huge pages. Untouched space (a tensor that stays I2_S) is never resident."""
+
+    def __init__(self, nbytes: int):
+        self.data = zeros(nbytes, np.uint8)
+        self.used = 0
+
+    @staticmethod
+    def size(f: GGUFFile) -> int:
+        """Bytes for every tensor of f that may go to the base-3 layout (each at a 4 KiB boundary)."""
+        return sum((b3_bytes(*t.np_shape) + 4095) // 4096 * 4096 for t in f.tensors.values()
+                   if t.type_id in (GGMLType.I2_S, GGMLType.TL2) and len(t.np_shape) == 2 and use_b3(*t.np_shape))
+
+    def take(self, nbytes: int) -> np.ndarray:
+        if self.used + nbytes > self.data.size:
+            return zeros(nbytes, np.uint8)
+        out = self.data[self.used:self.used + nbytes]
+        self.used += (nbytes + 4095) // 4096 * 4096
+        return out
+
+
+def _to_b3(f: GGUFFile, name: str, w: TernaryWeight, raw: np.ndarray | None, repacked: RepackCache | None,
+           arena: B3Arena | None = None):
+    """w (I2_S layout) -> the same weight in the base-3 layout (in `arena`), cached as name + B3_SUFFIX; w itself
+    where a row tile holds a code 3 (no ternary value). raw: the file bytes read for it, released from the
+    resident set."""
+    n = b3_bytes(w.m, w.k)
+    out = arena.take(n) if arena is not None else zeros(n, np.uint8)
+    if pack_b3_from_i2s(w.packed, w.m, w.k, out):
+        log.warning("%s holds 2-bit codes outside the ternary values; kept in the I2_S layout", name)
+        return w
+    if raw is not None:
+        f.release(raw)  # only the base-3 copy is read from here on
+    if repacked is not None:
+        repacked.put(name + B3_SUFFIX, out)
+    return replace(w, packed=_read_only(out), layout="b3")
+
+
+def _cached_b3(name: str, m: int, k: int, repacked: RepackCache | None) -> np.ndarray | None:
+    return repacked.get(name + B3_SUFFIX, b3_bytes(m, k)) if repacked is not None and use_b3(m, k) else None
+
+
 def load_linear(f: GGUFFile, name: str, m: int, k: int, tiling: dict[tuple[int, int], TL2Tile],
-                repacked: RepackCache | None = None):
-    """One weight matrix; `repacked` supplies (and collects) TL2 tensors already repacked to I2_S."""
+                repacked: RepackCache | None = None, arena=None):
+    """One weight matrix; `repacked` supplies (and collects) TL2 tensors already repacked to I2_S, and tensors
+    in the base-3 layout (hosts with kernels.b3_simd.HAVE_B3); arena() -> the B3Arena that new ones go to."""
     info = f.info(name)
     if info.np_shape != (m, k):
         raise GGUFError(f"{f.path}: tensor {name} has shape {list(info.np_shape)}, expected [{m}, {k}]")
@@ -123,17 +177,29 @@ def load_linear(f: GGUFFile, name: str, m: int, k: int, tiling: dict[tuple[int, 
     if t in (GGMLType.I2_S, GGMLType.TL2, GGMLType.TQ1_0, GGMLType.TQ2_0) and k % I2S_BLOCK:
         raise GGUFError(f"{f.path}: ternary tensor {name} needs K % {I2S_BLOCK} == 0, has K = {k}")
     raw = f.raw(name)
+    if t in (GGMLType.I2_S, GGMLType.TL2):
+        cached = _cached_b3(name, m, k, repacked)
+        scale = i2s_scale(raw, m, k) if t == GGMLType.I2_S else tl2_scale(raw, m, k)
+        floor, source = (I2S_ACT_FLOOR, "I2_S") if t == GGMLType.I2_S else (TL2_ACT_FLOOR, "TL2")
+        if cached is not None:
+            return TernaryWeight(m, k, cached, scale, None, floor, source, "b3")
     if t == GGMLType.I2_S:
-        return TernaryWeight(m, k, raw[:m * k // 4], i2s_scale(raw, m, k), None, I2S_ACT_FLOOR, "I2_S")
+        w = TernaryWeight(m, k, raw[:m * k // 4], scale, None, floor, source)
+        return _to_b3(f, name, w, raw, repacked, arena and arena()) if use_b3(m, k) else w
     if t == GGMLType.TL2:
         cached = repacked.get(name, m * k // 4) if repacked is not None else None
         if cached is not None:
-            return TernaryWeight(m, k, cached, tl2_scale(raw, m, k), None, TL2_ACT_FLOOR, "TL2")
+            return TernaryWeight(m, k, cached, scale, None, floor, source)
         packed, scale = tl2_to_i2s(raw, m, k, tiling[(m, k)])
         f.release(raw)  # only the repacked copy is used from here on
+        w = TernaryWeight(m, k, packed, scale, None, floor, source)
+        if use_b3(m, k):
+            b3 = _to_b3(f, name, w, None, repacked, arena and arena())
+            if b3 is not w:
+                return b3
         if repacked is not None:
             repacked.put(name, packed)
-        return TernaryWeight(m, k, packed, scale, None, TL2_ACT_FLOOR, "TL2")
+        return w
     if t in (GGMLType.TQ1_0, GGMLType.TQ2_0):
         n_scales = m * (k // TQ_BLOCK)
         cached = repacked.get(name, m * k // 4) if repacked is not None else None
@@ -175,12 +241,21 @@ def load_weights(f: GGUFFile, cfg: ModelConfig, tiling: dict[tuple[int, int], TL
     copy of an f16 head (`screen`), kept in the same cache."""
     E, F, Q, KV = cfg.n_embd, cfg.n_ff, cfg.q_dim, cfg.kv_dim
     repacks = bool(tiling) or any(t.type_id in (GGMLType.TQ1_0, GGMLType.TQ2_0) for t in f.tensors.values())
-    cached = (repacks or quantize_head) and cache_enabled()
+    b3 = b3_enabled() and any(t.type_id in (GGMLType.I2_S, GGMLType.TL2) for t in f.tensors.values())
+    cached = (repacks or quantize_head or b3) and cache_enabled()
     unwanted = () if quantize_head else SCREEN_CACHE_SUFFIXES  # a screened head's copy cached by an earlier load
-    repacked = RepackCache(f.path, tiling, anonymous=not f.mapped, unwanted=unwanted) if cached else None
+    repacked = (RepackCache(f.path, tiling, anonymous=not f.mapped, unwanted=unwanted, b3=b3)
+                if cached else None)
+
+    arenas: list[B3Arena] = []
+
+    def arena() -> B3Arena:
+        if not arenas:
+            arenas.append(B3Arena(B3Arena.size(f)))
+        return arenas[0]
 
     def linear(name: str, m: int, k: int):
-        return load_linear(f, name, m, k, tiling, repacked)
+        return load_linear(f, name, m, k, tiling, repacked, arena)
 
     layers = []
     for i in range(cfg.n_layer):
@@ -224,10 +299,12 @@ def head_tensor(f: GGUFFile) -> str:
 def sparse_tensors(f: GGUFFile, quantize_head: bool) -> set[str]:
     """Tensors a forward reads a few rows of, or none, not worth a copy in anonymous memory (no_mmap, a promotion):
     the token embedding, an f16 head that gets an int8 copy (the screened or int8 head; not a head streamed
-    whole), and the ternary tensors that are repacked (read once at load, from the file map)."""
+    whole), and the ternary tensors that are repacked (read once at load, from the file map; I2_S ones too where
+    they go to the base-3 layout)."""
     head = head_tensor(f)
     streamed = set() if quantize_head and f.info(head).type_id == GGMLType.F16 else {head}
-    repacked = {name for name, t in f.tensors.items() if t.type_id in REPACKED_TYPES}
+    repacked = {name for name, t in f.tensors.items() if t.type_id in REPACKED_TYPES
+                or t.type_id == GGMLType.I2_S and len(t.np_shape) == 2 and use_b3(*t.np_shape)}
     return ({"token_embd.weight", head} - streamed) | repacked
 
 

@@ -249,51 +249,59 @@ def _store_outputs(sums, t0, m0, T, act_scales, act_sums, scale, out):
 
 
 @njit(**JIT)
+def tile_products(qf, K, Tp, T, c0f, c1f, pair, m0, sums, act_scales, act_sums, scale, out):
+    """Code tiles of one row group (c0f: u8, K / 64 tiles) or two (pair: c1f too) against all token tiles of the
+    activations qf (i8[Tp * K], in the codes' K order) -> out rows m0 .. (tokens below T). The tiles are
+    configured (tile_config) by the caller."""
+    n_chunks = K // TILE_K
+    tile_size = TILE_ROWS * TILE_K
+    for t0 in range(0, Tp, 2 * TILE_ROWS):
+        two = t0 + 2 * TILE_ROWS <= Tp
+        zero_sums0()
+        zero_sums1()
+        zero_sums2()
+        zero_sums3()
+        for c in range(n_chunks):
+            load_acts0(qf, t0 * K + c * TILE_K, K)
+            load_codes0(c0f, c * tile_size, TILE_K)
+            dot00()
+            if pair:
+                load_codes1(c1f, c * tile_size, TILE_K)
+                dot01()
+            if two:
+                load_acts1(qf, (t0 + TILE_ROWS) * K + c * TILE_K, K)
+                dot10()
+                if pair:
+                    dot11()
+        sf = sums.reshape(-1)
+        store_sums0(sf, 0, 4 * TILE_ROWS)
+        store_sums1(sf, tile_size // 4, 4 * TILE_ROWS)
+        store_sums2(sf, 2 * tile_size // 4, 4 * TILE_ROWS)
+        store_sums3(sf, 3 * tile_size // 4, 4 * TILE_ROWS)
+        for i in range(2 if two else 1):
+            for j in range(2 if pair else 1):
+                _store_outputs(sums[2 * i + j], t0 + i * TILE_ROWS, m0 + j * TILE_ROWS, T, act_scales,
+                               act_sums, scale, out)
+
+
+@njit(**JIT)
 def i2s_rows_amx(packed, qp, T, act_scales, act_sums, scale, out, m_lo, m_hi, cfg):
     """Rows [m_lo, m_hi) (m_hi - m_lo a multiple of 16) of out[:T] = I2_S weights x activations, from qp =
     permute_activations(q): out[t, m] = float32(sum(code * q) - act_sums[t]) / act_scales[t] * scale. Pairs of
     row groups against pairs of token tiles (four sums tiles, each activation and code tile used twice); a last
     single row group or token tile uses the same products with the pair's other half left out."""
     K = qp.shape[1]
-    Tp = qp.shape[0]  # T rounded up to whole tiles
     n_chunks = K // TILE_K
     row_bytes = K // 4
     codes = np.empty((2, n_chunks, TILE_ROWS, TILE_K), np.uint8)
     sums = np.empty((4, TILE_ROWS, TILE_ROWS), np.int32)
-    qf = qp.reshape(-1)
     c0f, c1f = codes[0].reshape(-1), codes[1].reshape(-1)
-    tile_size = TILE_ROWS * TILE_K
     tile_config(cfg)
     for m0 in range(m_lo, m_hi, 2 * TILE_ROWS):
         pair = m0 + 2 * TILE_ROWS <= m_hi
         _unpack_codes(packed, m0, row_bytes, codes[0])
         if pair:
             _unpack_codes(packed, m0 + TILE_ROWS, row_bytes, codes[1])
-        for t0 in range(0, Tp, 2 * TILE_ROWS):
-            two = t0 + 2 * TILE_ROWS <= Tp
-            zero_sums0()
-            zero_sums1()
-            zero_sums2()
-            zero_sums3()
-            for c in range(n_chunks):
-                load_acts0(qf, t0 * K + c * TILE_K, K)
-                load_codes0(c0f, c * tile_size, TILE_K)
-                dot00()
-                if pair:
-                    load_codes1(c1f, c * tile_size, TILE_K)
-                    dot01()
-                if two:
-                    load_acts1(qf, (t0 + TILE_ROWS) * K + c * TILE_K, K)
-                    dot10()
-                    if pair:
-                        dot11()
-            sf = sums.reshape(-1)
-            store_sums0(sf, 0, 4 * TILE_ROWS)
-            store_sums1(sf, tile_size // 4, 4 * TILE_ROWS)
-            store_sums2(sf, 2 * tile_size // 4, 4 * TILE_ROWS)
-            store_sums3(sf, 3 * tile_size // 4, 4 * TILE_ROWS)
-            for i in range(2 if two else 1):
-                for j in range(2 if pair else 1):
-                    _store_outputs(sums[2 * i + j], t0 + i * TILE_ROWS, m0 + j * TILE_ROWS, T, act_scales,
-                                   act_sums, scale, out)
+        tile_products(qp.reshape(-1), K, qp.shape[0], T, c0f, c1f, pair, m0, sums, act_scales, act_sums, scale,
+                      out)
     tile_release()

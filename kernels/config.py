@@ -16,6 +16,9 @@ Environment:
   kernels.layer_steps (two compiled calls per layer; same results).
 - BITNET_PY_VNNI=0: ternary dots without `vpdpbusd` on hosts that have VNNI (for comparisons; same results).
   Kernels compiled this way are cached in their own folder (`kernel-cache-<hash>-novnni`).
+- BITNET_PY_B3=0: keep ternary weights in I2_S's 2-bit layout on hosts with AVX-512 VBMI + VNNI, instead of
+  repacking them at load to 1.6 bits per weight (kernels/b3_simd.py; same results). Cached in
+  `kernel-cache-<hash>-nob3`.
 - BITNET_PY_AVX512=0: the screened head's dot in its 256-bit form on hosts that have AVX-512 BW + VNNI
   (kernels/simd_avx512.py; same results). Cached in `kernel-cache-<hash>-noavx512`.
 - OpenMP waiting (numba's `omp` threading layer, GNU libgomp): a decode step runs ~150 short parallel regions,
@@ -55,10 +58,12 @@ def source_hash(directory: Path) -> str:
 USE_VNNI = os.environ.get("BITNET_PY_VNNI", "1") not in ("0", "false", "no")
 USE_AVX512 = USE_VNNI and os.environ.get("BITNET_PY_AVX512", "1") not in ("0", "false", "no")
 USE_AMX = os.environ.get("BITNET_PY_AMX", "1") not in ("0", "false", "no")  # kernels/amx.py (prefill)
+USE_B3 = os.environ.get("BITNET_PY_B3", "1") not in ("0", "false", "no")  # kernels/b3_simd.py (base-3 weights)
 SOURCE_HASH = source_hash(_KERNEL_DIR)
 CACHE_DIR = os.path.join(os.environ.get("NUMBA_CACHE_DIR") or str(_KERNEL_DIR / "__pycache__"),
                          f"kernel-cache-{SOURCE_HASH}" + ("" if USE_VNNI else "-novnni")
-                         + ("" if USE_AVX512 or not USE_VNNI else "-noavx512") + ("" if USE_AMX else "-noamx"))
+                         + ("" if USE_AVX512 or not USE_VNNI else "-noavx512") + ("" if USE_AMX else "-noamx")
+                         + ("" if USE_B3 else "-nob3"))
 if CACHE:
     numba.config.CACHE_DIR = CACHE_DIR  # read when each @njit(cache=True) below is decorated
 TERNARY_KERNEL = os.environ.get("BITNET_PY_TERNARY_KERNEL", "auto")

@@ -24,8 +24,24 @@ from .kv_store import rope_store_f16
 from .norms import rms_norm, rms_norm_parallel
 from .quantize import quantize_rows_i8, quantize_rows_i8_parallel
 from .simd import HAVE_F16C
-from .ternary_matmul import i2s_matmul, i2s_matmul_multi
+from .b3_simd import HAVE_B3, padded_k
 
+if HAVE_B3:  # the weights are in the base-3 layout on these hosts (kernels.select.b3_enabled)
+    from .b3_matmul import b3_matmul as ternary_matmul, b3_matmul_multi as ternary_matmul_multi
+
+    @njit(**JIT)
+    def _rows_of(packed, k):
+        """Rows of a packed ternary weight with k columns (base-3: 5 weights per byte, k padded)."""
+        return packed.shape[0] * 5 // padded_k(k)
+else:
+    from .ternary_matmul import i2s_matmul as ternary_matmul, i2s_matmul_multi as ternary_matmul_multi
+
+    @njit(**JIT)
+    def _rows_of(packed, k):
+        """Rows of a packed ternary weight with k columns (I2_S: 4 weights per byte)."""
+        return packed.shape[0] * 4 // k
+
+TERNARY_KERNEL = "b3" if HAVE_B3 else "simd"  # kernels.select's name for the matmuls these steps call
 PARALLEL_ROWS = 4  # the row-wise kernels (norms, quantization, activation) go parallel from this many tokens
 HAVE_LAYER_STEPS = HAVE_F16C
 
@@ -57,7 +73,7 @@ def _add_linear(x, packed, scale, a, floor, n_threads):
     """x: f32[T, M] += W a, W ternary (u8[M*K/4] I2_S, per-tensor scale), a: f32[T, K]."""
     q, scales, sums = _quantize(a, floor)
     y = np.empty_like(x)
-    i2s_matmul(packed, q, scales, sums, scale, y, n_threads)
+    ternary_matmul(packed, q, scales, sums, scale, y, n_threads)
     x += y
 
 
@@ -76,7 +92,7 @@ if HAVE_LAYER_STEPS:
         k = np.empty((T, KVH * D), np.float32)
         v = np.empty((T, KVH * D), np.float32)
         q2 = q_out.reshape(T, q_out.shape[1] * q_out.shape[2])  # f32[T, H*D], a view
-        i2s_matmul_multi(wq, wk, wv, q8, scales, sums, sq, sk, sv, q2, k, v, n_threads)
+        ternary_matmul_multi(wq, wk, wv, q8, scales, sums, sq, sk, sv, q2, k, v, n_threads)
         rope_store_f16(q_out, k.reshape(T, KVH, D), v.reshape(T, KVH, D), positions, cos, sin, neox, n_dims, slots,
                        k_cache, v_cache)
 
@@ -92,10 +108,10 @@ if HAVE_LAYER_STEPS:
         h = np.empty_like(x)
         _norm(x, ffn_norm, eps, h)
         q8, scales, sums = _quantize(h, floor)
-        F = w_gate.shape[0] * 4 // x.shape[1]
+        F = _rows_of(w_gate, x.shape[1])
         gate = np.empty((T, F), np.float32)
         up = np.empty((T, F), np.float32)
-        i2s_matmul_multi(w_gate, w_up, np.empty(0, np.uint8), q8, scales, sums, s_gate, s_up, s_up, gate, up,
+        ternary_matmul_multi(w_gate, w_up, np.empty(0, np.uint8), q8, scales, sums, s_gate, s_up, s_up, gate, up,
                          np.empty((T, 0), np.float32), n_threads)
         if relu2:
             if T >= PARALLEL_ROWS:

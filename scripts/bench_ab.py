@@ -11,7 +11,7 @@ a -p token prefill and -n decode steps from depth -d with one engine, then with 
 every round), each on its own KV cache. Prints tok/s medians per engine and the median of the per-round
 ratios (this tree / REV), and whether the two engines' logits are identical. `-b B`: B sequences (each with the
 same context) decode together, one token each per step, as a server's batched step; decode tok/s count all B
-tokens, and "identical" also compares one such step's logits. `--top-k K`: this tree's steps ask
+tokens. "identical" compares the prefill's logits and one decode step's. `--top-k K`: this tree's steps ask
 only for the top K logits (the screened head, bitnet_py/screened_head.py; `--against HEAD` on a clean tree is the
 A/B of the screened and the full head), and "identical" compares the logits it computed and the top K ids.
 """
@@ -127,9 +127,9 @@ def run(model_path: str, rev: str, threads: int, rounds: int, n_decode: int, n_p
                 model.forward(_batch(module, context[start:min(depth, start + 512)], start, tables, seq), kv)
             out = model.forward(_batch(module, context[depth:position], depth, tables, seq), kv, *heads(name, 1))
             logits.setdefault(name, []).append(out)
-        if batch > 1:
-            logits[name].append(model.forward(_step(module, context[position], position, tables), kv,
-                                              *heads(name, batch)))
+        # one decode step too: steps of few tokens take other code (kernels.layer_steps) than the prefill
+        logits[name].append(model.forward(_step(module, context[position], position, tables), kv,
+                                          *heads(name, batch)))
     identical = all(same_logits(a, b, top_k) for a, b in zip(*logits.values()))
     times = {name: {"prefill": [], "decode": []} for name in engines}
     for r in range(rounds):

@@ -245,11 +245,12 @@ def test_bench_ab_rounds_and_ratios(monkeypatch, capsys):
     monkeypatch.setattr(Model, "forward", lambda self, b, kv, *h: heads.append(h) or forward(self, b, kv, *h))
     assert mod.run(path, "HEAD", threads=1, rounds=1, n_decode=1, n_prefill=2, depth=0,
                    top_k=3)["identical_logits"] is True  # the screened head's logits against the full head's
-    assert [len(h) and h[0][0].k for h in heads] == [3, 0, 3, 3, 0, 0]  # only this tree's steps ask for the top 3
+    # per engine a compared prefill and decode step, then the round's: only this tree's steps ask for the top 3
+    assert [len(h) and h[0][0].k for h in heads] == [3, 3, 0, 0, 3, 3, 0, 0]
     heads.clear()
     assert mod.run(path, "HEAD", threads=1, rounds=1, n_decode=1, n_prefill=0, depth=0, top_k=2,
                    same_top_k=True)["identical_logits"] is True
-    assert [len(h) and h[0][0].k for h in heads] == [2, 2, 2, 2]  # both engines' steps
+    assert [len(h) and h[0][0].k for h in heads] == [2] * 6  # both engines' steps
     heads.clear()
     batched = mod.run(path, "HEAD", threads=1, rounds=1, n_decode=2, n_prefill=0, depth=3, top_k=2, batch=3)
     assert batched["identical_logits"] is True and [t["test"] for t in batched["tests"]] == ["tg2 x 3 sequences"]

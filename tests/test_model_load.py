@@ -151,11 +151,20 @@ def test_q8_0_embedding_and_head_load_and_agree(tmp_path):
             assert res.ids[0] == r["gen_ids"][0]
 
 
-def test_i2s_weights_are_zero_copy_views_of_the_file():
+@pytest.mark.parametrize("b3", [False, True])
+def test_i2s_weights_are_zero_copy_views_of_the_file(b3, monkeypatch):
+    # in I2_S's own layout the weights are the file's bytes; repacked to the base-3 layout (hosts with VBMI) they
+    # are read-only copies outside the file map
     import numpy as np
+    import bitnet_py.weights as weights
+    if b3 and not weights.b3_enabled():
+        pytest.skip("the base-3 layout needs AVX-512 VBMI + VNNI (kernels.b3_simd.HAVE_B3)")
+    monkeypatch.setattr(weights, "use_b3", lambda m, k: b3)
+    monkeypatch.setattr(weights, "b3_enabled", lambda: b3)
     model = Model.load(str(fixture_path("tiny-bitnet", "ggml-model-i2_s.gguf")))
     f = model.gguf
     for L in model.weights.layers:
         for w in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down):
             assert not w.packed.flags.owndata and not w.packed.flags.writeable
-            assert np.shares_memory(w.packed, f._data)
+            assert np.shares_memory(w.packed, f._data) == (not b3)
+            assert w.layout == ("b3" if b3 else "i2_s")
