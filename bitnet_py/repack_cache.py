@@ -2,8 +2,9 @@
 tensors in the base-3 layout as ``<name>#b3`` on hosts that use it, the screened head's int8 copy),
 memory-mapped on later loads.
 
-The kernels read only I2_S's layout, so every load of a TL2 file decodes each ternary tensor into a new copy
-(1.7-2.3 s of a ~3 s load at the 2B-4T layout on 2 vCPUs, most of the rest being page faults on that copy);
+The kernels read only I2_S's layout (or the base-3 one made from it), so every load of a TL2 file decodes each
+ternary tensor into a new copy (1.7-2.3 s of a ~3 s load at the 2B-4T layout on 2 vCPUs, most of the rest being
+page faults on that copy);
 TQ1_0/TQ2_0 files likewise (5-6 s at 2B-4T shapes), whose f32 block scales are stored beside the bytes as
 tensor ``<name>#block_scales``. The screened head's int8 copy of an f16 output head (bitnet_py.screened_head:
 0.3-1.5 s to build at 2B-4T) is kept the same way, as ``<head>#screen_q`` and ``<head>#screen_rows``, for I2_S

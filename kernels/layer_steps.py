@@ -1,5 +1,6 @@
 """A transformer layer as two kernel calls around attention, for models whose seven matmuls are all I2_S-style
-ternary (one scale per tensor, one activation floor) and whose KV cache is float16.
+ternary (one scale per tensor, one activation floor; in the base-3 layout on hosts with kernels.b3_simd.HAVE_B3,
+whose matmuls these calls then make) and whose KV cache is float16.
 
 A decode step is ~120 small kernel calls; between them the model's Python loop (dispatch, array allocation,
 weight-type checks) cost ~55 us per layer, ~1.7 ms per token of a 30-layer model, more than the parallel

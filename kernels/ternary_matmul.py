@@ -22,6 +22,10 @@ that sizes the row tasks for the host (`kernels.tasks.balanced_rows_per_task`).
 
 `i2s_matmul_multi` runs up to three weights that read the same activations (q/k/v, gate/up) in one parallel
 region: one quantization, one fork/join instead of three.
+
+Hosts with AVX-512 VBMI + VNNI keep per-tensor-scaled weights in the base-3 layout instead (kernels.b3_simd,
+kernels.b3_matmul: the same contract and bits from 0.8x the bytes); these kernels serve the other hosts, the
+block-scaled and forced kernel choices, and tensors that hold a code 3.
 """
 import numpy as np
 from numba import njit, prange

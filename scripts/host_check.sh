@@ -23,9 +23,10 @@ say "host"
   lscpu 2>/dev/null | grep -E "Model name|^CPU\(s\)|Thread|Socket|NUMA node\(|L2|L3" || true
   "$py" -c "import numba, numpy; from kernels.simd import HAVE_AVX2, HAVE_AVX512, HAVE_F16C, HAVE_VNNI
 from kernels.amx import HAVE_AMX
+from kernels.b3_simd import HAVE_B3
 print('numba', numba.__version__, 'numpy', numpy.__version__)
 print('AVX2', HAVE_AVX2, 'F16C', HAVE_F16C, 'VNNI (vpdpbusd dots)', HAVE_VNNI, 'AVX-512 (zmm screen)', HAVE_AVX512,
-      'AMX (prefill tiles)', HAVE_AMX)"
+      'AMX (prefill tiles)', HAVE_AMX, 'B3 (base-3 weights, VBMI)', HAVE_B3)"
 } 2>&1 | tee -a "$log"
 
 say "tests: kernels and parity with bitnet.cpp / transformers"
@@ -36,7 +37,7 @@ fi
 timeout "${TESTS_TIMEOUT:-240}" "$py" -m pytest -q -p no:cacheprovider "${parallel[@]}" \
   tests/test_kernels.py tests/test_kernels_rowwise.py tests/test_q8k.py tests/test_lut_matmul.py tests/test_tasks.py \
   tests/test_rope_tables.py tests/test_host_independence.py tests/test_attention_simd.py tests/test_simd_avx512.py \
-  tests/test_amx.py \
+  tests/test_amx.py tests/test_b3.py \
   tests/test_attention_split.py tests/test_layer_steps.py tests/test_parity_bitnetcpp.py \
   tests/test_parity_transformers.py 2>&1 | tail -25 | tee -a "$log"
 
