@@ -9,11 +9,10 @@ memory-mapped.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from kernels.b3_simd import b3_bytes, pack_b3_from_i2s
 from kernels.select import b3_enabled, use_b3
 from kernels.tl2_repack import pack_i2s, tl2_to_i2s_packed, tq2_0_to_i2s_packed
 
@@ -21,8 +20,8 @@ from .config import ModelConfig
 from .gguf.constants import DEQUANT_TYPES, I2S_BLOCK, REPACKED_TYPES, TL2_ROWPERM, TQ_BLOCK, GGMLType
 from .gguf.reader import GGUFError, GGUFFile, TensorInfo
 from .gguf.ternary_unpack import i2s_scale, tl2_region, unpack_tq1_0
+from .b3_repack import B3Arena, cached_b3, to_b3
 from .gguf.tl2_tiling import TL2Tile
-from .huge_pages import zeros
 from .repack_cache import TQ_SCALES_SUFFIX, RepackCache, cache_enabled
 from .screened_head import CACHE_SUFFIXES as SCREEN_CACHE_SUFFIXES, ScreenedHead, cached_head, quantize_head
 
@@ -30,7 +29,6 @@ log = logging.getLogger(__name__)
 
 I2S_ACT_FLOOR = 1e-5  # bitnet.cpp floors the activation absmax at 1e-5 for I2_S ...
 TL2_ACT_FLOOR = 0.0  # ... and not for TL2
-B3_SUFFIX = "#b3"  # repack cache entry of a tensor in the base-3 layout
 
 
 @dataclass
@@ -122,50 +120,6 @@ def _dequantize(f: GGUFFile, info: TensorInfo) -> np.ndarray:
     return dequantize(f.raw(info.name), int(info.type_id)).reshape(m, k).astype(np.float32)
 
 
-class B3Arena:
-    """One anonymous map (huge pages where offered) for the base-3 tensors a load builds: a map per tensor
-    (0.3-3.6 MB at 2B-4T) holds few whole 2 MiB pages, and 2B-4T's decode matmuls on such 4 KiB pages ran no
-    faster than I2_S's on huge pages. Untouched space (a tensor that stays I2_S) is never resident."""
-
-    def __init__(self, nbytes: int):
-        self.data = zeros(nbytes, np.uint8)
-        self.used = 0
-
-    @staticmethod
-    def size(f: GGUFFile) -> int:
-        """Bytes for every tensor of f that may go to the base-3 layout (each at a 4 KiB boundary)."""
-        return sum((b3_bytes(*t.np_shape) + 4095) // 4096 * 4096 for t in f.tensors.values()
-                   if t.type_id in (GGMLType.I2_S, GGMLType.TL2) and len(t.np_shape) == 2 and use_b3(*t.np_shape))
-
-    def take(self, nbytes: int) -> np.ndarray:
-        if self.used + nbytes > self.data.size:
-            return zeros(nbytes, np.uint8)
-        out = self.data[self.used:self.used + nbytes]
-        self.used += (nbytes + 4095) // 4096 * 4096
-        return out
-
-
-def _to_b3(f: GGUFFile, name: str, w: TernaryWeight, raw: np.ndarray | None, repacked: RepackCache | None,
-           arena: B3Arena | None = None):
-    """w (I2_S layout) -> the same weight in the base-3 layout (in `arena`), cached as name + B3_SUFFIX; w itself
-    where a row tile holds a code 3 (no ternary value). raw: the file bytes read for it, released from the
-    resident set."""
-    n = b3_bytes(w.m, w.k)
-    out = arena.take(n) if arena is not None else zeros(n, np.uint8)
-    if pack_b3_from_i2s(w.packed, w.m, w.k, out):
-        log.warning("%s holds 2-bit codes outside the ternary values; kept in the I2_S layout", name)
-        return w
-    if raw is not None:
-        f.release(raw)  # only the base-3 copy is read from here on
-    if repacked is not None:
-        repacked.put(name + B3_SUFFIX, out)
-    return replace(w, packed=_read_only(out), layout="b3")
-
-
-def _cached_b3(name: str, m: int, k: int, repacked: RepackCache | None) -> np.ndarray | None:
-    return repacked.get(name + B3_SUFFIX, b3_bytes(m, k)) if repacked is not None and use_b3(m, k) else None
-
-
 def load_linear(f: GGUFFile, name: str, m: int, k: int, tiling: dict[tuple[int, int], TL2Tile],
                 repacked: RepackCache | None = None, arena=None):
     """One weight matrix; `repacked` supplies (and collects) TL2 tensors already repacked to I2_S, and tensors
@@ -178,14 +132,14 @@ def load_linear(f: GGUFFile, name: str, m: int, k: int, tiling: dict[tuple[int, 
         raise GGUFError(f"{f.path}: ternary tensor {name} needs K % {I2S_BLOCK} == 0, has K = {k}")
     raw = f.raw(name)
     if t in (GGMLType.I2_S, GGMLType.TL2):
-        cached = _cached_b3(name, m, k, repacked)
+        cached = cached_b3(name, m, k, repacked)
         scale = i2s_scale(raw, m, k) if t == GGMLType.I2_S else tl2_scale(raw, m, k)
         floor, source = (I2S_ACT_FLOOR, "I2_S") if t == GGMLType.I2_S else (TL2_ACT_FLOOR, "TL2")
         if cached is not None:
             return TernaryWeight(m, k, cached, scale, None, floor, source, "b3")
     if t == GGMLType.I2_S:
         w = TernaryWeight(m, k, raw[:m * k // 4], scale, None, floor, source)
-        return _to_b3(f, name, w, raw, repacked, arena and arena()) if use_b3(m, k) else w
+        return to_b3(f, name, w, raw, repacked, arena and arena()) if use_b3(m, k) else w
     if t == GGMLType.TL2:
         cached = repacked.get(name, m * k // 4) if repacked is not None else None
         if cached is not None:
@@ -194,7 +148,7 @@ def load_linear(f: GGUFFile, name: str, m: int, k: int, tiling: dict[tuple[int, 
         f.release(raw)  # only the repacked copy is used from here on
         w = TernaryWeight(m, k, packed, scale, None, floor, source)
         if use_b3(m, k):
-            b3 = _to_b3(f, name, w, None, repacked, arena and arena())
+            b3 = to_b3(f, name, w, None, repacked, arena and arena())
             if b3 is not w:
                 return b3
         if repacked is not None:

@@ -24,6 +24,16 @@ def load_script(name: str):
     return mod
 
 
+def run_fresh_python(code: str, timeout: int = 300, **env: str) -> None:
+    """Run code in a new interpreter from the repository root with env added to the environment (switches read at
+    import, such as BITNET_PY_AMX=0); fails the test with its stderr unless it exits 0."""
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, **env}, capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr
+
+
 def fixture_path(*parts: str) -> Path:
     p = FIXTURES.joinpath(*parts)
     if not p.exists():

@@ -1,15 +1,11 @@
 """kernels/amx.py: the AMX prefill path of the I2_S matmuls against numpy (exact integers, so the same bits), its
 tile layouts against their documented numpy forms, and the switch that turns it off."""
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 import naive
 from bitnet_py.gguf.ternary_pack import pack_i2s_codes
+from conftest import run_fresh_python
 from kernels.amx import HAVE_AMX
 
 needs_amx = pytest.mark.skipif(not HAVE_AMX, reason="the host has no AMX-INT8 + AVX-512 VBMI (or BITNET_PY_AMX=0)")
@@ -88,13 +84,8 @@ def test_amx_kernel_is_compiled_to_tile_instructions():
 
 
 def test_amx_switch_turns_the_tiles_off_with_their_own_cache_folder():
-    code = ("import numpy as np\n"
-            "from kernels import amx, config, ternary_matmul\n"
-            "assert not amx.HAVE_AMX\n"
-            "assert ternary_matmul._amx_inputs(np.zeros((32, 128), np.int8))[0].shape[0] == 0\n"
-            "assert config.CACHE_DIR.endswith('-noamx'), config.CACHE_DIR\n")
-    env = dict(os.environ, BITNET_PY_AMX="0")
-    repo = Path(__file__).resolve().parent.parent
-    result = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr
+    run_fresh_python("import numpy as np\n"
+                     "from kernels import amx, config, ternary_matmul\n"
+                     "assert not amx.HAVE_AMX\n"
+                     "assert ternary_matmul._amx_inputs(np.zeros((32, 128), np.int8))[0].shape[0] == 0\n"
+                     "assert config.CACHE_DIR.endswith('-noamx'), config.CACHE_DIR\n", BITNET_PY_AMX="0")

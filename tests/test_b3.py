@@ -1,9 +1,6 @@
 """The base-3 ternary layout (kernels/b3_simd.py) and its matmuls (kernels/b3_matmul.py): the layout against its
 documented numpy form, the kernels against the naive matmul bit for bit, and models loaded in it against the same
 models in I2_S's layout."""
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +9,7 @@ import pytest
 import naive
 from bitnet_py.gguf.ternary_pack import pack_i2s_codes
 from bitnet_py.model import Batch, Model
-from conftest import fixture_path
+from conftest import fixture_path, run_fresh_python
 from kernels.b3_simd import HAVE_B3, SB_K, b3_bytes, pack_b3_from_i2s
 
 needs_b3 = pytest.mark.skipif(not HAVE_B3, reason="the host has no AVX-512 VBMI + VNNI (or BITNET_PY_B3=0)")
@@ -158,12 +155,7 @@ def test_base3_weights_are_cached_and_mapped_by_the_next_load(tmp_path, monkeypa
 
 
 def test_b3_switch_keeps_i2s_with_its_own_cache_folder():
-    code = ("from kernels import b3_simd, config, layer_steps\n"
-            "from bitnet_py.weights import b3_enabled\n"
-            "assert not b3_simd.HAVE_B3 and not b3_enabled() and layer_steps.TERNARY_KERNEL == 'simd'\n"
-            "assert config.CACHE_DIR.endswith('-nob3'), config.CACHE_DIR\n")
-    env = dict(os.environ, BITNET_PY_B3="0")
-    repo = Path(__file__).resolve().parent.parent
-    result = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr
+    run_fresh_python("from kernels import b3_simd, config, layer_steps\n"
+                     "from bitnet_py.weights import b3_enabled\n"
+                     "assert not b3_simd.HAVE_B3 and not b3_enabled() and layer_steps.TERNARY_KERNEL == 'simd'\n"
+                     "assert config.CACHE_DIR.endswith('-nob3'), config.CACHE_DIR\n", BITNET_PY_B3="0")

@@ -218,7 +218,7 @@ def test_bench_ab_imports_another_revision_beside_this_tree():
     import bitnet_py.model
     theirs = load_script("bench_ab").engine_at("HEAD")
     assert theirs.__name__ == "bitnet_py_HEAD.model" and theirs.Model is not bitnet_py.model.Model
-    assert theirs.ternary_kernels.__module__ == "kernels_HEAD.select"
+    assert theirs.weight_kernels.__module__ == "kernels_HEAD.select"
     assert theirs.f16_matmul.py_func.__module__ == "kernels_HEAD.dense"
     assert theirs.kernel_config.__name__ == "kernels_HEAD.config"  # `from kernels import config` rewritten too
 

@@ -54,15 +54,8 @@ def test_screen_uses_the_512_bit_dot_where_the_host_has_it():
 
 
 def test_avx512_switch_picks_the_256_bit_dot_and_its_own_cache_folder():
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    code = ("from kernels import config, head_screen, simd_dense\n"
-            "assert head_screen.i8_i16_dot1 is simd_dense.i8_i16_dot1\n"
-            "assert config.CACHE_DIR.endswith('-noavx512'), config.CACHE_DIR\n")
-    env = dict(os.environ, BITNET_PY_AVX512="0", BITNET_PY_VNNI="1")
-    repo = Path(__file__).resolve().parent.parent
-    result = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
+    from conftest import run_fresh_python
+    run_fresh_python("from kernels import config, head_screen, simd_dense\n"
+                     "assert head_screen.i8_i16_dot1 is simd_dense.i8_i16_dot1\n"
+                     "assert config.CACHE_DIR.endswith('-noavx512'), config.CACHE_DIR\n",
+                     timeout=120, BITNET_PY_AVX512="0", BITNET_PY_VNNI="1")
