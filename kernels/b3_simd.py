@@ -27,6 +27,7 @@ from numba.extending import intrinsic
 from .config import JIT, JIT_PARALLEL, USE_B3
 from .simd import (HAVE_AVX512, _FEATURES, _as_i64, _close_loop, _data_ptr, _get_or_insert, _open_loop,
                    _prefetch_stream)
+from .simd_avx512 import _c64
 
 SB_K = 320  # K values per super-block (five 64-value tiles)
 SB_BYTES = 1024  # bytes per super-block of 16 rows
@@ -91,10 +92,6 @@ def _decode_line(builder, ptr, scaled=False):
 
 
 SCALE_SHIFTS = (0, 2, 4, 6, 0)  # _decode_line(scaled=True): code vector i holds c_i << SCALE_SHIFTS[i]
-
-
-def _c64(v):
-    return ir.Constant(_I64, v)
 
 
 def _broadcast_i32(builder, ptr):

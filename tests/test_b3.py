@@ -1,8 +1,6 @@
 """The base-3 ternary layout (kernels/b3_simd.py) and its matmuls (kernels/b3_matmul.py): the layout against its
 documented numpy form, the kernels against the naive matmul bit for bit, and models loaded in it against the same
 models in I2_S's layout."""
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -10,6 +8,7 @@ import naive
 from bitnet_py.gguf.ternary_pack import pack_i2s_codes
 from bitnet_py.model import Batch, Model
 from conftest import fixture_path, run_fresh_python
+from test_screened_head import BUNDLED
 from kernels.b3_simd import HAVE_B3, SB_K, b3_bytes, pack_b3_from_i2s
 
 needs_b3 = pytest.mark.skipif(not HAVE_B3, reason="the host has no AVX-512 VBMI + VNNI (or BITNET_PY_B3=0)")
@@ -112,9 +111,6 @@ def _logits(model, tokens):
     batch = Batch(np.array(tokens, np.int32), np.arange(T, dtype=np.int32), np.zeros(T, np.int32),
                   np.arange(4, dtype=np.int32).reshape(1, 4), np.arange(T, dtype=np.int32))
     return model.forward(batch, kv)
-
-
-BUNDLED = Path(__file__).resolve().parents[1] / "bitnet_py" / "data" / "bitnet-tiny-trained-i2_s.gguf"
 
 
 @needs_b3
