@@ -40,7 +40,7 @@ from .huge_pages import copy_to_anonymous, fits_in_memory
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when the repacked layout or this file format changes
+FORMAT_VERSION = 2  # bump when the repacked layout or this file format changes (2: base-3 byte encoding)
 MAGIC = b"BNPY-I2S-REPACK\n"
 HEADER_BYTES = 1 << 16
 ALIGN = 4096
@@ -54,7 +54,8 @@ def cache_enabled() -> bool:
 
 def cache_folder() -> Path:
     env = os.environ.get("BITNET_PY_CACHE")
-    base = Path(env).expanduser() if env else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bitnet-py"
+    xdg = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    base = Path(env).expanduser() if env else xdg / "bitnet-py"
     return base / "repacked"
 
 

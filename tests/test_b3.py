@@ -24,7 +24,9 @@ def b3_reference(w: np.ndarray) -> np.ndarray:
     # [row tile r, row n, super-block s, tile i, line z, j] with K = 320 s + 64 i + 4 z + j, row = 16 r + n
     c = codes.reshape(M // 16, 16, kp // SB_K, 5, 16, 4).transpose(0, 2, 3, 4, 1, 5)  # [r, s, i, z, n, j]
     c = c.reshape(M // 16, kp // SB_K, 5, 1024)  # byte b = 64 z + 4 n + j of tile i
-    return (c * (3 ** np.arange(5))[None, None, :, None]).sum(axis=2).astype(np.uint8).reshape(-1)
+    v = (c[:, :, :4] * (3 ** np.arange(4))[None, None, :, None]).sum(axis=2)
+    c4 = c[:, :, 4]
+    return np.where(c4 == 0, v, np.where(c4 == 1, 81 + v, 162 + (v + 47) % 81)).astype(np.uint8).reshape(-1)
 
 
 def _packed(w):
