@@ -66,8 +66,9 @@ def test_activation_codes_keep_int32_sums_exact():
     assert 127 * activation_max(7000) * 7000 < 2 ** 31
 
 
-@pytest.mark.parametrize("K,T,M", [(256, 1, 70), (40, 1, 70), (300, 2, 70), (2560 + 40, 3, 70), (20, 2, 70), (16384, 2, 70),
-                                   (2560, 4, 70), (16384, 4, 70), (300, 7, 71), (2560 + 40, 9, 129), (20, 5, 3)])
+@pytest.mark.parametrize("K,T,M", [(256, 1, 70), (40, 1, 70), (300, 2, 70), (2560 + 40, 3, 70), (20, 2, 70),
+                                   (16384, 2, 70), (2560, 4, 70), (16384, 4, 70), (300, 7, 71), (2560 + 40, 9, 129),
+                                   (20, 5, 3)])
 def test_bounds_are_the_exact_integer_dot_and_float64_formula(K, T, M):
     """lower/upper equal a numpy float64 replay of the kernel's formula on the exact integer dots: one token (both
     kernels: screen_bounds_one where K % 32 == 0), pairs, groups of 4 tokens with the pair and the single token
