@@ -27,6 +27,7 @@ from kernels.quantize import quantize_rows_i8, quantize_rows_i8_parallel
 from kernels.rope import rope_apply, rope_tables
 from kernels.q8k import quantize_q8k, quantize_q8k_parallel, tq_matmul_q8k, tq_matmul_q8k_multi
 
+from kernels import attention_fast, attention_split
 from kernels import config as kernel_config
 from kernels import layer_steps
 from kernels.select import weight_kernels
@@ -188,6 +189,7 @@ class Model:
         self._fuse_qkv = [fusable([L.wq, L.wk, L.wv]) for L in weights.layers]
         self._fuse_ffn = [fusable([L.w_gate, L.w_up]) for L in weights.layers]
         self._steps = self._plan_layer_steps()
+        self._stack = self._plan_layer_stack()
         # a screened f16 head stays in the file map when the weights are promoted; read whole, it follows them
         self._screened_head = head_tensor(gguf) if weights.screen is not None else None  # its tensor name
 
@@ -213,6 +215,16 @@ class Model:
                     none if L.ffn_sub_norm is None else L.ffn_sub_norm, floor, c.rms_eps, relu2)
             steps.append((pre, post))
         return steps
+
+    def _plan_layer_stack(self) -> tuple[tuple, tuple] | None:
+        """The layer steps' arguments as two tuples over layers (layer_steps.decode_layers: one call per step),
+        where every layer's have the same types (numba indexes a tuple of one type at run time)."""
+        if self._steps is None:
+            return None
+        pres, posts = tuple(p for p, _ in self._steps), tuple(p for _, p in self._steps)
+        uniform = isinstance(numba.typeof(pres), numba.types.UniTuple) and isinstance(numba.typeof(posts),
+                                                                                       numba.types.UniTuple)
+        return (pres, posts) if uniform else None
 
     @classmethod
     def load(cls, path: str, tl2_config: str | None = None, cache_type: str = "f16",
@@ -301,7 +313,14 @@ class Model:
         x = np.array(x, dtype=np.float32, order="C")
         h = np.empty_like(x)
         steps = None if f32 or T > LAYER_STEPS_MAX_TOKENS else self._steps
-        for il, L in enumerate(W.layers):
+        layers = W.layers
+        if steps is not None and self._stack is not None and kernel_config.FAST_ATTENTION:  # all layers, one call
+            split = attention is attention_split.paged_attention_split_g4
+            layer_steps.decode_layers(x, *self._stack, pos, self._cos, self._sin, c.traits.rope_neox, c.rope_dims,
+                                      slots, kv.k, kv.v, seq, tables, bs, round_probs, scale, self._lut, split,
+                                      attention_fast.token_tile(T, c.n_kv_head, n_threads), c.n_head, n_threads)
+            layers = ()
+        for il, L in enumerate(layers):
             if steps is not None:  # two compiled calls around attention, same kernels as below
                 pre, post = steps[il]
                 q = np.empty((T, c.n_head, c.head_dim), np.float32)

@@ -282,6 +282,11 @@ if HAVE_F16C:
                 for d in range(D):
                     out[t, kvh * group + g, d] = acc[g, d]
 
+    def token_tile(n_tokens, n_kv_head, n_threads):
+        """Tokens per task of paged_attention_tiled: up to TOKENS_PER_TASK, fewer where tiles would leave fewer
+        than MIN_TASKS_PER_THREAD tasks per thread."""
+        return max(1, min(TOKENS_PER_TASK, (n_tokens * n_kv_head) // (MIN_TASKS_PER_THREAD * n_threads)))
+
     def paged_attention_fast(q, k16, v16, k32, v32, use_f32, positions, seq_index, block_tables, block_size,
                              round_probs, scale, lut, out):
         """Same contract as kernels.attention.paged_attention (lut is unused). One task per (tile of up to
@@ -291,9 +296,8 @@ if HAVE_F16C:
         tiles of 4, 2.5-2.6 s with tiles of 8. (Python: numba's thread count inside a kernel would keep it out
         of the on-disk cache.)"""
         KVH = k32.shape[0] if use_f32 else k16.shape[0]
-        tile = (q.shape[0] * KVH) // (MIN_TASKS_PER_THREAD * get_num_threads())
         paged_attention_tiled(q, k16, v16, k32, v32, use_f32, positions, seq_index, block_tables, block_size,
-                              round_probs, scale, out, max(1, min(TOKENS_PER_TASK, tile)))
+                              round_probs, scale, out, token_tile(q.shape[0], KVH, get_num_threads()))
 
 
 else:

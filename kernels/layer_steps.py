@@ -11,6 +11,10 @@ launches themselves. Here the same kernels run in the same order from compiled c
 - `attention_output_and_ffn`: [a = rms(a) * attn_sub_norm]; x += Wo a; h = rms(x) * ffn_norm;
   f = act(Wgate h) * (Wup h); [f = rms(f) * ffn_sub_norm]; x += Wdown f.
 
+`decode_layers` runs all layers of a step, attention included (kernels.attention_fast's tiled kernel or
+kernels.attention_split's), in one call: the model's loop over 30 layers of three calls each left ~1.5 ms per
+token of a 2B-4T decode outside the kernels (Python, argument unboxing, its data cold after the weight streams).
+
 The model uses them for steps of up to LAYER_STEPS_MAX_TOKENS tokens (decode; bitnet_py/model.py).
 Results are bit-identical to bitnet_py.model's general path (the same kernels, the same row-count thresholds
 for their parallel forms; tested). Sub-norm weights of length 0 mean the arch has none (llama). `HAVE_LAYER_STEPS`
@@ -126,3 +130,36 @@ if HAVE_LAYER_STEPS:
         if ffn_sub_norm.shape[0]:
             _norm(gate, ffn_sub_norm, eps, gate)
         _add_linear(x, w_down, s_down, gate, floor, n_threads)
+
+
+if HAVE_LAYER_STEPS:
+    from .attention_fast import paged_attention_tiled
+    from .attention_split import paged_attention_split_g4
+
+    _inputs_step, _output_step = attention_inputs, attention_output_and_ffn  # what decode_layers compiles in
+
+    @njit(**JIT)
+    def decode_layers(x, pres, posts, positions, cos, sin, neox, n_dims, slots, k_caches, v_caches, seq_index,
+                      block_tables, block_size, round_probs, scale, lut, split, tile, n_head, n_threads):
+        """Every layer of a step, as the model's loop calls them: pres[l] / posts[l] are the weight arguments of
+        layer l's attention_inputs / attention_output_and_ffn (tuples of one type: a UniTuple over layers);
+        k_caches, v_caches: u16[L, KVH, n_slots, D]; attention by paged_attention_split_g4 where `split`, else
+        paged_attention_tiled with `tile` tokens per task (kernels.attention_fast.token_tile). x: f32[T, E] is
+        updated in place."""
+        T = x.shape[0]
+        D = k_caches.shape[3]
+        none = np.zeros((k_caches.shape[1], 0, D), np.float32)
+        for il in range(len(pres)):
+            p, o = pres[il], posts[il]
+            q = np.empty((T, n_head, D), np.float32)
+            _inputs_step(x, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], positions, cos, sin, neox, n_dims,
+                         slots, k_caches[il], v_caches[il], q, n_threads)
+            attn = np.empty_like(q)
+            if split:
+                paged_attention_split_g4(q, k_caches[il], v_caches[il], none, none, False, positions, seq_index,
+                                         block_tables, block_size, round_probs, scale, lut, attn)
+            else:
+                paged_attention_tiled(q, k_caches[il], v_caches[il], none, none, False, positions, seq_index,
+                                      block_tables, block_size, round_probs, scale, attn, tile)
+            _output_step(x, attn.reshape(T, n_head * D), o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8], o[9],
+                         o[10], o[11], o[12], o[13], n_threads)
