@@ -131,9 +131,7 @@ if HAVE_LAYER_STEPS:
             _norm(gate, ffn_sub_norm, eps, gate)
         _add_linear(x, w_down, s_down, gate, floor, n_threads)
 
-
-if HAVE_LAYER_STEPS:
-    from .attention_fast import paged_attention_tiled
+    from .attention_fast import paged_attention_tiled  # both exist where HAVE_LAYER_STEPS (F16C)
     from .attention_split import paged_attention_split_g4
 
     _inputs_step, _output_step = attention_inputs, attention_output_and_ffn  # what decode_layers compiles in
