@@ -222,8 +222,7 @@ class Model:
         if self._steps is None:
             return None
         pres, posts = tuple(p for p, _ in self._steps), tuple(p for _, p in self._steps)
-        uniform = isinstance(numba.typeof(pres), numba.types.UniTuple) and isinstance(numba.typeof(posts),
-                                                                                       numba.types.UniTuple)
+        uniform = all(isinstance(numba.typeof(args), numba.types.UniTuple) for args in (pres, posts))
         return (pres, posts) if uniform else None
 
     @classmethod
