@@ -6,13 +6,15 @@ kernels.attention_fast runs one task per (token, KV head): a decode step of one 
 so 2 threads run 3 + 2 of them, and 90 threads leave 85 idle. Here, for float16 caches and GQA groups of 4:
 1. scores: one task per (token, KV head, chunk of KEY_CHUNK keys); q.k as attention_fast (`_qk_g4`: keys in
    pairs from the first, the same pairing since chunks start at even keys);
-2. softmax: one task per (token, query head): max, exponentials, the double sum in key order, normalization;
+2. softmax: one task per (token, KV head): max, exponentials, the double sums in key order (the group's four
+   interleaved, `_softmax` as attention_fast), normalization;
 3. p.v: one task per (token, KV head, one of PV_RUNS runs of chunks of PV_CHUNK_KEYS keys): each chunk's sums
    (`_pv_g4_chunk`, whole V rows) into a buffer, then
-4. one task per (token, KV head) adds the chunks' sums in order, as attention_fast does as it goes.
+4. the calling thread adds the chunks' sums in order, as attention_fast does as it goes (a few microseconds).
+The key slots are computed block by block in the calling thread before phase 1.
 `choose_attention` (once per step) picks this path when (token, KV head) tasks are scarce and contexts long, or
 for decode steps at long contexts (SPLIT_LONG_KEYS); attention_fast otherwise. The choice never changes results.
-The split runs five parallel regions and passes scores through memory, but keeps every thread busy:
+The split runs three parallel regions and passes scores through memory, but keeps every thread busy:
 `python scripts/bench_attention.py -t 2 --layer-caches`, 30 layers each with its own cache, one decode step at
 4096 keys: 35.4 ms split against 48.5 fast; on a 16-core Xeon (one cache for all layers) 9.0 against 19.4.
 """

@@ -32,6 +32,8 @@ H, KVH, D, BLOCK = 20, 5, 128, 16
 CASES = {  # name -> (tokens per sequence, sequences, context length)
     "prefill128": (128, 1, 128),
     "prefill128d4096": (128, 1, 4096),
+    "decode128": (1, 1, 128),
+    "decode256": (1, 1, 256),
     "decode512": (1, 1, 512),
     "decode1000": (1, 1, 1000),
     "decode2000": (1, 1, 2000),
