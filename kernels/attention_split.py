@@ -6,15 +6,13 @@ kernels.attention_fast runs one task per (token, KV head): a decode step of one 
 so 2 threads run 3 + 2 of them, and 90 threads leave 85 idle. Here, for float16 caches and GQA groups of 4:
 1. scores: one task per (token, KV head, chunk of KEY_CHUNK keys); q.k as attention_fast (`_qk_g4`: keys in
    pairs from the first, the same pairing since chunks start at even keys);
-2. softmax: one task per (token, KV head): max, exponentials, the double sums in key order (the group's four
-   interleaved, `_softmax` as attention_fast), normalization;
+2. softmax: one task per (token, query head): max, exponentials, the double sum in key order, normalization;
 3. p.v: one task per (token, KV head, one of PV_RUNS runs of chunks of PV_CHUNK_KEYS keys): each chunk's sums
    (`_pv_g4_chunk`, whole V rows) into a buffer, then
-4. the calling thread adds the chunks' sums in order, as attention_fast does as it goes (a few microseconds).
-The key slots are computed block by block in the calling thread before phase 1.
+4. one task per (token, KV head) adds the chunks' sums in order, as attention_fast does as it goes.
 `choose_attention` (once per step) picks this path when (token, KV head) tasks are scarce and contexts long, or
 for decode steps at long contexts (SPLIT_LONG_KEYS); attention_fast otherwise. The choice never changes results.
-The split runs three parallel regions and passes scores through memory, but keeps every thread busy:
+The split runs five parallel regions and passes scores through memory, but keeps every thread busy:
 `python scripts/bench_attention.py -t 2 --layer-caches`, 30 layers each with its own cache, one decode step at
 4096 keys: 35.4 ms split against 48.5 fast; on a 16-core Xeon (one cache for all layers) 9.0 against 19.4.
 """
@@ -22,7 +20,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .config import JIT, JIT_PARALLEL
+from .config import JIT_PARALLEL
 from .simd import HAVE_F16C
 
 KEY_CHUNK = 256  # keys per q.k task (even: q.k pairs keys)
@@ -37,22 +35,8 @@ SPLIT_LONG_MAX_TOKENS = 8  # ... with at most this many tokens in the step ...
 SPLIT_LONG_MAX_TASKS_PER_THREAD = 4  # ... and fewer (token, KV head) tasks than this per thread
 
 if HAVE_F16C:
-    from .attention_fast import PV_CHUNK_KEYS, _add_chunk, _pv_g4_chunk, _qk_g4, _softmax, paged_attention_fast
-
-    @njit(**JIT)
-    def _key_slots(positions, seq_index, block_tables, block_size, n_max):
-        """-> i64[T, n_max]: the cache slot of each key j < positions[t] + 1 of token t, block by block (no
-        division per key); slot 0 past a token's keys (a valid row for the K/V prefetches)."""
-        T = positions.shape[0]
-        slots = np.zeros((T, n_max), np.int64)
-        for t in range(T):
-            s, n = seq_index[t], positions[t] + 1
-            for b in range((n + block_size - 1) // block_size):
-                base = np.int64(block_tables[s, b]) * block_size
-                j0 = b * block_size
-                for i in range(min(block_size, n - j0)):
-                    slots[t, j0 + i] = base + i
-        return slots
+    from .attention_fast import (PV_CHUNK_KEYS, _add_chunk, _exp_shifted, _normalize, _pv_g4_chunk, _qk_g4,
+                                 paged_attention_fast)
 
     @njit(**JIT_PARALLEL)
     def paged_attention_split_g4(q, k16, v16, k32, v32, use_f32, positions, seq_index, block_tables, block_size,
@@ -71,8 +55,14 @@ if HAVE_F16C:
         for t in range(T):
             for c in range(chunk_offs[t], chunk_offs[t + 1]):
                 chunk_token[c] = t
-        slots = _key_slots(positions, seq_index, block_tables, block_size, n_max)
+        slots = np.zeros((T, n_max), np.int64)  # past a token's keys: slot 0, a valid row for the K/V prefetches
         scores = np.empty((T, H, n_max), np.float32)  # C order: scores[t][h0:h0 + 4] stays contiguous
+        for c in prange(chunk_offs[T]):  # 0. slots of each chunk's keys
+            t = chunk_token[c]
+            s, n = seq_index[t], positions[t] + 1
+            j0 = (c - chunk_offs[t]) * KEY_CHUNK
+            for j in range(j0, min(n, j0 + KEY_CHUNK)):
+                slots[t, j] = np.int64(block_tables[s, j // block_size]) * block_size + j % block_size
         for task in prange(chunk_offs[T] * KVH):  # 1. q.k
             c, kvh = task // KVH, task % KVH
             t = chunk_token[c]
@@ -80,9 +70,15 @@ if HAVE_F16C:
             j0 = (c - chunk_offs[t]) * KEY_CHUNK
             sc = scores[t][kvh * 4:kvh * 4 + 4]
             _qk_g4(q, t, kvh * 4, k16, kvh, slots[t], j0, min(n, j0 + KEY_CHUNK), scale, sc, True)
-        for task in prange(T * KVH):  # 2. softmax per GQA group (four double sums interleaved)
-            t, kvh = task // KVH, task % KVH
-            _softmax(scores[t][kvh * 4:kvh * 4 + 4], positions[t] + 1, round_probs[seq_index[t]])
+        for task in prange(T * H):  # 2. softmax per query head
+            t, h = task // H, task % H
+            n = positions[t] + 1
+            sc = scores[t][h:h + 1]
+            _exp_shifted(sc, 0, n)
+            total = 0.0
+            for j in range(n):
+                total += np.float64(sc[0, j])
+            _normalize(sc, 0, n, total, round_probs[seq_index[t]])
         n_chunks = (n_max + PV_CHUNK_KEYS - 1) // PV_CHUNK_KEYS
         per_run = (n_chunks + PV_RUNS - 1) // PV_RUNS  # chunks per p.v task
         n_runs = (n_chunks + per_run - 1) // per_run
@@ -96,12 +92,12 @@ if HAVE_F16C:
             for c in range(run * per_run, last):
                 j0 = c * PV_CHUNK_KEYS
                 _pv_g4_chunk(sc, slots[t], j0, min(n, j0 + PV_CHUNK_KEYS), v16, kvh, parts[t, kvh, c], True)
-        for t in range(T):  # 4. the chunks' sums in order (a few microseconds: no parallel region)
-            for kvh in range(KVH):
-                acc = out[t, kvh * 4:kvh * 4 + 4]
-                acc[:] = 0.0
-                for c in range((positions[t] + PV_CHUNK_KEYS) // PV_CHUNK_KEYS):
-                    _add_chunk(acc, parts[t, kvh, c])
+        for task in prange(T * KVH):  # 4. the chunks' sums in order
+            t, kvh = task // KVH, task % KVH
+            acc = np.zeros((4, D), np.float32)
+            for c in range((positions[t] + PV_CHUNK_KEYS) // PV_CHUNK_KEYS):
+                _add_chunk(acc, parts[t, kvh, c])
+            out[t, kvh * 4:kvh * 4 + 4] = acc
 
     def choose_attention(n_tokens, n_head, n_kv_head, use_f32, n_keys_max, n_threads, n_keys_mean=None):
         """The kernel for a step (one choice for all layers; both give the same results): the split kernel for
