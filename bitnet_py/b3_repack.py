@@ -14,7 +14,7 @@ from kernels.select import use_b3
 from .gguf.constants import GGMLType
 from .gguf.reader import GGUFFile
 from .huge_pages import zeros
-from .repack_cache import RepackCache
+from .repack_cache import RepackCache, read_only
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,7 @@ def to_b3(f: GGUFFile, name: str, w, raw: np.ndarray | None, repacked: RepackCac
         f.release(raw)  # only the base-3 copy is read from here on
     if repacked is not None:
         repacked.put(name + B3_SUFFIX, out)
-    out.flags.writeable = False  # like the mapped weights: one compiled kernel set for all
-    return replace(w, packed=out, layout="b3")
+    return replace(w, packed=read_only(out), layout="b3")
 
 
 def cached_b3(name: str, m: int, k: int, repacked: RepackCache | None) -> np.ndarray | None:

@@ -48,6 +48,13 @@ TQ_SCALES_SUFFIX = "#block_scales"  # TQ1_0/TQ2_0: the f32 block scales [M, K/25
 ENV_SWITCH = "BITNET_PY_REPACK_CACHE"
 
 
+def read_only(packed: np.ndarray) -> np.ndarray:
+    """Repacked weights are read-only like the memory-mapped ones (I2_S files, the repack cache): Numba compiles
+    a kernel per array type, read-only included, so all ternary weights then share one compiled set."""
+    packed.flags.writeable = False
+    return packed
+
+
 def cache_enabled() -> bool:
     return os.environ.get(ENV_SWITCH, "1").lower() not in ("0", "false", "no", "off")
 

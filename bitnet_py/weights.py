@@ -16,13 +16,13 @@ import numpy as np
 from kernels.select import b3_enabled, use_b3
 from kernels.tl2_repack import pack_i2s, tl2_to_i2s_packed, tq2_0_to_i2s_packed
 
+from .b3_repack import B3Arena, cached_b3, to_b3
 from .config import ModelConfig
 from .gguf.constants import DEQUANT_TYPES, I2S_BLOCK, REPACKED_TYPES, TL2_ROWPERM, TQ_BLOCK, GGMLType
 from .gguf.reader import GGUFError, GGUFFile, TensorInfo
 from .gguf.ternary_unpack import i2s_scale, tl2_region, unpack_tq1_0
-from .b3_repack import B3Arena, cached_b3, to_b3
 from .gguf.tl2_tiling import TL2Tile
-from .repack_cache import TQ_SCALES_SUFFIX, RepackCache, cache_enabled
+from .repack_cache import TQ_SCALES_SUFFIX, RepackCache, cache_enabled, read_only
 from .screened_head import CACHE_SUFFIXES as SCREEN_CACHE_SUFFIXES, ScreenedHead, cached_head, quantize_head
 
 log = logging.getLogger(__name__)
@@ -92,14 +92,7 @@ def tl2_to_i2s(raw: np.ndarray, m: int, k: int, tile: TL2Tile) -> tuple[np.ndarr
         raise GGUFError(f"TL2 tiling BM={tile.bm}, BK={tile.bk} does not fit weight {m}x{k}")
     packed = np.empty(m * k // 4, np.uint8)
     tl2_to_i2s_packed(raw, m, k, tile.bm, tile.bk, np.array(TL2_ROWPERM, np.int64), packed)
-    return _read_only(packed), tl2_scale(raw, m, k)
-
-
-def _read_only(packed: np.ndarray) -> np.ndarray:
-    """Repacked weights are read-only like the memory-mapped ones (I2_S files, the repack cache): Numba compiles
-    a kernel per array type, read-only included, so all ternary weights then share one compiled set."""
-    packed.flags.writeable = False
-    return packed
+    return read_only(packed), tl2_scale(raw, m, k)
 
 
 def tl2_scale(raw: np.ndarray, m: int, k: int) -> np.float32:
@@ -174,7 +167,7 @@ def load_linear(f: GGUFFile, name: str, m: int, k: int, tiling: dict[tuple[int, 
         if repacked is not None:
             repacked.put(name, packed)
             repacked.put(name + TQ_SCALES_SUFFIX, block_scales.reshape(-1).view(np.uint8))
-        return TernaryWeight(m, k, _read_only(packed), np.float32(1.0), _read_only(block_scales), 0.0,
+        return TernaryWeight(m, k, read_only(packed), np.float32(1.0), read_only(block_scales), 0.0,
                              info.type_name)
     if t == GGMLType.F32:
         return DenseWeight(m, k, f.array(name), None, "F32")
