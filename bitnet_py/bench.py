@@ -312,6 +312,7 @@ def run(args) -> dict:
     return dict(model=args.model, arch=model.config.arch, type=wtype, head_type=args.head_type, logits=args.logits,
                 file_bytes=file_bytes,
                 kernel=kernel_config.TERNARY_KERNEL, threading_layer=numba.threading_layer(),
+                openmp_wait=kernel_config.openmp_wait(),
                 amx=HAVE_AMX and _on_amx_kernel(model.weights.layers[0].wq),
                 layout=getattr(model.weights.layers[0].wq, "layout", ""),
                 load_ms=load_ms, tl2_source=model.weights.tl2_source, jit=jit, peak_rss_bytes=peak_rss,

@@ -69,10 +69,17 @@ AMX_NOTE = " (AMX tiles for steps of 16+ tokens)"
 LAYOUT_NOTE = {"b3": " on base-3 weights (1.6 bits per weight)"}
 
 
+def openmp_note(res: dict) -> str:
+    """How idle OpenMP threads waited (kernels.config.openmp_wait); only the omp layer reads it."""
+    wait = res.get("openmp_wait")
+    return f" ({wait})" if wait and res.get("threading_layer") == "omp" else ""
+
+
 def markdown(res: dict) -> str:
     gb = 1e9
     lines = [f"model: `{res['model']}` ({res['arch']}, {res['type']}, {res['file_bytes'] / 2**30:.2f} GiB), "
-             f"cpu: {res['cpu']} x{res['n_cpu']}, numba threading layer: {res['threading_layer']}, "
+             f"cpu: {res['cpu']} x{res['n_cpu']}, numba threading layer: {res['threading_layer']}"
+             f"{openmp_note(res)}, "
              f"ternary kernel: {res['kernel']}{LAYOUT_NOTE.get(res.get('layout'), '')}"
              f"{AMX_NOTE if res.get('amx') else ''}, head: {res['head_type']}, "
              f"logits: {LOGITS_NOTE[res.get('logits', 'all')]}, "

@@ -26,11 +26,18 @@ Environment:
   (other processes, the server's own Python threads) a spinning thread holds the core that the thread still
   working needs: 2-thread decode on a loaded 2-vCPU box measured 0.9 tok/s default vs 5.5 tok/s with
   OMP_WAIT_POLICY=PASSIVE. Unless the user set OMP_WAIT_POLICY or GOMP_SPINCOUNT, we set GOMP_SPINCOUNT=10000
-  (spin a few tens of microseconds, then sleep): cheap between back-to-back regions, polite otherwise.
-  Dedicated cores: OMP_WAIT_POLICY=ACTIVE may gain a little; shared cores: OMP_WAIT_POLICY=PASSIVE. On a 2-vCPU
-  Intel Xeon VM (pause takes longer there than on Zen 3): a greedy 2B-4T step took 64.8 / 67.3 / 72 ms (medians
-  of 4 alternated processes) with GOMP_SPINCOUNT 1000000 / 100000 / 10000 on idle cores, and with two busy
-  processes beside it 328 / 199 / 149 ms with 100000 / 10000 / PASSIVE (one round); the default stays polite.
+  (spin ~0.15 ms, then sleep): cheap between back-to-back regions, polite otherwise. Shared cores:
+  OMP_WAIT_POLICY=PASSIVE. Dedicated cores (a VM that runs only the server: deploy/gcp_*.yaml, service.yaml):
+  GOMP_SPINCOUNT=1000000 (~15 ms), so that the workers stay awake through a step's Python (the head's candidate
+  rows, sampling, scheduling: a few ms, after which a sleeping vCPU must be woken and finds its caches cold).
+  On a 2-vCPU Intel Xeon VM (pause takes longer there than on Zen 3), greedy 2B-4T decode (`python -m bitnet_py
+  bench -m out/2b4t-i2s.gguf -p 16 -n 64 -t 2 -r 3 --no-jit --logits greedy`, alternated processes) gave 18.24 /
+  19.00 / 19.83 / 20.27 tok/s (medians of 3) with GOMP_SPINCOUNT 10000 / 100000 / 300000 / 1000000 on idle
+  cores, 1.04-1.27x for 1000000 over 10000 in 7 of 7 pairs; with one busy process beside it, 7.69 / 4.65 / 6.36
+  tok/s (10000 / 300000 / 1000000, one round): the default stays polite. A server on the same box with its load
+  generator (`scripts/benchmark_throughput.py --concurrency 4 --duration 30 --stream`) gave 19.9 / 24.3 output
+  tok/s with 10000 and 25.5 / 24.4 with 1000000. Older code: 64.8 / 67.3 / 72 ms per step with 1000000 /
+  100000 / 10000, and 328 / 199 / 149 ms with 100000 / 10000 / PASSIVE beside two busy processes.
 Only "safe" fast-math flags are used where float results must match the reference order of operations:
 `STRICT` kernels (activation quantization, norms) get none, reductions over exact integers don't care.
 """
@@ -40,8 +47,16 @@ from pathlib import Path
 
 import numba
 
-if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-    os.environ["GOMP_SPINCOUNT"] = "10000"  # read when libgomp starts (first parallel kernel call)
+POLITE_SPIN_COUNT = "10000"
+USER_OPENMP_WAIT = "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ
+if not USER_OPENMP_WAIT:
+    os.environ["GOMP_SPINCOUNT"] = POLITE_SPIN_COUNT  # read when libgomp starts (first parallel kernel call)
+
+
+def openmp_wait() -> str:
+    """How idle OpenMP threads wait, as set in this process's environment (for benchmark reports)."""
+    settings = [f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ]
+    return " ".join(settings) + ("" if USER_OPENMP_WAIT else " (polite default)")
 
 CACHE = os.environ.get("BITNET_PY_NO_CACHE", "") not in ("1", "true", "yes")
 _KERNEL_DIR = Path(__file__).resolve().parent

@@ -164,6 +164,7 @@ if [ "$1" = "-m" ] && [ "$2" = "bitnet_py.hub" ]; then
   echo "hub offline=$HF_HUB_OFFLINE args=$*" >> "$STUB_LOG"; echo /models/fake.gguf; exit 0
 fi
 echo "serve $*" >> "$STUB_LOG"
+echo "GOMP_SPINCOUNT=${GOMP_SPINCOUNT-unset}" > "$STUB_LOG.env"
 """
 
 
@@ -175,7 +176,8 @@ def _run_script(name: str, tmp_path: Path, num_threads: str, extra_env: dict | N
     stub.chmod(0o755)
     log = tmp_path / f"log-{num_threads or 'empty'}-{'-'.join(f'{k}{v}' for k, v in (extra_env or {}).items())}"
     envs = load(name)["envs"]
-    env = {**os.environ, **{k: str(v) for k, v in envs.items()}, "NUM_THREADS": num_threads,
+    inherited = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}  # ours
+    env = {**inherited, **{k: str(v) for k, v in envs.items()}, "NUM_THREADS": num_threads,
            "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_LOG": str(log), **(extra_env or {})}
     subprocess.run(["bash", "-c", load(name)["run"]], cwd=REPO_ROOT, env=env, check=True, timeout=60)
     return log.read_text().splitlines()
@@ -195,3 +197,13 @@ def test_run_threads_follow_vcpus(name, tmp_path):
     assert "--threads 3 " in serve_line
     _, serve_line = _run_script(name, tmp_path, "3", {"NO_MMAP": "1"})
     assert serve_line.split()[-1] == "--no-mmap"
+
+
+@pytest.mark.parametrize("name", YAMLS)
+def test_dedicated_vms_keep_openmp_threads_spinning(name, tmp_path):
+    """The GCP VMs run only the server: its OpenMP threads spin through a step's Python (kernels/config.py);
+    a RunPod pod (a container on a shared host) keeps the polite default."""
+    _run_script(name, tmp_path, "")
+    (log,) = tmp_path.glob("log-empty-*.env")
+    expected = "unset" if name.startswith("runpod") else "1000000"
+    assert log.read_text().strip() == f"GOMP_SPINCOUNT={expected}"
