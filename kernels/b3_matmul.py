@@ -2,7 +2,10 @@
 and the results (same bits) of kernels.ternary_matmul's I2_S matmuls, for hosts with `HAVE_B3`.
 
 out[t, m] = float32(sum_k code[m, k] q[t, k] - act_sums[t]) / act_scales[t] * scale. Tasks are row tiles of 16
-rows (pairs of them for AMX); inside a task, tokens go 4, 2, then 1 at a time through `b3_dots*`, each row tile
+rows (pairs of them for AMX), each thread taking its static run of them and then the back halves of slower
+threads' runs (kernels.tasks.next_task: greedy 2B-4T decode 1.036-1.041x, 6 and 8 of 8 rounds in one process
+against the static split, `scripts/bench_ab.py -m out/2b4t-i2s.gguf --against ddc383b -t 2 --rounds 8 -n 32
+-p 16 --top-k 1 --same-top-k`, with GOMP_SPINCOUNT 10000 and 1000000; prefill the same); inside a task, tokens go 4, 2, then 1 at a time through `b3_dots*`, each row tile
 read once per group while it stays in cache. Steps of AMX_MIN_TOKENS tokens or more run on AMX tiles where the
 host has them (`b3_rows_amx`: each row tile decoded into its code tiles, kernels.amx's 2 x 2 tile products).
 
@@ -16,7 +19,7 @@ from numba import njit, prange
 from .amx import HAVE_AMX, TILE_K, prefetch_lines, tile_config, tile_config_bytes, tile_products, tile_release
 from .b3_simd import SB_BYTES, SB_K, TILE_ROWS, b3_dots1, b3_dots2, b3_dots4, b3_unpack_lines, padded_k
 from .config import JIT, JIT_PARALLEL
-from .tasks import n_tasks3, task3
+from .tasks import n_tasks3, next_task, task3, task_ranges, worker_count
 from .ternary_matmul import AMX_MIN_TOKENS
 
 
@@ -127,12 +130,18 @@ def _inputs(q):
 @njit(**JIT_PARALLEL)
 def b3_matmul(packed, q, act_scales, act_sums, scale, out, n_threads):
     """packed: u8[M Kp / 5] B3 (M % 16 == 0); q: i8[T, K] (C order); act_scales: f32[T]; act_sums: i32[T];
-    scale: f32 -> out: f32[T, M]. n_threads: unused (kernels.ternary_matmul's signature)."""
+    scale: f32 -> out: f32[T, M]. n_threads: numba's thread count (the task ranges)."""
     T = q.shape[0]
     qp, per, cfg = _inputs(q)
     n = out.shape[1] // TILE_ROWS
-    for task in prange(n_tasks3(per, n, 0, 0)):
-        _rows_any(packed, qp, T, act_scales, act_sums, scale, out, task * per, min(n, task * per + per), cfg)
+    n_tasks = n_tasks3(per, n, 0, 0)
+    workers = worker_count(n_tasks, n_threads)
+    ranges = task_ranges(n_tasks, workers)
+    for t in prange(workers):
+        task = next_task(ranges, t, workers)
+        while task >= 0:
+            _rows_any(packed, qp, T, act_scales, act_sums, scale, out, task * per, min(n, task * per + per), cfg)
+            task = next_task(ranges, t, workers)
 
 
 @njit(**JIT_PARALLEL)
@@ -142,11 +151,17 @@ def b3_matmul_multi(p0, p1, p2, q, act_scales, act_sums, s0, s1, s2, o0, o1, o2,
     T = q.shape[0]
     qp, per, cfg = _inputs(q)
     n0, n1, n2 = o0.shape[1] // TILE_ROWS, o1.shape[1] // TILE_ROWS, o2.shape[1] // TILE_ROWS
-    for task in prange(n_tasks3(per, n0, n1, n2)):
-        w, lo, hi = task3(task, per, n0, n1, n2)
-        if w == 0:
-            _rows_any(p0, qp, T, act_scales, act_sums, s0, o0, lo, hi, cfg)
-        elif w == 1:
-            _rows_any(p1, qp, T, act_scales, act_sums, s1, o1, lo, hi, cfg)
-        else:
-            _rows_any(p2, qp, T, act_scales, act_sums, s2, o2, lo, hi, cfg)
+    n_tasks = n_tasks3(per, n0, n1, n2)
+    workers = worker_count(n_tasks, n_threads)
+    ranges = task_ranges(n_tasks, workers)
+    for t in prange(workers):
+        task = next_task(ranges, t, workers)
+        while task >= 0:
+            w, lo, hi = task3(task, per, n0, n1, n2)
+            if w == 0:
+                _rows_any(p0, qp, T, act_scales, act_sums, s0, o0, lo, hi, cfg)
+            elif w == 1:
+                _rows_any(p1, qp, T, act_scales, act_sums, s1, o1, lo, hi, cfg)
+            else:
+                _rows_any(p2, qp, T, act_scales, act_sums, s2, o2, lo, hi, cfg)
+            task = next_task(ranges, t, workers)

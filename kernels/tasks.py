@@ -7,9 +7,18 @@ as its busiest thread's rows. A fixed 32 rows per task fits a few threads, but a
 80 tasks) would leave 10 of 90 threads idle and 100 of 180, each busy one doing 32 rows where 15-29 would do.
 `balanced_rows_per_task` picks, from `most` down to MIN_ROWS_PER_TASK, the task size whose busiest thread gets
 the fewest rows (the largest such size: fewer, longer tasks); at 2B-4T's shapes and 1-8 threads that is `most`.
+
+Even split, uneven speeds: a VM's cores do not stream memory at the same rate from one moment to the next, so
+with a static split one thread waits at the end of every region for the other (on the 2-vCPU Intel Xeon VM, a
+C probe of the 210 base-3 matmuls of a 2B-4T token measured 6-19 % of the slower thread's time idle in the
+faster one, by the quarter hour, and which thread was slower changed). `task_ranges` / `next_task` let a loop
+over the threads hand out the same tasks in the same static runs, front first, and let a thread whose run is
+done take the back half of the largest run left (one compare-and-swap per task, kernels.atomics).
 """
+import numpy as np
 from numba import njit
 
+from .atomics import atomic_load, atomic_store, compare_and_swap
 from .config import JIT
 
 MIN_ROWS_PER_TASK = 8  # smaller tasks would take at most a few rows off the busiest thread (2B-4T, up to 180 threads)
@@ -60,3 +69,54 @@ def balanced_rows_per_task(most, m0, m1, m2, n_threads):
         if rows < best_rows:
             best, best_rows = r, rows
     return best
+
+
+RANGE_STRIDE = 8  # int64 words between two threads' ranges (one 64-byte line each)
+_LOW = (1 << 32) - 1
+
+
+@njit(**JIT)
+def worker_count(n_tasks, n_threads):
+    """Iterations of a loop over `next_task` workers: numba's thread count (n_threads, passed by the caller), at
+    most one per task; where the caller passes 0 (not known), 64: each iteration runs until no task is left, so
+    the threads' first iterations share the work and their later ones find none."""
+    return max(1, min(n_threads if n_threads > 0 else 64, n_tasks))
+
+
+@njit(**JIT)
+def task_ranges(n_tasks, n_threads):
+    """-> i64[n_threads * RANGE_STRIDE]: thread t's tasks [t n / T, (t + 1) n / T) as front | end << 32 (the
+    static split of a parallel loop), for `next_task`."""
+    ranges = np.zeros(n_threads * RANGE_STRIDE, np.int64)
+    for t in range(n_threads):
+        ranges[t * RANGE_STRIDE] = (t * n_tasks // n_threads) | ((t + 1) * n_tasks // n_threads) << 32
+    return ranges
+
+
+@njit(**JIT)
+def next_task(ranges, t, n_threads):
+    """The next task for thread t (`task_ranges`): the front of its own range; when that is empty, the back half
+    of the largest range left (or its last task), which becomes t's range; -1 when no task is left. Each task is
+    returned exactly once, whichever threads run and when (a thread that never starts has its range taken)."""
+    while True:
+        w = atomic_load(ranges, t * RANGE_STRIDE)
+        front, end = w & _LOW, w >> 32
+        if front < end:
+            if compare_and_swap(ranges, t * RANGE_STRIDE, w, (front + 1) | (end << 32)):
+                return front
+            continue
+        victim, most = -1, 0
+        for j in range(n_threads):
+            x = atomic_load(ranges, j * RANGE_STRIDE)
+            if (x >> 32) - (x & _LOW) > most:
+                victim, most = j, (x >> 32) - (x & _LOW)
+        if victim < 0:
+            return -1
+        x = atomic_load(ranges, victim * RANGE_STRIDE)
+        front, end = x & _LOW, x >> 32
+        if front >= end:
+            continue
+        mid = front + (end - front) // 2  # the victim keeps [front, mid), this thread takes [mid, end)
+        if compare_and_swap(ranges, victim * RANGE_STRIDE, x, front | (mid << 32)):
+            atomic_store(ranges, t * RANGE_STRIDE, (mid + 1) | (end << 32))
+            return mid
