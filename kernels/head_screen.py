@@ -14,10 +14,11 @@ kernels.dense.quantize_f16_rows_i8 (ROW_* rows of `rows`), the per-token ones fr
 top k (kernels.dense.f16_matmul on those rows).
 """
 import numpy as np
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
 
 from .config import JIT, JIT_PARALLEL
 from .simd import HAVE_AVX2, HAVE_AVX512
+from .tasks import next_task, task_ranges, worker_count
 
 ACT_MAX = 16383  # activation codes |p| <= 2^14 - 1, fewer where 127 * ACT_MAX * K would overflow int32
 OUTLIER = 4.0  # inputs above this many rms(y) are bounded term by term (an outlier would dominate ||y||)
@@ -123,20 +124,29 @@ if HAVE_AVX2:
         from .simd_dense import i8_i16_dot1, i8_i16_dot2, i8_i16_dot4
 
     @njit(**JIT_PARALLEL)
-    def screen_bounds_one(wq, rows, p, act, lower, upper):
+    def screen_bounds_one(wq, rows, p, act, lower, upper, n_threads):
         """screen_bounds for one token and K a multiple of 32 (a decode step of one sequence). In its own
         function: the same loop inside screen_bounds_many, with the token groups' and the K tail's code around it,
-        took 1.2x the time (2B-4T head, 16.5 against 12.9-13.7 ms, one process)."""
+        took 1.2x the time (2B-4T head, 16.5 against 12.9-13.7 ms, one process). Tasks as the base-3 matmuls
+        hand them out (kernels.tasks.next_task): greedy 2B-4T decode 1.010-1.101x against the static split (9 of
+        10, 8 of 8, and 7 of 8 rounds with GOMP_SPINCOUNT=1000000; `scripts/bench_ab.py ... --against a724539`).
+        screen_bounds_many keeps the static split (its loop's layout is fragile, below)."""
         M, K = wq.shape
         n = K // 32
         wf, pf = wq.reshape(-1), p.reshape(-1)
-        for task in prange((M + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-            m_lo = task * ROWS_PER_TASK
-            m_hi = min(M, m_lo + ROWS_PER_TASK)
-            dots = np.empty(m_hi - m_lo, np.int32)
-            for m in range(m_lo, m_hi):
-                dots[m - m_lo] = i8_i16_dot1(wf, m * K, pf, 0, K, n)
-            _store_bounds(dots, m_lo, 0, rows, act, lower, upper)
+        n_tasks = (M + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+        workers = worker_count(n_tasks, n_threads)
+        ranges = task_ranges(n_tasks, workers)
+        for t in prange(workers):
+            dots = np.empty(ROWS_PER_TASK, np.int32)
+            task = next_task(ranges, t, workers)
+            while task >= 0:
+                m_lo = task * ROWS_PER_TASK
+                m_hi = min(M, m_lo + ROWS_PER_TASK)
+                for m in range(m_lo, m_hi):
+                    dots[m - m_lo] = i8_i16_dot1(wf, m * K, pf, 0, K, n)
+                _store_bounds(dots[:m_hi - m_lo], m_lo, 0, rows, act, lower, upper)
+                task = next_task(ranges, t, workers)
 
     @njit(**JIT_PARALLEL)
     def screen_bounds_many(wq, rows, p, act, lower, upper):
@@ -191,7 +201,9 @@ if HAVE_AVX2:
     def screen_bounds(wq, rows, p, act, lower, upper):
         """wq: i8[M, K] (C order), rows: f32[4, M] (quantize_f16_rows_i8); p, act from quantize_activation_i16
         -> lower, upper: f32[T, M] around each exact f16 logit."""
-        one = p.shape[0] == 1 and wq.shape[1] % 32 == 0
-        (screen_bounds_one if one else screen_bounds_many)(wq, rows, p, act, lower, upper)
+        if p.shape[0] == 1 and wq.shape[1] % 32 == 0:
+            screen_bounds_one(wq, rows, p, act, lower, upper, get_num_threads())
+        else:
+            screen_bounds_many(wq, rows, p, act, lower, upper)
 else:
     screen_bounds = screen_bounds_plain
