@@ -120,7 +120,7 @@ def linear(w: TernaryWeight | DenseWeight, x: np.ndarray, qa: QuantizedActivatio
         x16 = np.array(x, dtype=np.float32, order="C")
         if round_f16:
             round_rows_f16(x16.reshape(-1), x16.reshape(-1))
-        f16_matmul(w.f16_bits, x16, out)
+        f16_matmul(w.f16_bits, x16, out, n_threads)
     else:
         np.matmul(x, w.f32.T, out=out)
     return out
@@ -378,4 +378,4 @@ class Model:
             if not f32:
                 round_rows_f16(rows.reshape(-1), rows.reshape(-1))  # as linear() does for f16 weights
             return screened_logits(W.output.f16_bits, W.screen, rows, heads, self._head_rows)
-        return linear(W.output, rows, round_f16=not f32)
+        return linear(W.output, rows, round_f16=not f32, n_threads=n_threads)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from kernels.dense import f16_matmul, quantize_f16_rows_i8
@@ -117,11 +118,11 @@ def screened_logits(w_bits: np.ndarray, head: ScreenedHead, y: np.ndarray,
             rows = w_bits[ids] if rows_of is None else rows_of(ids)
             rows.flags.writeable = False  # the same compiled f16_matmul as the mapped head (one JIT per type)
             vals = np.empty((1, ids.size), np.float32)
-            f16_matmul(rows, ys[j:j + 1], vals)
+            f16_matmul(rows, ys[j:j + 1], vals, numba.get_num_threads())
             out[r].fill(-np.inf)
             out[r, ids] = vals[0]
     if full:
         vals = np.empty((len(full), M), np.float32)
-        f16_matmul(w_bits, np.ascontiguousarray(y[full]), vals)
+        f16_matmul(w_bits, np.ascontiguousarray(y[full]), vals, numba.get_num_threads())
         out[full] = vals
     return out

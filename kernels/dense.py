@@ -11,6 +11,7 @@ from numba import njit, prange
 
 from .config import JIT, JIT_PARALLEL, JIT_REDUCE_PARALLEL
 from .simd import HAVE_AVX2, HAVE_F16C
+from .tasks import next_task, task_ranges, worker_count
 
 ROWS_PER_TASK = 64
 F16_ROWS_PER_TASK = 32  # f16_matmul: 32 rows of a 2560-wide head = 160 KiB, kept in L2 across token pairs
@@ -18,8 +19,9 @@ _TWO_POW_112 = np.float32(2.0 ** 112)
 
 
 @njit(**JIT_REDUCE_PARALLEL)
-def f16_matmul_bits(w_bits, x, out):
-    """w_bits: u16[M, K] (float16 bits); x: f32[T, K] (f16-representable values) -> out: f32[T, M]."""
+def f16_matmul_bits(w_bits, x, out, n_threads=0):
+    """w_bits: u16[M, K] (float16 bits); x: f32[T, K] (f16-representable values) -> out: f32[T, M].
+    n_threads: f16_matmul's signature (unused)."""
     M, K = w_bits.shape
     T = x.shape[0]
     n_tasks = (M + ROWS_PER_TASK - 1) // ROWS_PER_TASK
@@ -54,39 +56,46 @@ if HAVE_F16C:
         return acc
 
     @njit(**JIT_PARALLEL)
-    def f16_matmul(w_bits, x, out):
+    def f16_matmul(w_bits, x, out, n_threads=0):
         """w_bits: u16[M, K] (float16 bits, C order); x: f32[T, K] (f16-representable values, C order)
         -> out: f32[T, M]. Hardware float16 conversion straight from the weights (no row buffer), each weight
-        line converted once per two tokens; a token's result does not depend on T."""
+        line converted once per two tokens; a token's result does not depend on T. Tasks handed out as in the
+        base-3 matmuls (kernels.tasks.next_task; n_threads: numba's thread count, 0 where not known): all-logits
+        2B-4T decode 1.032x against the static split (8 of 8 rounds, `scripts/bench_ab.py ... --against 7347dfb`)."""
         M, K = w_bits.shape
         T = x.shape[0]
         n_lines = K // 32
         wf = w_bits.reshape(-1)
         xf = x.reshape(-1)
         n_tasks = (M + F16_ROWS_PER_TASK - 1) // F16_ROWS_PER_TASK
-        for task in prange(n_tasks):
-            m_lo = task * F16_ROWS_PER_TASK
-            m_hi = min(M, m_lo + F16_ROWS_PER_TASK)
-            # token pairs outside, rows inside: a pair's activations stay in L1 while the task's rows (read
-            # from memory for the first pair) come from L2 for the next ones
-            t = 0
-            while t + 2 <= T:
-                for m in range(m_lo, m_hi):
-                    d0 = d1 = np.float32(0.0)
-                    if n_lines:
-                        d0, d1 = f16_dot2(wf, m * K, xf, t * K, K, n_lines)
-                    if n_lines * 32 < K:
-                        d0 += _f16_tail(w_bits, m, x, t, n_lines * 32)
-                        d1 += _f16_tail(w_bits, m, x, t + 1, n_lines * 32)
-                    out[t, m] = d0
-                    out[t + 1, m] = d1
-                t += 2
-            if t < T:
-                for m in range(m_lo, m_hi):
-                    d0 = f16_dot1(wf, m * K, xf, t * K, K, n_lines) if n_lines else np.float32(0.0)
-                    if n_lines * 32 < K:
-                        d0 += _f16_tail(w_bits, m, x, t, n_lines * 32)
-                    out[t, m] = d0
+        workers = worker_count(n_tasks, n_threads)
+        ranges = task_ranges(n_tasks, workers)
+        for worker in prange(workers):
+            task = next_task(ranges, worker, workers)
+            while task >= 0:
+                m_lo = task * F16_ROWS_PER_TASK
+                m_hi = min(M, m_lo + F16_ROWS_PER_TASK)
+                # token pairs outside, rows inside: a pair's activations stay in L1 while the task's rows (read
+                # from memory for the first pair) come from L2 for the next ones
+                t = 0
+                while t + 2 <= T:
+                    for m in range(m_lo, m_hi):
+                        d0 = d1 = np.float32(0.0)
+                        if n_lines:
+                            d0, d1 = f16_dot2(wf, m * K, xf, t * K, K, n_lines)
+                        if n_lines * 32 < K:
+                            d0 += _f16_tail(w_bits, m, x, t, n_lines * 32)
+                            d1 += _f16_tail(w_bits, m, x, t + 1, n_lines * 32)
+                        out[t, m] = d0
+                        out[t + 1, m] = d1
+                    t += 2
+                if t < T:
+                    for m in range(m_lo, m_hi):
+                        d0 = f16_dot1(wf, m * K, xf, t * K, K, n_lines) if n_lines else np.float32(0.0)
+                        if n_lines * 32 < K:
+                            d0 += _f16_tail(w_bits, m, x, t, n_lines * 32)
+                        out[t, m] = d0
+                task = next_task(ranges, worker, workers)
 else:
     f16_matmul = f16_matmul_bits
 
