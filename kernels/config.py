@@ -34,10 +34,13 @@ Environment:
   bench -m out/2b4t-i2s.gguf -p 16 -n 64 -t 2 -r 3 --no-jit --logits greedy`, alternated processes) gave 18.24 /
   19.00 / 19.83 / 20.27 tok/s (medians of 3) with GOMP_SPINCOUNT 10000 / 100000 / 300000 / 1000000 on idle
   cores, 1.04-1.27x for 1000000 over 10000 in 7 of 7 pairs; with one busy process beside it, 7.69 / 4.65 / 6.36
-  tok/s (10000 / 300000 / 1000000, one round): the default stays polite. A server on the same box with its load
-  generator (`scripts/benchmark_throughput.py --concurrency 4 --duration 30 --stream`) gave 19.9 / 24.3 output
-  tok/s with 10000 and 25.5 / 24.4 with 1000000. Older code: 64.8 / 67.3 / 72 ms per step with 1000000 /
-  100000 / 10000, and 328 / 199 / 149 ms with 100000 / 10000 / PASSIVE beside two busy processes.
+  tok/s (10000 / 300000 / 1000000, one round): the default stays polite. Most of that gap was the faster thread
+  falling asleep while it waited at the end of a region for the slower one: since the matmuls and the screen
+  hand out tasks dynamically (kernels.tasks.next_task) it is 1.00-1.04x (3 pairs, 20.43-20.66 tok/s). Before
+  that change, a server on the same box with its load generator (`scripts/benchmark_throughput.py --concurrency 4
+  --duration 30 --stream`) gave 19.9 / 24.3 output tok/s with 10000 and 25.5 / 24.4 with 1000000. Older code:
+  64.8 / 67.3 / 72 ms per step with 1000000 / 100000 / 10000, and 328 / 199 / 149 ms with 100000 / 10000 /
+  PASSIVE beside two busy processes.
 Only "safe" fast-math flags are used where float results must match the reference order of operations:
 `STRICT` kernels (activation quantization, norms) get none, reductions over exact integers don't care.
 """
