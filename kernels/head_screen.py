@@ -129,8 +129,7 @@ if HAVE_AVX2:
         function: the same loop inside screen_bounds_many, with the token groups' and the K tail's code around it,
         took 1.2x the time (2B-4T head, 16.5 against 12.9-13.7 ms, one process). Tasks as the base-3 matmuls
         hand them out (kernels.tasks.next_task): greedy 2B-4T decode 1.010-1.101x against the static split (9 of
-        10, 8 of 8, and 7 of 8 rounds with GOMP_SPINCOUNT=1000000; `scripts/bench_ab.py ... --against a724539`).
-        screen_bounds_many keeps the static split (its loop's layout is fragile, below)."""
+        10, 8 of 8, and 7 of 8 rounds with GOMP_SPINCOUNT=1000000; `scripts/bench_ab.py ... --against a724539`)."""
         M, K = wq.shape
         n = K // 32
         wf, pf = wq.reshape(-1), p.reshape(-1)
@@ -149,54 +148,62 @@ if HAVE_AVX2:
                 task = next_task(ranges, t, workers)
 
     @njit(**JIT_PARALLEL)
-    def screen_bounds_many(wq, rows, p, act, lower, upper):
+    def screen_bounds_many(wq, rows, p, act, lower, upper, n_threads):
         """screen_bounds for any T and K. Four tokens (then a pair) share each weight load:
         the 2B-4T head's screen for 4 / 8 / 16 tokens took 1.34 / 1.30 / 1.24 x less time than with pairs (one
         process, alternated); 2 rows x 4 tokens and 8 tokens measured slower than 4 (two weight streams; spilled
         registers). The K % 32 tail loops are called only where there is a tail: with the calls always made
         (empty loops) the four-token loop was no faster than pairs, and a helper holding the tail and the store
-        took 1.7-1.8 x the time for 4-16 tokens, hence the spelled-out loops."""
+        took 1.7-1.8 x the time for 4-16 tokens, hence the spelled-out loops. Tasks handed out as in
+        screen_bounds_one: 4 sequences decoded together with top-40 requests 1.046-1.048x (7 of 8, 5 of 6 rounds,
+        `scripts/bench_ab.py ... -b 4 --top-k 40 --same-top-k --against fe86115`); called alone for 4 tokens, the
+        same time as the static split (20.34 against 20.35 ms)."""
         M, K = wq.shape
         T = p.shape[0]
         n = K // 32
         tail = n * 32 < K
         wf, pf = wq.reshape(-1), p.reshape(-1)
         n_tasks = (M + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-        for task in prange(n_tasks):
-            m_lo = task * ROWS_PER_TASK
-            m_hi = min(M, m_lo + ROWS_PER_TASK)
-            dots = np.empty((4, m_hi - m_lo), np.int32)  # [token of the group, row]
-            t = 0
-            while n and t + 4 <= T:
-                for m in range(m_lo, m_hi):
-                    d0, d1, d2, d3 = i8_i16_dot4(wf, m * K, pf, t * K, K, n)
-                    if tail:
-                        d0 += _dot_tail(wq, m, p, t, n * 32)
-                        d1 += _dot_tail(wq, m, p, t + 1, n * 32)
-                        d2 += _dot_tail(wq, m, p, t + 2, n * 32)
-                        d3 += _dot_tail(wq, m, p, t + 3, n * 32)
-                    dots[0, m - m_lo], dots[1, m - m_lo], dots[2, m - m_lo], dots[3, m - m_lo] = d0, d1, d2, d3
-                for i in range(4):
-                    _store_bounds(dots[i], m_lo, t + i, rows, act, lower, upper)
-                t += 4
-            while n and t + 2 <= T:
-                for m in range(m_lo, m_hi):
-                    d0, d1 = i8_i16_dot2(wf, m * K, pf, t * K, K, n)
-                    if tail:
-                        d0 += _dot_tail(wq, m, p, t, n * 32)
-                        d1 += _dot_tail(wq, m, p, t + 1, n * 32)
-                    dots[0, m - m_lo], dots[1, m - m_lo] = d0, d1
-                _store_bounds(dots[0], m_lo, t, rows, act, lower, upper)
-                _store_bounds(dots[1], m_lo, t + 1, rows, act, lower, upper)
-                t += 2
-            while t < T:  # one token, or K < 32
-                for m in range(m_lo, m_hi):
-                    d0 = _dot_tail(wq, m, p, t, n * 32) if tail else 0
-                    if n:
-                        d0 += i8_i16_dot1(wf, m * K, pf, t * K, K, n)
-                    dots[0, m - m_lo] = d0
-                _store_bounds(dots[0], m_lo, t, rows, act, lower, upper)
-                t += 1
+        workers = worker_count(n_tasks, n_threads)
+        ranges = task_ranges(n_tasks, workers)
+        for worker in prange(workers):
+            task = next_task(ranges, worker, workers)
+            while task >= 0:
+                m_lo = task * ROWS_PER_TASK
+                m_hi = min(M, m_lo + ROWS_PER_TASK)
+                dots = np.empty((4, m_hi - m_lo), np.int32)  # [token of the group, row]
+                t = 0
+                while n and t + 4 <= T:
+                    for m in range(m_lo, m_hi):
+                        d0, d1, d2, d3 = i8_i16_dot4(wf, m * K, pf, t * K, K, n)
+                        if tail:
+                            d0 += _dot_tail(wq, m, p, t, n * 32)
+                            d1 += _dot_tail(wq, m, p, t + 1, n * 32)
+                            d2 += _dot_tail(wq, m, p, t + 2, n * 32)
+                            d3 += _dot_tail(wq, m, p, t + 3, n * 32)
+                        dots[0, m - m_lo], dots[1, m - m_lo], dots[2, m - m_lo], dots[3, m - m_lo] = d0, d1, d2, d3
+                    for i in range(4):
+                        _store_bounds(dots[i], m_lo, t + i, rows, act, lower, upper)
+                    t += 4
+                while n and t + 2 <= T:
+                    for m in range(m_lo, m_hi):
+                        d0, d1 = i8_i16_dot2(wf, m * K, pf, t * K, K, n)
+                        if tail:
+                            d0 += _dot_tail(wq, m, p, t, n * 32)
+                            d1 += _dot_tail(wq, m, p, t + 1, n * 32)
+                        dots[0, m - m_lo], dots[1, m - m_lo] = d0, d1
+                    _store_bounds(dots[0], m_lo, t, rows, act, lower, upper)
+                    _store_bounds(dots[1], m_lo, t + 1, rows, act, lower, upper)
+                    t += 2
+                while t < T:  # one token, or K < 32
+                    for m in range(m_lo, m_hi):
+                        d0 = _dot_tail(wq, m, p, t, n * 32) if tail else 0
+                        if n:
+                            d0 += i8_i16_dot1(wf, m * K, pf, t * K, K, n)
+                        dots[0, m - m_lo] = d0
+                    _store_bounds(dots[0], m_lo, t, rows, act, lower, upper)
+                    t += 1
+                task = next_task(ranges, worker, workers)
 
     def screen_bounds(wq, rows, p, act, lower, upper):
         """wq: i8[M, K] (C order), rows: f32[4, M] (quantize_f16_rows_i8); p, act from quantize_activation_i16
@@ -204,6 +211,6 @@ if HAVE_AVX2:
         if p.shape[0] == 1 and wq.shape[1] % 32 == 0:
             screen_bounds_one(wq, rows, p, act, lower, upper, get_num_threads())
         else:
-            screen_bounds_many(wq, rows, p, act, lower, upper)
+            screen_bounds_many(wq, rows, p, act, lower, upper, get_num_threads())
 else:
     screen_bounds = screen_bounds_plain
