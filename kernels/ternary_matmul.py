@@ -25,13 +25,15 @@ region: one quantization, one fork/join instead of three.
 
 Hosts with AVX-512 VBMI + VNNI keep per-tensor-scaled weights in the base-3 layout instead (kernels.b3_simd,
 kernels.b3_matmul: the same contract and bits from 0.8x the bytes); these kernels serve the other hosts, the
-block-scaled and forced kernel choices, and tensors that hold a code 3.
+block-scaled and forced kernel choices, and tensors that hold a code 3. Row tasks are handed out as in the base-3
+matmuls (kernels.tasks.next_task): with `BITNET_PY_B3=0` on the Intel VM, greedy 2B-4T decode 1.054x against the
+static split (8 of 8 rounds, `scripts/bench_ab.py ... --against ebcc7a4`).
 """
 import numpy as np
 from numba import njit, prange
 
 from .config import JIT, JIT_PARALLEL
-from .tasks import balanced_rows_per_task, n_tasks3, task3
+from .tasks import balanced_rows_per_task, n_tasks3, next_task, task3, task_ranges, worker_count
 from .simd import HAVE_AVX2, HAVE_VNNI
 from .amx import HAVE_AMX, i2s_rows_amx, permute_activations, tile_config_bytes
 
@@ -135,8 +137,14 @@ def i2s_matmul(packed, q, act_scales, act_sums, scale, out, n_threads):
     M = out.shape[1]
     r = balanced_rows_per_task(ROWS_PER_TASK, M, 0, 0, n_threads)
     qp, cfg = _amx_inputs(q)
-    for task in prange(n_tasks3(r, M, 0, 0)):
-        _rows_any(packed, q, qp, act_scales, act_sums, scale, out, task * r, min(M, task * r + r), cfg)
+    n_tasks = n_tasks3(r, M, 0, 0)
+    workers = worker_count(n_tasks, n_threads)
+    ranges = task_ranges(n_tasks, workers)
+    for worker in prange(workers):
+        task = next_task(ranges, worker, workers)
+        while task >= 0:
+            _rows_any(packed, q, qp, act_scales, act_sums, scale, out, task * r, min(M, task * r + r), cfg)
+            task = next_task(ranges, worker, workers)
 
 
 @njit(**JIT_PARALLEL)
@@ -146,14 +154,20 @@ def i2s_matmul_multi(p0, p1, p2, q, act_scales, act_sums, s0, s1, s2, o0, o1, o2
     M0, M1, M2 = o0.shape[1], o1.shape[1], o2.shape[1]
     r = balanced_rows_per_task(ROWS_PER_TASK, M0, M1, M2, n_threads)
     qp, cfg = _amx_inputs(q)
-    for task in prange(n_tasks3(r, M0, M1, M2)):
-        w, lo, hi = task3(task, r, M0, M1, M2)
-        if w == 0:
-            _rows_any(p0, q, qp, act_scales, act_sums, s0, o0, lo, hi, cfg)
-        elif w == 1:
-            _rows_any(p1, q, qp, act_scales, act_sums, s1, o1, lo, hi, cfg)
-        else:
-            _rows_any(p2, q, qp, act_scales, act_sums, s2, o2, lo, hi, cfg)
+    n_tasks = n_tasks3(r, M0, M1, M2)
+    workers = worker_count(n_tasks, n_threads)
+    ranges = task_ranges(n_tasks, workers)
+    for worker in prange(workers):
+        task = next_task(ranges, worker, workers)
+        while task >= 0:
+            w, lo, hi = task3(task, r, M0, M1, M2)
+            if w == 0:
+                _rows_any(p0, q, qp, act_scales, act_sums, s0, o0, lo, hi, cfg)
+            elif w == 1:
+                _rows_any(p1, q, qp, act_scales, act_sums, s1, o1, lo, hi, cfg)
+            else:
+                _rows_any(p2, q, qp, act_scales, act_sums, s2, o2, lo, hi, cfg)
+            task = next_task(ranges, worker, workers)
 
 
 @njit(**JIT_PARALLEL)
