@@ -5,11 +5,8 @@ the shared task ranges that let the threads of a parallel loop take work from ea
 - `atomic_store(a, i, v)`: a[i] = v, atomically (release).
 - `compare_and_swap(a, i, expected, new)`: a[i] = new if a[i] == expected, atomically -> whether it did.
 """
-from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
-
-_I64 = ir.IntType(64)
 
 
 def _element(context, builder, arrty, arr, index, index_ty):

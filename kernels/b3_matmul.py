@@ -138,10 +138,10 @@ def b3_matmul(packed, q, act_scales, act_sums, scale, out, n_threads):
     workers = worker_count(n_tasks, n_threads)
     ranges = task_ranges(n_tasks, workers)
     for t in prange(workers):
-        task = next_task(ranges, t, workers)
+        task = next_task(ranges, t)
         while task >= 0:
             _rows_any(packed, qp, T, act_scales, act_sums, scale, out, task * per, min(n, task * per + per), cfg)
-            task = next_task(ranges, t, workers)
+            task = next_task(ranges, t)
 
 
 @njit(**JIT_PARALLEL)
@@ -155,7 +155,7 @@ def b3_matmul_multi(p0, p1, p2, q, act_scales, act_sums, s0, s1, s2, o0, o1, o2,
     workers = worker_count(n_tasks, n_threads)
     ranges = task_ranges(n_tasks, workers)
     for t in prange(workers):
-        task = next_task(ranges, t, workers)
+        task = next_task(ranges, t)
         while task >= 0:
             w, lo, hi = task3(task, per, n0, n1, n2)
             if w == 0:
@@ -164,4 +164,4 @@ def b3_matmul_multi(p0, p1, p2, q, act_scales, act_sums, s0, s1, s2, o0, o1, o2,
                 _rows_any(p1, qp, T, act_scales, act_sums, s1, o1, lo, hi, cfg)
             else:
                 _rows_any(p2, qp, T, act_scales, act_sums, s2, o2, lo, hi, cfg)
-            task = next_task(ranges, t, workers)
+            task = next_task(ranges, t)

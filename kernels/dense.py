@@ -71,7 +71,7 @@ if HAVE_F16C:
         workers = worker_count(n_tasks, n_threads)
         ranges = task_ranges(n_tasks, workers)
         for worker in prange(workers):
-            task = next_task(ranges, worker, workers)
+            task = next_task(ranges, worker)
             while task >= 0:
                 m_lo = task * F16_ROWS_PER_TASK
                 m_hi = min(M, m_lo + F16_ROWS_PER_TASK)
@@ -95,7 +95,7 @@ if HAVE_F16C:
                         if n_lines * 32 < K:
                             d0 += _f16_tail(w_bits, m, x, t, n_lines * 32)
                         out[t, m] = d0
-                task = next_task(ranges, worker, workers)
+                task = next_task(ranges, worker)
 else:
     f16_matmul = f16_matmul_bits
 

@@ -138,14 +138,14 @@ if HAVE_AVX2:
         ranges = task_ranges(n_tasks, workers)
         for t in prange(workers):
             dots = np.empty(ROWS_PER_TASK, np.int32)
-            task = next_task(ranges, t, workers)
+            task = next_task(ranges, t)
             while task >= 0:
                 m_lo = task * ROWS_PER_TASK
                 m_hi = min(M, m_lo + ROWS_PER_TASK)
                 for m in range(m_lo, m_hi):
                     dots[m - m_lo] = i8_i16_dot1(wf, m * K, pf, 0, K, n)
                 _store_bounds(dots[:m_hi - m_lo], m_lo, 0, rows, act, lower, upper)
-                task = next_task(ranges, t, workers)
+                task = next_task(ranges, t)
 
     @njit(**JIT_PARALLEL)
     def screen_bounds_many(wq, rows, p, act, lower, upper, n_threads):
@@ -167,7 +167,7 @@ if HAVE_AVX2:
         workers = worker_count(n_tasks, n_threads)
         ranges = task_ranges(n_tasks, workers)
         for worker in prange(workers):
-            task = next_task(ranges, worker, workers)
+            task = next_task(ranges, worker)
             while task >= 0:
                 m_lo = task * ROWS_PER_TASK
                 m_hi = min(M, m_lo + ROWS_PER_TASK)
@@ -203,7 +203,7 @@ if HAVE_AVX2:
                         dots[0, m - m_lo] = d0
                     _store_bounds(dots[0], m_lo, t, rows, act, lower, upper)
                     t += 1
-                task = next_task(ranges, worker, workers)
+                task = next_task(ranges, worker)
 
     def screen_bounds(wq, rows, p, act, lower, upper):
         """wq: i8[M, K] (C order), rows: f32[4, M] (quantize_f16_rows_i8); p, act from quantize_activation_i16

@@ -94,10 +94,11 @@ def task_ranges(n_tasks, n_threads):
 
 
 @njit(**JIT)
-def next_task(ranges, t, n_threads):
+def next_task(ranges, t):
     """The next task for thread t (`task_ranges`): the front of its own range; when that is empty, the back half
     of the largest range left (or its last task), which becomes t's range; -1 when no task is left. Each task is
     returned exactly once, whichever threads run and when (a thread that never starts has its range taken)."""
+    n_threads = ranges.shape[0] // RANGE_STRIDE
     while True:
         w = atomic_load(ranges, t * RANGE_STRIDE)
         front, end = w & _LOW, w >> 32

@@ -141,10 +141,10 @@ def i2s_matmul(packed, q, act_scales, act_sums, scale, out, n_threads):
     workers = worker_count(n_tasks, n_threads)
     ranges = task_ranges(n_tasks, workers)
     for worker in prange(workers):
-        task = next_task(ranges, worker, workers)
+        task = next_task(ranges, worker)
         while task >= 0:
             _rows_any(packed, q, qp, act_scales, act_sums, scale, out, task * r, min(M, task * r + r), cfg)
-            task = next_task(ranges, worker, workers)
+            task = next_task(ranges, worker)
 
 
 @njit(**JIT_PARALLEL)
@@ -158,7 +158,7 @@ def i2s_matmul_multi(p0, p1, p2, q, act_scales, act_sums, s0, s1, s2, o0, o1, o2
     workers = worker_count(n_tasks, n_threads)
     ranges = task_ranges(n_tasks, workers)
     for worker in prange(workers):
-        task = next_task(ranges, worker, workers)
+        task = next_task(ranges, worker)
         while task >= 0:
             w, lo, hi = task3(task, r, M0, M1, M2)
             if w == 0:
@@ -167,7 +167,7 @@ def i2s_matmul_multi(p0, p1, p2, q, act_scales, act_sums, s0, s1, s2, o0, o1, o2
                 _rows_any(p1, q, qp, act_scales, act_sums, s1, o1, lo, hi, cfg)
             else:
                 _rows_any(p2, q, qp, act_scales, act_sums, s2, o2, lo, hi, cfg)
-            task = next_task(ranges, worker, workers)
+            task = next_task(ranges, worker)
 
 
 @njit(**JIT_PARALLEL)

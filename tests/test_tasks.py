@@ -67,7 +67,7 @@ def _claims_in_turn(n_tasks, n_threads, turns):
         i += 1
         if done[t]:
             continue
-        task = next_task(ranges, t, n_threads)
+        task = next_task(ranges, t)
         if task < 0:
             done[t] = True
         else:
@@ -101,13 +101,13 @@ def _claims_in_parallel(n_tasks, n_threads, spin):
     work = np.zeros(n_threads)
     for t in prange(n_threads):
         k = 0
-        task = next_task(ranges, t, n_threads)
+        task = next_task(ranges, t)
         while task >= 0:
             claims[t, k] = task
             k += 1
             for j in range(spin * (1 + 3 * t)):  # threads of different speeds
                 work[t] += np.sqrt(j)
-            task = next_task(ranges, t, n_threads)
+            task = next_task(ranges, t)
     return claims
 
 
