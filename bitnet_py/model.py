@@ -29,7 +29,7 @@ from kernels.q8k import quantize_q8k, quantize_q8k_parallel, tq_matmul_q8k, tq_m
 
 from kernels import attention_fast, attention_split
 from kernels import config as kernel_config
-from kernels import layer_steps
+from kernels import layer_region, layer_steps
 from kernels.select import weight_kernels
 
 from .allocator import keep_freed_buffers
@@ -190,6 +190,9 @@ class Model:
         self._fuse_ffn = [fusable([L.w_gate, L.w_up]) for L in weights.layers]
         self._steps = self._plan_layer_steps()
         self._stack = self._plan_layer_stack()
+        self._region = (layer_region.region_tables(self._steps)
+                        if self._stack is not None and layer_region.HAVE_LAYER_REGION and kernel_config.LAYER_REGION
+                        and c.n_head == 4 * c.n_kv_head else None)  # kernels.layer_region's weight tables
         # a screened f16 head stays in the file map when the weights are promoted; read whole, it follows them
         self._screened_head = head_tensor(gguf) if weights.screen is not None else None  # its tensor name
 
@@ -313,8 +316,14 @@ class Model:
         h = np.empty_like(x)
         steps = None if f32 or T > LAYER_STEPS_MAX_TOKENS else self._steps
         layers = W.layers
-        if steps is not None and self._stack is not None and kernel_config.FAST_ATTENTION:  # all layers, one call
-            split = attention is attention_split.paged_attention_split_g4
+        split = attention is attention_split.paged_attention_split_g4
+        if (steps is not None and self._region is not None and kernel_config.FAST_ATTENTION and T == 1
+                and not split):  # all layers, one parallel region
+            layer_region.decode_token_layers(x, *self._region, pos, self._cos, self._sin, c.traits.rope_neox,
+                                             c.rope_dims, slots, kv.k, kv.v, seq, tables, bs, round_probs, scale,
+                                             c.n_head, n_threads)
+            layers = ()
+        elif steps is not None and self._stack is not None and kernel_config.FAST_ATTENTION:  # all layers, one call
             layer_steps.decode_layers(x, *self._stack, pos, self._cos, self._sin, c.traits.rope_neox, c.rope_dims,
                                       slots, kv.k, kv.v, seq, tables, bs, round_probs, scale, self._lut, split,
                                       attention_fast.token_tile(T, c.n_kv_head, n_threads), c.n_head, n_threads)

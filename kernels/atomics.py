@@ -4,6 +4,7 @@ the shared task ranges that let the threads of a parallel loop take work from ea
 - `atomic_load(a, i)`: a[i], read atomically (acquire), never cached in a register across loop iterations.
 - `atomic_store(a, i, v)`: a[i] = v, atomically (release).
 - `compare_and_swap(a, i, expected, new)`: a[i] = new if a[i] == expected, atomically -> whether it did.
+- `atomic_add(a, i, v)`: a[i] += v, atomically (acquire and release) -> the old value.
 """
 from numba import types
 from numba.extending import intrinsic
@@ -49,5 +50,17 @@ def compare_and_swap(typingctx, a, i, expected, new):
         value = context.cast(builder, args[3], at[3], types.int64)
         pair = builder.cmpxchg(ptr, old, value, "acq_rel", "acquire")
         return builder.extract_value(pair, 1)
+
+    return sig, codegen
+
+
+@intrinsic
+def atomic_add(typingctx, a, i, v):
+    sig = types.int64(a, i, v)
+
+    def codegen(context, builder, signature, args):
+        ptr = _element(context, builder, signature.args[0], args[0], args[1], signature.args[1])
+        value = context.cast(builder, args[2], signature.args[2], types.int64)
+        return builder.atomic_rmw("add", ptr, value, "acq_rel")
 
     return sig, codegen

@@ -44,13 +44,12 @@ def _store(sums, n_tok, t, m0, act_scales, act_sums, scale, out):
 
 
 @njit(**JIT)
-def _rows_b3(packed, qp, T, act_scales, act_sums, scale, out, r_lo, r_hi):
-    """Row tiles [r_lo, r_hi) of out[:T] from qp = padded_activations(q, T)."""
+def _rows_b3(packed, qp, T, act_scales, act_sums, scale, out, r_lo, r_hi, sums):
+    """Row tiles [r_lo, r_hi) of out[:T] from qp = padded_activations(q, T); sums: i32[>= 4 * TILE_ROWS] scratch."""
     kp = qp.shape[1]
     n_lines = kp // SB_K * 16
     tile_bytes = kp // SB_K * SB_BYTES
     qf = qp.reshape(-1)
-    sums = np.empty(4 * TILE_ROWS, np.int32)
     for r in range(r_lo, r_hi):
         w0 = r * tile_bytes
         t = 0
@@ -87,14 +86,14 @@ if HAVE_AMX:
             b3_unpack_lines(packed, r * tile_bytes + s * SB_BYTES, 16, codes, s * 5 * SB_BYTES)
 
     @njit(**JIT)
-    def b3_rows_amx(packed, qp, T, act_scales, act_sums, scale, out, r_lo, r_hi, cfg):
+    def b3_rows_amx(packed, qp, T, act_scales, act_sums, scale, out, r_lo, r_hi, cfg, sums, codes):
         """Row tiles [r_lo, r_hi) of out[:T] on AMX tiles, from qp = padded_activations(q, whole 16-token tiles):
-        pairs of row tiles against pairs of token tiles (kernels.amx.tile_products)."""
+        pairs of row tiles against pairs of token tiles (kernels.amx.tile_products). sums, codes: `_scratch`."""
         kp = qp.shape[1]
         n_sb = kp // SB_K
         n_codes = kp // TILE_K * SB_BYTES
-        codes = _line_aligned(2 * n_codes).reshape(2, n_codes)
-        sums = np.empty((4, TILE_ROWS, TILE_ROWS), np.int32)
+        codes = codes.reshape(2, n_codes)
+        sums = sums.reshape(4, TILE_ROWS, TILE_ROWS)
         end = packed.shape[0]
         tile_config(cfg)
         for r in range(r_lo, r_hi, 2):
@@ -107,15 +106,26 @@ if HAVE_AMX:
         tile_release()
 
     @njit(**JIT)
-    def _rows_any(packed, qp, T, act_scales, act_sums, scale, out, r_lo, r_hi, cfg):
+    def _rows_any(packed, qp, T, act_scales, act_sums, scale, out, r_lo, r_hi, cfg, sums, codes):
         if T >= AMX_MIN_TOKENS:
-            b3_rows_amx(packed, qp, T, act_scales, act_sums, scale, out, r_lo, r_hi, cfg)
+            b3_rows_amx(packed, qp, T, act_scales, act_sums, scale, out, r_lo, r_hi, cfg, sums, codes)
         else:
-            _rows_b3(packed, qp, T, act_scales, act_sums, scale, out, r_lo, r_hi)
+            _rows_b3(packed, qp, T, act_scales, act_sums, scale, out, r_lo, r_hi, sums)
 else:
     @njit(**JIT)
-    def _rows_any(packed, qp, T, act_scales, act_sums, scale, out, r_lo, r_hi, cfg):
-        _rows_b3(packed, qp, T, act_scales, act_sums, scale, out, r_lo, r_hi)
+    def _rows_any(packed, qp, T, act_scales, act_sums, scale, out, r_lo, r_hi, cfg, sums, codes):
+        _rows_b3(packed, qp, T, act_scales, act_sums, scale, out, r_lo, r_hi, sums)
+
+
+@njit(**JIT)
+def _scratch(qp, per):
+    """A worker's buffers for all its tasks -> (sums: i32[4 * 16 * 16], codes: u8[2 row tiles' AMX code tiles] where
+    tasks are AMX pairs (per == 2), else u8[0]), 64-byte aligned: allocated once per worker, not once per 16-row
+    task (~8 KB streamed in ~0.8 us). A synthetic probe of the 210 matmuls of a 2B-4T token measured 1.06x; in
+    the model, greedy decode 1.001x (4 of 8 rounds, `scripts/bench_ab.py ... --against a82afea`): kept because
+    kernels.layer_region reuses the rows kernels with a worker's buffers."""
+    n_codes = qp.shape[1] // TILE_K * SB_BYTES if per == 2 else 0
+    return _line_aligned(4 * TILE_ROWS * TILE_ROWS * 4).view(np.int32), _line_aligned(2 * n_codes)
 
 
 @njit(**JIT)
@@ -138,9 +148,11 @@ def b3_matmul(packed, q, act_scales, act_sums, scale, out, n_threads):
     workers = worker_count(n_tasks, n_threads)
     ranges = task_ranges(n_tasks, workers)
     for t in prange(workers):
+        sums, codes = _scratch(qp, per)
         task = next_task(ranges, t)
         while task >= 0:
-            _rows_any(packed, qp, T, act_scales, act_sums, scale, out, task * per, min(n, task * per + per), cfg)
+            _rows_any(packed, qp, T, act_scales, act_sums, scale, out, task * per, min(n, task * per + per), cfg, sums,
+                      codes)
             task = next_task(ranges, t)
 
 
@@ -155,13 +167,14 @@ def b3_matmul_multi(p0, p1, p2, q, act_scales, act_sums, s0, s1, s2, o0, o1, o2,
     workers = worker_count(n_tasks, n_threads)
     ranges = task_ranges(n_tasks, workers)
     for t in prange(workers):
+        sums, codes = _scratch(qp, per)
         task = next_task(ranges, t)
         while task >= 0:
             w, lo, hi = task3(task, per, n0, n1, n2)
             if w == 0:
-                _rows_any(p0, qp, T, act_scales, act_sums, s0, o0, lo, hi, cfg)
+                _rows_any(p0, qp, T, act_scales, act_sums, s0, o0, lo, hi, cfg, sums, codes)
             elif w == 1:
-                _rows_any(p1, qp, T, act_scales, act_sums, s1, o1, lo, hi, cfg)
+                _rows_any(p1, qp, T, act_scales, act_sums, s1, o1, lo, hi, cfg, sums, codes)
             else:
-                _rows_any(p2, qp, T, act_scales, act_sums, s2, o2, lo, hi, cfg)
+                _rows_any(p2, qp, T, act_scales, act_sums, s2, o2, lo, hi, cfg, sums, codes)
             task = next_task(ranges, t)

@@ -14,6 +14,8 @@ Environment:
 - BITNET_PY_FUSE=0: run q/k/v and gate/up as separate matmuls instead of one fused parallel region.
 - BITNET_PY_LAYER_STEPS=0: run every layer through the model's general per-kernel path instead of
   kernels.layer_steps (two compiled calls per layer; same results).
+- BITNET_PY_LAYER_REGION=0: run a one-token decode step's layers as ~150 parallel regions
+  (kernels.layer_steps.decode_layers) instead of one (kernels.layer_region; same results).
 - BITNET_PY_VNNI=0: ternary dots without `vpdpbusd` on hosts that have VNNI (for comparisons; same results).
   Kernels compiled this way are cached in their own folder (`kernel-cache-<hash>-novnni`).
 - BITNET_PY_B3=0: keep ternary weights in I2_S's 2-bit layout on hosts with AVX-512 VBMI + VNNI, instead of
@@ -88,6 +90,7 @@ TERNARY_KERNEL = os.environ.get("BITNET_PY_TERNARY_KERNEL", "auto")
 FAST_ATTENTION = os.environ.get("BITNET_PY_FAST_ATTENTION", "1") not in ("0", "false", "no")
 FUSE = os.environ.get("BITNET_PY_FUSE", "1") not in ("0", "false", "no")
 LAYER_STEPS = os.environ.get("BITNET_PY_LAYER_STEPS", "1") not in ("0", "false", "no")
+LAYER_REGION = os.environ.get("BITNET_PY_LAYER_REGION", "1") not in ("0", "false", "no")
 # Flags allowing vectorized reductions without reciprocal/approximate math (keeps divisions exact). The order
 # of such a sum is LLVM's choice per host (8 lanes on AVX2, 16 on Genoa), so results that must be the same bits
 # on every host never use them: only the screened head's rounded-up error bounds (kernels/dense.py), the f16

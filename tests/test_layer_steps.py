@@ -14,7 +14,7 @@ from bitnet_py.model import LAYER_STEPS_MAX_TOKENS, Batch, Model
 from conftest import fixture_path, load_script
 from kernels import attention_split
 from kernels import config as kernel_config
-from kernels import layer_steps
+from kernels import layer_region, layer_steps
 
 pytestmark = pytest.mark.skipif(not layer_steps.HAVE_LAYER_STEPS, reason="layer steps need F16C (not this host)")
 
@@ -44,6 +44,7 @@ def _compare(path):
     """One call per step for all layers (decode_layers), two calls per layer (the model's loop, where the stack
     call does not apply) and the general path: the same logits."""
     model = Model.load(str(path))
+    model._region = None  # one-token steps: kernels.layer_region where it applies (test_layer_region.py)
     assert model._steps is not None and model._stack is not None
     stack_calls, layer_calls = [], []
     with pytest.MonkeyPatch.context() as mp:
@@ -52,7 +53,7 @@ def _compare(path):
         fast = _steps(model, model.new_kv_cache(2, 16))
         assert len(stack_calls) == 4 and not layer_calls  # every step took the one-call path
         per_layer = Model.load(str(path))
-        per_layer._stack = None
+        per_layer._stack = per_layer._region = None
         by_layer = _steps(per_layer, per_layer.new_kv_cache(2, 16))
     assert len(layer_calls) == 4 * model.config.n_layer  # every layer of every step took the two-call path
     general = Model.load(str(path))
@@ -110,6 +111,7 @@ def test_general_path_where_layer_steps_do_not_apply(tmp_path, monkeypatch):
             assert Model.load(i2s)._steps is None, name
     monkeypatch.setattr(layer_steps, "attention_inputs", lambda *a: pytest.fail("took the layer steps"))
     monkeypatch.setattr(layer_steps, "decode_layers", lambda *a: pytest.fail("took the layer steps"))
+    monkeypatch.setattr(layer_region, "decode_token_layers", lambda *a: pytest.fail("took the layer region"))
     model = Model.load(i2s, cache_type="f32")
     assert all(np.isfinite(x).all() for x in _steps(model, model.new_kv_cache(2, 16)))
     model = Model.load(i2s)

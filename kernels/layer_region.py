@@ -1,0 +1,242 @@
+"""Every layer of a one-token decode step in ONE parallel region (base-3 weights, float16 cache, GQA groups of 4):
+the work of kernels.layer_steps.decode_layers, same kernels, same bits, without its ~150 region starts and ends.
+
+Each layer is six phases, in order; a phase's tasks are handed out as the matmuls hand out theirs
+(kernels.tasks.next_task: a thread's own run first, then halves of the others'), and a thread that has no task
+left waits until every task of the phase is done (`_finish`: a counter per phase, kernels.atomics.atomic_add):
+
+  QKV    q, k, v = Wq h, Wk h, Wv h             (16-row tiles of the three weights)
+  ROPE   rope on q and k, k and v into the cache (one task)
+  ATTN   attention, one task per KV head         (kernels.attention_fast._tile_g4)
+  WO     y = Wo a                                (tiles)
+  FFN    gate, up = Wgate h2, Wup h2             (tiles)
+  DOWN   x' = x + y + Wdown f                    (tiles; each writes its rows of x')
+
+The small row steps between the phases (norms, activation quantization, the FFN activation) are computed by
+every thread into its own buffers, from inputs final at that point: h = rms(x) attn_norm, a = rms(attn)
+attn_sub_norm, x + y, f = act(gate, up) (sub-normed): no thread waits for one thread to do them.
+
+Why no deadlock and no stale data, whichever threads run and when (a thread may start late, or never):
+- a thread waits only for tasks that are claimed (it claims every unclaimed one first), and a claimed task is
+  being run by a thread that is running;
+- the shared arrays a phase writes (q k v, the cache rows, attn, y, gate up, x') are written again only by the
+  same phase of a later layer (x' alternates between two buffers), which cannot start before this phase's
+  tasks are all done. A thread reads a phase's inputs after that phase's producers are done and before it
+  claims a task of it, so any task it claims ran on final inputs. A late thread may compute its own buffers
+  from rewritten inputs, but then every task is claimed and it writes nothing.
+
+On the 2-vCPU Intel Xeon, the 210 matmuls of a 2B-4T token (0.42 GB) took 23.1 ms in one region with these
+waits against 24.6 ms as ~120 parallel regions (synthetic probe, one process, 5 alternated rounds); the
+in-model figures are in the README (scripts/bench_ab.py).
+"""
+import numpy as np
+from numba import njit, prange
+
+from .activations import relu2_mul, silu_mul
+from .atomics import atomic_add, atomic_load
+from .b3_simd import HAVE_B3, TILE_ROWS, padded_k
+from .config import JIT, JIT_PARALLEL
+from .norms import rms_norm
+from .pointers import sched_yield, u8_at
+from .quantize import quantize_rows_i8
+from .simd import HAVE_F16C
+from .tasks import RANGE_STRIDE, n_tasks3, next_task, task3, task_ranges
+
+HAVE_LAYER_REGION = HAVE_B3 and HAVE_F16C
+QKV, ROPE, ATTN, WO, FFN, DOWN = range(6)
+PHASES = 6
+WQ, WK, WV, WO_, WGATE, WUP, WDOWN = range(7)  # columns of the weight tables
+SPINS = 4000  # a waiting thread checks this many times (~tens of us), then yields its core between checks
+COUNTER_STRIDE = 8  # int64 words between two phases' done counters (one 64-byte line each)
+
+
+@njit(**JIT)
+def _finish(done, phase, mine, n_tasks):
+    """Add this thread's finished tasks to the phase's counter, then wait until all n_tasks are done."""
+    i = phase * COUNTER_STRIDE
+    if mine:
+        atomic_add(done, i, mine)
+    spins = 0
+    while atomic_load(done, i) < n_tasks:
+        spins += 1
+        if spins > SPINS:
+            sched_yield()
+
+
+if HAVE_LAYER_REGION:
+    from .attention_fast import _tile_g4
+    from .b3_matmul import _rows_b3, padded_activations
+    from .kv_store import rope_store_f16
+
+    @njit(**JIT)
+    def _quantize(x, floor, q, scales, sums):
+        """x: f32[1, K] -> q (i8[1, K]), scales, sums; -> the activations padded for the base-3 rows."""
+        quantize_rows_i8(x, floor, q, scales, sums)
+        return padded_activations(q, 1)
+
+    @njit(**JIT)
+    def _weight(addrs, sizes, layer, j):
+        return u8_at(addrs[layer, j], sizes[layer, j])
+
+    @njit(**JIT)
+    def _worker(w, ranges, done, xs, q, k, v, attn, y, gate, up, addrs, sizes, scales, attn_norms, attn_sub_norms,
+                ffn_norms, ffn_sub_norms, floors, eps, relu2, positions, cos, sin, neox, n_dims, slots, key_slots,
+                k_caches, v_caches, rp, scale):
+        """Thread w's part of every layer (module docstring); xs: f32[2, 1, E], layer l reads xs[l % 2]."""
+        L = addrs.shape[0]
+        E = xs.shape[2]
+        HD = q.shape[1] * q.shape[2]
+        KD = k.shape[1] * k.shape[2]
+        F = gate.shape[1]
+        KVH = k.shape[1]
+        n_q, n_kv, n_e, n_f = HD // TILE_ROWS, KD // TILE_ROWS, E // TILE_ROWS, F // TILE_ROWS
+        q2, k2, v2 = q.reshape(1, HD), k.reshape(1, KD), v.reshape(1, KD)
+        sums = np.empty(4 * TILE_ROWS, np.int32)
+        h = np.empty((1, E), np.float32)
+        a = np.empty((1, HD), np.float32)
+        xm = np.empty((1, E), np.float32)
+        f = np.empty((1, F), np.float32)
+        yd = np.empty((1, E), np.float32)
+        qe, qa, qf = np.empty((1, E), np.int8), np.empty((1, HD), np.int8), np.empty((1, F), np.int8)
+        sc, su = np.empty(1, np.float32), np.empty(1, np.int32)
+        for l in range(L):
+            base = l * PHASES
+            xc, xn = xs[l % 2], xs[(l + 1) % 2]
+            floor = floors[l]
+            # QKV
+            rms_norm(xc, attn_norms[l], eps, h)
+            qp = _quantize(h, floor, qe, sc, su)
+            wq, wk, wv = _weight(addrs, sizes, l, WQ), _weight(addrs, sizes, l, WK), _weight(addrs, sizes, l, WV)
+            mine = 0
+            task = next_task(ranges[base + QKV], w)
+            while task >= 0:
+                j, lo, hi = task3(task, 1, n_q, n_kv, n_kv)
+                if j == 0:
+                    _rows_b3(wq, qp, 1, sc, su, scales[l, WQ], q2, lo, hi, sums)
+                elif j == 1:
+                    _rows_b3(wk, qp, 1, sc, su, scales[l, WK], k2, lo, hi, sums)
+                else:
+                    _rows_b3(wv, qp, 1, sc, su, scales[l, WV], v2, lo, hi, sums)
+                mine += 1
+                task = next_task(ranges[base + QKV], w)
+            _finish(done, base + QKV, mine, n_tasks3(1, n_q, n_kv, n_kv))
+            # ROPE
+            mine = 0
+            if next_task(ranges[base + ROPE], w) >= 0:
+                rope_store_f16(q, k, v, positions, cos, sin, neox, n_dims, slots, k_caches[l], v_caches[l])
+                mine = 1
+            _finish(done, base + ROPE, mine, 1)
+            # ATTN
+            mine = 0
+            task = next_task(ranges[base + ATTN], w)
+            while task >= 0:
+                _tile_g4(q, k_caches[l], v_caches[l], positions, task, 0, 1, key_slots, scale, rp, attn)
+                mine += 1
+                task = next_task(ranges[base + ATTN], w)
+            _finish(done, base + ATTN, mine, KVH)
+            # WO
+            a[:] = attn.reshape(1, HD)
+            if attn_sub_norms.shape[1]:
+                rms_norm(a, attn_sub_norms[l], eps, a)
+            qp = _quantize(a, floor, qa, sc, su)
+            wo = _weight(addrs, sizes, l, WO_)
+            mine = 0
+            task = next_task(ranges[base + WO], w)
+            while task >= 0:
+                _rows_b3(wo, qp, 1, sc, su, scales[l, WO_], y, task, task + 1, sums)
+                mine += 1
+                task = next_task(ranges[base + WO], w)
+            _finish(done, base + WO, mine, n_e)
+            # FFN
+            for i in range(E):
+                xm[0, i] = xc[0, i] + y[0, i]
+            rms_norm(xm, ffn_norms[l], eps, h)
+            qp = _quantize(h, floor, qe, sc, su)
+            wg, wu = _weight(addrs, sizes, l, WGATE), _weight(addrs, sizes, l, WUP)
+            mine = 0
+            task = next_task(ranges[base + FFN], w)
+            while task >= 0:
+                j, lo, hi = task3(task, 1, n_f, n_f, 0)
+                if j == 0:
+                    _rows_b3(wg, qp, 1, sc, su, scales[l, WGATE], gate, lo, hi, sums)
+                else:
+                    _rows_b3(wu, qp, 1, sc, su, scales[l, WUP], up, lo, hi, sums)
+                mine += 1
+                task = next_task(ranges[base + FFN], w)
+            _finish(done, base + FFN, mine, 2 * n_f)
+            # DOWN
+            if relu2:
+                relu2_mul(gate, up, f)
+            else:
+                silu_mul(gate, up, f)
+            if ffn_sub_norms.shape[1]:
+                rms_norm(f, ffn_sub_norms[l], eps, f)
+            qp = _quantize(f, floor, qf, sc, su)
+            wd = _weight(addrs, sizes, l, WDOWN)
+            mine = 0
+            task = next_task(ranges[base + DOWN], w)
+            while task >= 0:
+                _rows_b3(wd, qp, 1, sc, su, scales[l, WDOWN], yd, task, task + 1, sums)
+                for i in range(task * TILE_ROWS, task * TILE_ROWS + TILE_ROWS):
+                    xn[0, i] = xm[0, i] + yd[0, i]
+                mine += 1
+                task = next_task(ranges[base + DOWN], w)
+            _finish(done, base + DOWN, mine, n_e)
+
+    @njit(**JIT_PARALLEL)
+    def decode_token_layers(x, addrs, sizes, scales, attn_norms, attn_sub_norms, ffn_norms, ffn_sub_norms, floors,
+                            eps, relu2, positions, cos, sin, neox, n_dims, slots, k_caches, v_caches, seq_index,
+                            block_tables, block_size, round_probs, scale, n_head, n_threads):
+        """One token (x: f32[1, E], updated in place) through every layer. addrs, sizes: i64[L, 7] the base-3
+        weights' addresses and byte sizes (columns WQ .. WDOWN; the caller keeps the arrays alive); scales:
+        f32[L, 7]; attn_norms, ffn_norms: f32[L, E]; attn_sub_norms: f32[L, H*D] and ffn_sub_norms: f32[L, F],
+        or [L, 0] where the arch has none; floors: f64[L] activation floors; relu2: squared-ReLU gate, else
+        SiLU; k_caches, v_caches: u16[L, KVH, n_slots, D] with n_head == 4 KVH; the rest as
+        layer_steps.decode_layers. n_threads: numba's thread count (the workers)."""
+        L, E = addrs.shape[0], x.shape[1]
+        KVH, D = k_caches.shape[1], k_caches.shape[3]
+        F = sizes[0, WGATE] * 5 // padded_k(E) if L else 0
+        xs = np.empty((2, 1, E), np.float32)
+        xs[0] = x
+        q = np.empty((1, n_head, D), np.float32)
+        k = np.empty((1, KVH, D), np.float32)
+        v = np.empty((1, KVH, D), np.float32)
+        attn = np.empty((1, n_head, D), np.float32)
+        y = np.empty((1, E), np.float32)
+        gate = np.empty((1, F), np.float32)
+        up = np.empty((1, F), np.float32)
+        s, n = seq_index[0], positions[0] + 1
+        key_slots = np.empty(n, np.int64)  # the token's keys, the same in every layer
+        for j in range(n):
+            key_slots[j] = np.int64(block_tables[s, j // block_size]) * block_size + j % block_size
+        workers = max(1, n_threads)
+        n_e, n_f, n_kv = E // TILE_ROWS, F // TILE_ROWS, KVH * D // TILE_ROWS
+        counts = (n_tasks3(1, n_head * D // TILE_ROWS, n_kv, n_kv), 1, KVH, n_e, 2 * n_f, n_e)
+        ranges = np.empty((L * PHASES, workers * RANGE_STRIDE), np.int64)
+        for l in range(L):
+            for p in range(PHASES):
+                ranges[l * PHASES + p] = task_ranges(counts[p], workers)
+        done = np.zeros(L * PHASES * COUNTER_STRIDE, np.int64)
+        rp = round_probs[s]
+        for w in prange(workers):
+            _worker(w, ranges, done, xs, q, k, v, attn, y, gate, up, addrs, sizes, scales, attn_norms,
+                    attn_sub_norms, ffn_norms, ffn_sub_norms, floors, eps, relu2, positions, cos, sin, neox, n_dims,
+                    slots, key_slots, k_caches, v_caches, rp, scale)
+        x[:] = xs[L % 2]
+
+
+def region_tables(steps: list) -> tuple:
+    """The model's per-layer arguments of layer_steps (bitnet_py.model.Model._plan_layer_steps: (pre, post) per
+    layer) -> decode_token_layers' (addrs, sizes, scales, attn_norms, attn_sub_norms, ffn_norms, ffn_sub_norms,
+    floors, eps, relu2). The weight arrays must outlive the tables (the model holds them)."""
+    weights = [(p[2], p[3], p[4], o[1], o[4], o[5], o[6]) for p, o in steps]
+    addrs = np.array([[w.ctypes.data for w in ws] for ws in weights], np.int64).reshape(len(steps), 7)
+    sizes = np.array([[w.size for w in ws] for ws in weights], np.int64).reshape(len(steps), 7)
+    scales = np.array([(p[5], p[6], p[7], o[2], o[7], o[8], o[9]) for p, o in steps], np.float32).reshape(-1, 7)
+
+    def stack(vectors):
+        return np.ascontiguousarray(np.stack(vectors).astype(np.float32, copy=False))
+
+    return (addrs, sizes, scales, stack([p[0] for p, _ in steps]), stack([o[0] for _, o in steps]),
+            stack([o[3] for _, o in steps]), stack([o[10] for _, o in steps]),
+            np.array([p[8] for p, _ in steps], np.float64), steps[0][1][12], steps[0][1][13])
