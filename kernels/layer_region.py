@@ -33,6 +33,7 @@ import numpy as np
 from numba import njit, prange
 
 from .activations import relu2_mul, silu_mul
+from .amx import prefetch_lines
 from .atomics import atomic_add, atomic_load
 from .b3_simd import HAVE_B3, TILE_ROWS, padded_k
 from .config import JIT, JIT_PARALLEL
@@ -47,6 +48,7 @@ QKV, ROPE, ATTN, WO, FFN, DOWN = range(6)
 PHASES = 6
 WQ, WK, WV, WO_, WGATE, WUP, WDOWN = range(7)  # columns of the weight tables
 SPINS = 4000  # a waiting thread checks this many times (~tens of us), then yields its core between checks
+PREFETCH_BYTES = 32768  # of each thread's next weights, before the row steps that precede their phase
 COUNTER_STRIDE = 8  # int64 words between two phases' done counters (one 64-byte line each)
 
 
@@ -69,6 +71,19 @@ if HAVE_LAYER_REGION:
     from .kv_store import rope_store_f16
 
     @njit(**JIT)
+    def _prefetch_front(w, workers, n_bytes, p0, n0, p1, n1, p2, n2):
+        """Prefetch into L2 the first n_bytes of thread w's static run of a phase's tasks (16-row tiles of up to
+        three weights p0, p1, p2 of n0, n1, n2 tiles; tasks in that order, kernels.tasks.task_ranges), so that
+        memory keeps streaming while the thread does the row steps before the phase."""
+        first = w * (n0 + n1 + n2) // workers
+        j, lo, _ = task3(first, 1, n0, n1, n2)
+        p, n = (p0, n0) if j == 0 else ((p1, n1) if j == 1 else (p2, n2))
+        if n == 0:
+            return
+        start = lo * (p.shape[0] // n)
+        prefetch_lines(p, start, min(n_bytes, p.shape[0] - start) // 64)
+
+    @njit(**JIT)
     def _quantize(x, floor, q, scales, sums):
         """x: f32[1, K] -> q (i8[1, K]), scales, sums; -> the activations padded for the base-3 rows."""
         quantize_rows_i8(x, floor, q, scales, sums)
@@ -81,7 +96,7 @@ if HAVE_LAYER_REGION:
     @njit(**JIT)
     def _worker(w, ranges, done, xs, q, k, v, attn, y, gate, up, addrs, sizes, scales, attn_norms, attn_sub_norms,
                 ffn_norms, ffn_sub_norms, floors, eps, relu2, positions, cos, sin, neox, n_dims, slots, key_slots,
-                k_caches, v_caches, rp, scale):
+                k_caches, v_caches, rp, scale, workers, pf):
         """Thread w's part of every layer (module docstring); xs: f32[2, 1, E], layer l reads xs[l % 2]."""
         L = addrs.shape[0]
         E = xs.shape[2]
@@ -104,9 +119,10 @@ if HAVE_LAYER_REGION:
             xc, xn = xs[l % 2], xs[(l + 1) % 2]
             floor = floors[l]
             # QKV
+            wq, wk, wv = _weight(addrs, sizes, l, WQ), _weight(addrs, sizes, l, WK), _weight(addrs, sizes, l, WV)
+            _prefetch_front(w, workers, pf, wq, n_q, wk, n_kv, wv, n_kv)
             rms_norm(xc, attn_norms[l], eps, h)
             qp = _quantize(h, floor, qe, sc, su)
-            wq, wk, wv = _weight(addrs, sizes, l, WQ), _weight(addrs, sizes, l, WK), _weight(addrs, sizes, l, WV)
             mine = 0
             task = next_task(ranges[base + QKV], w)
             while task >= 0:
@@ -121,6 +137,8 @@ if HAVE_LAYER_REGION:
                 task = next_task(ranges[base + QKV], w)
             _finish(done, base + QKV, mine, n_tasks3(1, n_q, n_kv, n_kv))
             # ROPE
+            wo = _weight(addrs, sizes, l, WO_)
+            _prefetch_front(w, workers, pf, wo, n_e, wo, 0, wo, 0)
             mine = 0
             if next_task(ranges[base + ROPE], w) >= 0:
                 rope_store_f16(q, k, v, positions, cos, sin, neox, n_dims, slots, k_caches[l], v_caches[l])
@@ -139,7 +157,6 @@ if HAVE_LAYER_REGION:
             if attn_sub_norms.shape[1]:
                 rms_norm(a, attn_sub_norms[l], eps, a)
             qp = _quantize(a, floor, qa, sc, su)
-            wo = _weight(addrs, sizes, l, WO_)
             mine = 0
             task = next_task(ranges[base + WO], w)
             while task >= 0:
@@ -148,11 +165,12 @@ if HAVE_LAYER_REGION:
                 task = next_task(ranges[base + WO], w)
             _finish(done, base + WO, mine, n_e)
             # FFN
+            wg, wu = _weight(addrs, sizes, l, WGATE), _weight(addrs, sizes, l, WUP)
+            _prefetch_front(w, workers, pf, wg, n_f, wu, n_f, wu, 0)
             for i in range(E):
                 xm[0, i] = xc[0, i] + y[0, i]
             rms_norm(xm, ffn_norms[l], eps, h)
             qp = _quantize(h, floor, qe, sc, su)
-            wg, wu = _weight(addrs, sizes, l, WGATE), _weight(addrs, sizes, l, WUP)
             mine = 0
             task = next_task(ranges[base + FFN], w)
             while task >= 0:
@@ -165,6 +183,8 @@ if HAVE_LAYER_REGION:
                 task = next_task(ranges[base + FFN], w)
             _finish(done, base + FFN, mine, 2 * n_f)
             # DOWN
+            wd = _weight(addrs, sizes, l, WDOWN)
+            _prefetch_front(w, workers, pf, wd, n_e, wd, 0, wd, 0)
             if relu2:
                 relu2_mul(gate, up, f)
             else:
@@ -172,7 +192,6 @@ if HAVE_LAYER_REGION:
             if ffn_sub_norms.shape[1]:
                 rms_norm(f, ffn_sub_norms[l], eps, f)
             qp = _quantize(f, floor, qf, sc, su)
-            wd = _weight(addrs, sizes, l, WDOWN)
             mine = 0
             task = next_task(ranges[base + DOWN], w)
             while task >= 0:
@@ -221,7 +240,7 @@ if HAVE_LAYER_REGION:
         for w in prange(workers):
             _worker(w, ranges, done, xs, q, k, v, attn, y, gate, up, addrs, sizes, scales, attn_norms,
                     attn_sub_norms, ffn_norms, ffn_sub_norms, floors, eps, relu2, positions, cos, sin, neox, n_dims,
-                    slots, key_slots, k_caches, v_caches, rp, scale)
+                    slots, key_slots, k_caches, v_caches, rp, scale, workers, PREFETCH_BYTES)
         x[:] = xs[L % 2]
 
 
