@@ -1,13 +1,13 @@
 """Every layer of a one-token decode step in ONE parallel region (base-3 weights, float16 cache, GQA groups of 4):
 the work of kernels.layer_steps.decode_layers, same kernels, same bits, without its ~150 region starts and ends.
 
-Each layer is six phases, in order; a phase's tasks are handed out as the matmuls hand out theirs
+Each layer is five phases, in order; a phase's tasks are handed out as the matmuls hand out theirs
 (kernels.tasks.next_task: a thread's own run first, then halves of the others'), and a thread that has no task
 left waits until every task of the phase is done (`_finish`: a counter per phase, kernels.atomics.atomic_add):
 
   QKV    q, k, v = Wq h, Wk h, Wv h             (16-row tiles of the three weights)
-  ROPE   rope on q and k, k and v into the cache (one task)
-  ATTN   attention, one task per KV head         (kernels.attention_fast._tile_g4)
+  ATTN   per KV head: rope on its 4 query heads and its key head, its k and v into the cache, then its attention
+         (kernels.kv_store.rope_store_f16 on the head's slices, kernels.attention_fast._tile_g4)
   WO     y = Wo a                                (tiles)
   FFN    gate, up = Wgate h2, Wup h2             (tiles)
   DOWN   x' = x + y + Wdown f                    (tiles; each writes its rows of x')
@@ -44,8 +44,8 @@ from .simd import HAVE_F16C
 from .tasks import RANGE_STRIDE, n_tasks3, next_task, task3, task_ranges
 
 HAVE_LAYER_REGION = HAVE_B3 and HAVE_F16C
-QKV, ROPE, ATTN, WO, FFN, DOWN = range(6)
-PHASES = 6
+QKV, ATTN, WO, FFN, DOWN = range(5)
+PHASES = 5
 WQ, WK, WV, WO_, WGATE, WUP, WDOWN = range(7)  # columns of the weight tables
 SPINS = 4000  # a waiting thread checks this many times (~tens of us), then yields its core between checks
 PREFETCH_BYTES = 32768  # of each thread's next weights, before the row steps that precede their phase
@@ -136,19 +136,16 @@ if HAVE_LAYER_REGION:
                 mine += 1
                 task = next_task(ranges[base + QKV], w)
             _finish(done, base + QKV, mine, n_tasks3(1, n_q, n_kv, n_kv))
-            # ROPE
+            # ATTN
             wo = _weight(addrs, sizes, l, WO_)
             _prefetch_front(w, workers, pf, wo, n_e, wo, 0, wo, 0)
             mine = 0
-            if next_task(ranges[base + ROPE], w) >= 0:
-                rope_store_f16(q, k, v, positions, cos, sin, neox, n_dims, slots, k_caches[l], v_caches[l])
-                mine = 1
-            _finish(done, base + ROPE, mine, 1)
-            # ATTN
-            mine = 0
             task = next_task(ranges[base + ATTN], w)
             while task >= 0:
-                _tile_g4(q, k_caches[l], v_caches[l], positions, task, 0, 1, key_slots, scale, rp, attn)
+                g = task
+                rope_store_f16(q[:, 4 * g:4 * g + 4], k[:, g:g + 1], v[:, g:g + 1], positions, cos, sin, neox, n_dims,
+                               slots, k_caches[l, g:g + 1], v_caches[l, g:g + 1])
+                _tile_g4(q, k_caches[l], v_caches[l], positions, g, 0, 1, key_slots, scale, rp, attn)
                 mine += 1
                 task = next_task(ranges[base + ATTN], w)
             _finish(done, base + ATTN, mine, KVH)
@@ -230,7 +227,7 @@ if HAVE_LAYER_REGION:
             key_slots[j] = np.int64(block_tables[s, j // block_size]) * block_size + j % block_size
         workers = max(1, n_threads)
         n_e, n_f, n_kv = E // TILE_ROWS, F // TILE_ROWS, KVH * D // TILE_ROWS
-        counts = (n_tasks3(1, n_head * D // TILE_ROWS, n_kv, n_kv), 1, KVH, n_e, 2 * n_f, n_e)
+        counts = (n_tasks3(1, n_head * D // TILE_ROWS, n_kv, n_kv), KVH, n_e, 2 * n_f, n_e)
         ranges = np.empty((L * PHASES, workers * RANGE_STRIDE), np.int64)
         for l in range(L):
             for p in range(PHASES):
