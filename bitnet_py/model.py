@@ -317,11 +317,10 @@ class Model:
         steps = None if f32 or T > LAYER_STEPS_MAX_TOKENS else self._steps
         layers = W.layers
         split = attention is attention_split.paged_attention_split_g4
-        if (steps is not None and self._region is not None and kernel_config.FAST_ATTENTION and T == 1
-                and not split):  # all layers, one parallel region
+        if steps is not None and self._region is not None and kernel_config.FAST_ATTENTION and T == 1:
             layer_region.decode_token_layers(x, *self._region, pos, self._cos, self._sin, c.traits.rope_neox,
                                              c.rope_dims, slots, kv.k, kv.v, seq, tables, bs, round_probs, scale,
-                                             c.n_head, n_threads)
+                                             split, c.n_head, n_threads)  # all layers, one parallel region
             layers = ()
         elif steps is not None and self._stack is not None and kernel_config.FAST_ATTENTION:  # all layers, one call
             layer_steps.decode_layers(x, *self._stack, pos, self._cos, self._sin, c.traits.rope_neox, c.rope_dims,

@@ -1,13 +1,16 @@
 """Every layer of a one-token decode step in ONE parallel region (base-3 weights, float16 cache, GQA groups of 4):
 the work of kernels.layer_steps.decode_layers, same kernels, same bits, without its ~150 region starts and ends.
 
-Each layer is five phases, in order; a phase's tasks are handed out as the matmuls hand out theirs
+Each layer is five phases (eight with the split attention), in order; a phase's tasks are handed out as the matmuls hand out theirs
 (kernels.tasks.next_task: a thread's own run first, then halves of the others'), and a thread that has no task
 left waits until every task of the phase is done (`_finish`: a counter per phase, kernels.atomics.atomic_add):
 
   QKV    q, k, v = Wq h, Wk h, Wv h             (16-row tiles of the three weights)
   ATTN   per KV head: rope on its 4 query heads and its key head, its k and v into the cache, then its attention
          (kernels.kv_store.rope_store_f16 on the head's slices, kernels.attention_fast._tile_g4)
+         where the step takes the split attention (kernels.attention_split.choose_attention: long contexts, or
+         many threads), ATTN is only rope and store, and four phases follow, the split kernel's passes:
+         QK (key chunks x KV heads), SOFTMAX (query heads), PV (runs of chunks x KV heads), SUM (KV heads)
   WO     y = Wo a                                (tiles)
   FFN    gate, up = Wgate h2, Wup h2             (tiles)
   DOWN   x' = x + y + Wdown f                    (tiles; each writes its rows of x')
@@ -44,8 +47,8 @@ from .simd import HAVE_F16C
 from .tasks import RANGE_STRIDE, n_tasks3, next_task, task3, task_ranges
 
 HAVE_LAYER_REGION = HAVE_B3 and HAVE_F16C
-QKV, ATTN, WO, FFN, DOWN = range(5)
-PHASES = 5
+QKV, ATTN, QK, SOFTMAX, PV, SUM, WO, FFN, DOWN = range(9)
+PHASES = 9  # QK .. SUM: the split attention's (long contexts); they have no tasks otherwise
 WQ, WK, WV, WO_, WGATE, WUP, WDOWN = range(7)  # columns of the weight tables
 SPINS = 4000  # a waiting thread checks this many times (~tens of us), then yields its core between checks
 PREFETCH_BYTES = 32768  # of each thread's next weights, before the row steps that precede their phase
@@ -66,7 +69,8 @@ def _finish(done, phase, mine, n_tasks):
 
 
 if HAVE_LAYER_REGION:
-    from .attention_fast import _tile_g4
+    from .attention_fast import PV_CHUNK_KEYS, _add_chunk, _exp_shifted, _normalize, _pv_g4_chunk, _qk_g4, _tile_g4
+    from .attention_split import KEY_CHUNK, PV_RUNS
     from .b3_matmul import _rows_b3, padded_activations
     from .kv_store import rope_store_f16
 
@@ -84,6 +88,59 @@ if HAVE_LAYER_REGION:
         prefetch_lines(p, start, min(n_bytes, p.shape[0] - start) // 64)
 
     @njit(**JIT)
+    def _split_attention(w, ranges, done, base, q, k16, v16, key_slots, scale, rp, scores, parts, per_run, attn):
+        """The split attention's passes for one token as four phases (kernels.attention_split.
+        paged_attention_split_g4's arithmetic): scores: f32[H, n]; parts: f32[KVH, n_chunks, 4, D]."""
+        n = key_slots.shape[0]
+        KVH, n_chunks = parts.shape[0], parts.shape[1]
+        H = scores.shape[0]
+        n_qk = (n + KEY_CHUNK - 1) // KEY_CHUNK * KVH
+        mine = 0
+        task = next_task(ranges[base + QK], w)
+        while task >= 0:
+            c, kvh = task // KVH, task % KVH
+            j0 = c * KEY_CHUNK
+            _qk_g4(q, 0, kvh * 4, k16, kvh, key_slots, j0, min(n, j0 + KEY_CHUNK), scale, scores[kvh * 4:kvh * 4 + 4],
+                   True)
+            mine += 1
+            task = next_task(ranges[base + QK], w)
+        _finish(done, base + QK, mine, n_qk)
+        mine = 0
+        task = next_task(ranges[base + SOFTMAX], w)
+        while task >= 0:
+            sc = scores[task:task + 1]
+            _exp_shifted(sc, 0, n)
+            total = 0.0
+            for j in range(n):
+                total += np.float64(sc[0, j])
+            _normalize(sc, 0, n, total, rp)
+            mine += 1
+            task = next_task(ranges[base + SOFTMAX], w)
+        _finish(done, base + SOFTMAX, mine, H)
+        n_runs = (n_chunks + per_run - 1) // per_run
+        mine = 0
+        task = next_task(ranges[base + PV], w)
+        while task >= 0:
+            kvh, run = task // n_runs, task % n_runs
+            for c in range(run * per_run, min((run + 1) * per_run, n_chunks)):
+                j0 = c * PV_CHUNK_KEYS
+                _pv_g4_chunk(scores[kvh * 4:kvh * 4 + 4], key_slots, j0, min(n, j0 + PV_CHUNK_KEYS), v16, kvh,
+                             parts[kvh, c], True)
+            mine += 1
+            task = next_task(ranges[base + PV], w)
+        _finish(done, base + PV, mine, KVH * n_runs)
+        mine = 0
+        task = next_task(ranges[base + SUM], w)
+        while task >= 0:
+            acc = np.zeros((4, attn.shape[2]), np.float32)
+            for c in range(n_chunks):
+                _add_chunk(acc, parts[task, c])
+            attn[0, task * 4:task * 4 + 4] = acc
+            mine += 1
+            task = next_task(ranges[base + SUM], w)
+        _finish(done, base + SUM, mine, KVH)
+
+    @njit(**JIT)
     def _quantize(x, floor, q, scales, sums):
         """x: f32[1, K] -> q (i8[1, K]), scales, sums; -> the activations padded for the base-3 rows."""
         quantize_rows_i8(x, floor, q, scales, sums)
@@ -96,7 +153,7 @@ if HAVE_LAYER_REGION:
     @njit(**JIT)
     def _worker(w, ranges, done, xs, q, k, v, attn, y, gate, up, addrs, sizes, scales, attn_norms, attn_sub_norms,
                 ffn_norms, ffn_sub_norms, floors, eps, relu2, positions, cos, sin, neox, n_dims, slots, key_slots,
-                k_caches, v_caches, rp, scale, workers, pf):
+                k_caches, v_caches, rp, scale, workers, pf, split, scores, parts, per_run):
         """Thread w's part of every layer (module docstring); xs: f32[2, 1, E], layer l reads xs[l % 2]."""
         L = addrs.shape[0]
         E = xs.shape[2]
@@ -145,10 +202,14 @@ if HAVE_LAYER_REGION:
                 g = task
                 rope_store_f16(q[:, 4 * g:4 * g + 4], k[:, g:g + 1], v[:, g:g + 1], positions, cos, sin, neox, n_dims,
                                slots, k_caches[l, g:g + 1], v_caches[l, g:g + 1])
-                _tile_g4(q, k_caches[l], v_caches[l], positions, g, 0, 1, key_slots, scale, rp, attn)
+                if not split:
+                    _tile_g4(q, k_caches[l], v_caches[l], positions, g, 0, 1, key_slots, scale, rp, attn)
                 mine += 1
                 task = next_task(ranges[base + ATTN], w)
             _finish(done, base + ATTN, mine, KVH)
+            if split:
+                _split_attention(w, ranges, done, base, q, k_caches[l], v_caches[l], key_slots, scale, rp, scores,
+                                 parts, per_run, attn)
             # WO
             a[:] = attn.reshape(1, HD)
             if attn_sub_norms.shape[1]:
@@ -202,13 +263,14 @@ if HAVE_LAYER_REGION:
     @njit(**JIT_PARALLEL)
     def decode_token_layers(x, addrs, sizes, scales, attn_norms, attn_sub_norms, ffn_norms, ffn_sub_norms, floors,
                             eps, relu2, positions, cos, sin, neox, n_dims, slots, k_caches, v_caches, seq_index,
-                            block_tables, block_size, round_probs, scale, n_head, n_threads):
+                            block_tables, block_size, round_probs, scale, split, n_head, n_threads):
         """One token (x: f32[1, E], updated in place) through every layer. addrs, sizes: i64[L, 7] the base-3
         weights' addresses and byte sizes (columns WQ .. WDOWN; the caller keeps the arrays alive); scales:
         f32[L, 7]; attn_norms, ffn_norms: f32[L, E]; attn_sub_norms: f32[L, H*D] and ffn_sub_norms: f32[L, F],
         or [L, 0] where the arch has none; floors: f64[L] activation floors; relu2: squared-ReLU gate, else
         SiLU; k_caches, v_caches: u16[L, KVH, n_slots, D] with n_head == 4 KVH; the rest as
-        layer_steps.decode_layers. n_threads: numba's thread count (the workers)."""
+        layer_steps.decode_layers (split: the split attention's passes). n_threads: numba's thread count (the
+        workers)."""
         L, E = addrs.shape[0], x.shape[1]
         KVH, D = k_caches.shape[1], k_caches.shape[3]
         F = sizes[0, WGATE] * 5 // padded_k(E) if L else 0
@@ -227,7 +289,14 @@ if HAVE_LAYER_REGION:
             key_slots[j] = np.int64(block_tables[s, j // block_size]) * block_size + j % block_size
         workers = max(1, n_threads)
         n_e, n_f, n_kv = E // TILE_ROWS, F // TILE_ROWS, KVH * D // TILE_ROWS
-        counts = (n_tasks3(1, n_head * D // TILE_ROWS, n_kv, n_kv), KVH, n_e, 2 * n_f, n_e)
+        n_chunks = (n + PV_CHUNK_KEYS - 1) // PV_CHUNK_KEYS if split else 0
+        per_run = (n_chunks + PV_RUNS - 1) // PV_RUNS if split else 1
+        n_runs = (n_chunks + per_run - 1) // per_run
+        scores = np.empty((n_head if split else 0, n), np.float32)
+        parts = np.empty((KVH, n_chunks, 4, D), np.float32)  # each chunk's p.v sums
+        n_qk = (n + KEY_CHUNK - 1) // KEY_CHUNK * KVH if split else 0
+        counts = (n_tasks3(1, n_head * D // TILE_ROWS, n_kv, n_kv), KVH, n_qk, n_head if split else 0, KVH * n_runs,
+                  KVH if split else 0, n_e, 2 * n_f, n_e)
         ranges = np.empty((L * PHASES, workers * RANGE_STRIDE), np.int64)
         for l in range(L):
             for p in range(PHASES):
@@ -237,7 +306,8 @@ if HAVE_LAYER_REGION:
         for w in prange(workers):
             _worker(w, ranges, done, xs, q, k, v, attn, y, gate, up, addrs, sizes, scales, attn_norms,
                     attn_sub_norms, ffn_norms, ffn_sub_norms, floors, eps, relu2, positions, cos, sin, neox, n_dims,
-                    slots, key_slots, k_caches, v_caches, rp, scale, workers, PREFETCH_BYTES)
+                    slots, key_slots, k_caches, v_caches, rp, scale, workers, PREFETCH_BYTES, split, scores, parts,
+                    per_run)
         x[:] = xs[L % 2]
 
 

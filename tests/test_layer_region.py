@@ -55,13 +55,21 @@ def _count_region_calls(mp):
 
 
 @needs_region
-@pytest.mark.parametrize("n_prompt", [1, 20, 70])
+@pytest.mark.parametrize("n_prompt", [1, 20, 70, 300, 700])
 def test_region_identical_to_layer_stack(tiny_path, n_prompt):
+    """From 256 keys on, the tiny model's one KV head on 2 threads takes the split attention (its passes as
+    phases of the region): 300 and 700 keys are 2 and 3 key chunks."""
     model = Model.load(tiny_path)
     assert model._region is not None
     with pytest.MonkeyPatch.context() as mp:
         calls = _count_region_calls(mp)
+        chosen = []
+        choose = model_module.choose_attention
+        mp.setattr(model_module, "choose_attention", lambda *a: chosen.append(choose(*a)) or chosen[-1])
+        mp.setattr(model_module.numba, "get_num_threads", lambda: 2)
         fast = _decode(model, n_prompt, seqs=2)
+    split = chosen[-1] is model_module.attention_split.paged_attention_split_g4
+    assert split == (n_prompt >= 256)
     assert len(calls) == 4 + (2 if n_prompt == 1 else 0)  # every one-token step took the region
     for a, b in zip(fast, _decode(_without_region(Model.load(tiny_path)), n_prompt, seqs=2)):
         np.testing.assert_array_equal(a, b)
@@ -122,7 +130,7 @@ def test_region_on_one_thread(tiny_path):
 
 @needs_region
 def test_switch_and_other_steps_keep_the_layer_stack(tiny_path, monkeypatch):
-    """BITNET_PY_LAYER_REGION=0, steps of two tokens and the split attention at depth keep decode_layers."""
+    """BITNET_PY_LAYER_REGION=0 and steps of two tokens keep decode_layers; the split attention is the region's."""
     monkeypatch.setattr(model_module.kernel_config, "LAYER_REGION", False)
     assert Model.load(tiny_path)._region is None
     monkeypatch.undo()
@@ -136,11 +144,13 @@ def test_switch_and_other_steps_keep_the_layer_stack(tiny_path, monkeypatch):
     logits = model.forward(Batch(np.array([5, 9], np.int32), np.array([0, 0], np.int32), np.array([0, 1], np.int32),
                                  tables, np.arange(2, dtype=np.int32)), kv)
     assert np.isfinite(logits).all() and len(stack) == 1
+    region = []
+    monkeypatch.setattr(layer_region, "decode_token_layers", lambda *a: region.append(a[-3]))
     monkeypatch.setattr(model_module, "choose_attention",
                         lambda *a: model_module.attention_split.paged_attention_split_g4)
     model.forward(Batch(np.array([7], np.int32), np.array([1], np.int32), np.zeros(1, np.int32), tables,
                         np.zeros(1, np.int32)), kv)
-    assert len(stack) == 2
+    assert len(stack) == 1 and region == [True]  # the region, told to split
 
 
 @njit(parallel=True)
