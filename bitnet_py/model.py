@@ -317,8 +317,9 @@ class Model:
         steps = None if f32 or T > LAYER_STEPS_MAX_TOKENS else self._steps
         layers = W.layers
         split = attention is attention_split.paged_attention_split_g4
-        if steps is not None and self._region is not None and kernel_config.FAST_ATTENTION and T == 1:
-            layer_region.decode_token_layers(x, *self._region, pos, self._cos, self._sin, c.traits.rope_neox,
+        if (steps is not None and self._region is not None and kernel_config.FAST_ATTENTION
+                and T <= layer_region.MAX_TOKENS and (T == 1 or not split)):
+            layer_region.decode_step_layers(x, *self._region, pos, self._cos, self._sin, c.traits.rope_neox,
                                              c.rope_dims, slots, kv.k, kv.v, seq, tables, bs, round_probs, scale,
                                              split, c.n_head, n_threads)  # all layers, one parallel region
             layers = ()

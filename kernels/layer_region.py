@@ -1,14 +1,17 @@
-"""Every layer of a one-token decode step in ONE parallel region (base-3 weights, float16 cache, GQA groups of 4):
-the work of kernels.layer_steps.decode_layers, same kernels, same bits, without its ~150 region starts and ends.
+"""Every layer of a decode step (up to MAX_TOKENS tokens) in ONE parallel region (base-3 weights, float16 cache, GQA
+groups of 4): the work of kernels.layer_steps.decode_layers, same kernels, same bits, without its ~150 region
+starts and ends.
 
 Each layer is five phases (eight with the split attention), in order; a phase's tasks are handed out as the matmuls hand out theirs
 (kernels.tasks.next_task: a thread's own run first, then halves of the others'), and a thread that has no task
 left waits until every task of the phase is done (`_finish`: a counter per phase, kernels.atomics.atomic_add):
 
   QKV    q, k, v = Wq h, Wk h, Wv h             (16-row tiles of the three weights)
-  ATTN   per KV head: rope on its 4 query heads and its key head, its k and v into the cache, then its attention
-         (kernels.kv_store.rope_store_f16 on the head's slices, kernels.attention_fast._tile_g4)
-         where the step takes the split attention (kernels.attention_split.choose_attention: long contexts, or
+  ATTN   per token and KV head: rope on its 4 query heads and its key head, its k and v into the cache, then
+         (one-token steps) its attention (kernels.kv_store.rope_store_f16 on the head's slices,
+         kernels.attention_fast._tile_g4); steps of several tokens attend in a TILE phase of their own, once every
+         token's k and v are stored (two tokens of one sequence: the second attends to the first); where a
+         one-token step takes the split attention (kernels.attention_split.choose_attention: long contexts, or
          many threads), ATTN is only rope and store, and four phases follow, the split kernel's passes:
          QK (key chunks x KV heads), SOFTMAX (query heads), PV (runs of chunks x KV heads), SUM (KV heads)
   WO     y = Wo a                                (tiles)
@@ -45,10 +48,12 @@ from .pointers import sched_yield, u8_at
 from .quantize import quantize_rows_i8
 from .simd import HAVE_F16C
 from .tasks import RANGE_STRIDE, n_tasks3, next_task, task3, task_ranges
+from .ternary_matmul import AMX_MIN_TOKENS
 
 HAVE_LAYER_REGION = HAVE_B3 and HAVE_F16C
-QKV, ATTN, QK, SOFTMAX, PV, SUM, WO, FFN, DOWN = range(9)
-PHASES = 9  # QK .. SUM: the split attention's (long contexts); they have no tasks otherwise
+QKV, ATTN, TILE, QK, SOFTMAX, PV, SUM, WO, FFN, DOWN = range(10)
+PHASES = 10  # TILE: steps of several tokens; QK .. SUM: the split attention's; they have no tasks otherwise
+MAX_TOKENS = AMX_MIN_TOKENS - 1  # steps of more tokens take AMX tiles in the matmuls (kernels.b3_matmul)
 WQ, WK, WV, WO_, WGATE, WUP, WDOWN = range(7)  # columns of the weight tables
 SPINS = 4000  # a waiting thread checks this many times (~tens of us), then yields its core between checks
 PREFETCH_BYTES = 32768  # of each thread's next weights, before the row steps that precede their phase
@@ -142,9 +147,9 @@ if HAVE_LAYER_REGION:
 
     @njit(**JIT)
     def _quantize(x, floor, q, scales, sums):
-        """x: f32[1, K] -> q (i8[1, K]), scales, sums; -> the activations padded for the base-3 rows."""
+        """x: f32[T, K] -> q (i8[T, K]), scales, sums; -> the activations padded for the base-3 rows."""
         quantize_rows_i8(x, floor, q, scales, sums)
-        return padded_activations(q, 1)
+        return padded_activations(q, q.shape[0])
 
     @njit(**JIT)
     def _weight(addrs, sizes, layer, j):
@@ -154,23 +159,24 @@ if HAVE_LAYER_REGION:
     def _worker(w, ranges, done, xs, q, k, v, attn, y, gate, up, addrs, sizes, scales, attn_norms, attn_sub_norms,
                 ffn_norms, ffn_sub_norms, floors, eps, relu2, positions, cos, sin, neox, n_dims, slots, key_slots,
                 k_caches, v_caches, rp, scale, workers, pf, split, scores, parts, per_run):
-        """Thread w's part of every layer (module docstring); xs: f32[2, 1, E], layer l reads xs[l % 2]."""
+        """Thread w's part of every layer (module docstring); xs: f32[2, T, E], layer l reads xs[l % 2]."""
         L = addrs.shape[0]
-        E = xs.shape[2]
+        T, E = xs.shape[1], xs.shape[2]
         HD = q.shape[1] * q.shape[2]
         KD = k.shape[1] * k.shape[2]
         F = gate.shape[1]
         KVH = k.shape[1]
         n_q, n_kv, n_e, n_f = HD // TILE_ROWS, KD // TILE_ROWS, E // TILE_ROWS, F // TILE_ROWS
-        q2, k2, v2 = q.reshape(1, HD), k.reshape(1, KD), v.reshape(1, KD)
+        q2, k2, v2 = q.reshape(T, HD), k.reshape(T, KD), v.reshape(T, KD)
         sums = np.empty(4 * TILE_ROWS, np.int32)
-        h = np.empty((1, E), np.float32)
-        a = np.empty((1, HD), np.float32)
-        xm = np.empty((1, E), np.float32)
-        f = np.empty((1, F), np.float32)
-        yd = np.empty((1, E), np.float32)
-        qe, qa, qf = np.empty((1, E), np.int8), np.empty((1, HD), np.int8), np.empty((1, F), np.int8)
-        sc, su = np.empty(1, np.float32), np.empty(1, np.int32)
+        h = np.empty((T, E), np.float32)
+        a = np.empty((T, HD), np.float32)
+        xm = np.empty((T, E), np.float32)
+        f = np.empty((T, F), np.float32)
+        yd = np.empty((T, E), np.float32)
+        qe, qa, qf = np.empty((T, E), np.int8), np.empty((T, HD), np.int8), np.empty((T, F), np.int8)
+        sc, su = np.empty(T, np.float32), np.empty(T, np.int32)
+        tiles = not split and T > 1  # attention in its own phase, after every token's k and v are stored
         for l in range(L):
             base = l * PHASES
             xc, xn = xs[l % 2], xs[(l + 1) % 2]
@@ -185,11 +191,11 @@ if HAVE_LAYER_REGION:
             while task >= 0:
                 j, lo, hi = task3(task, 1, n_q, n_kv, n_kv)
                 if j == 0:
-                    _rows_b3(wq, qp, 1, sc, su, scales[l, WQ], q2, lo, hi, sums)
+                    _rows_b3(wq, qp, T, sc, su, scales[l, WQ], q2, lo, hi, sums)
                 elif j == 1:
-                    _rows_b3(wk, qp, 1, sc, su, scales[l, WK], k2, lo, hi, sums)
+                    _rows_b3(wk, qp, T, sc, su, scales[l, WK], k2, lo, hi, sums)
                 else:
-                    _rows_b3(wv, qp, 1, sc, su, scales[l, WV], v2, lo, hi, sums)
+                    _rows_b3(wv, qp, T, sc, su, scales[l, WV], v2, lo, hi, sums)
                 mine += 1
                 task = next_task(ranges[base + QKV], w)
             _finish(done, base + QKV, mine, n_tasks3(1, n_q, n_kv, n_kv))
@@ -199,34 +205,46 @@ if HAVE_LAYER_REGION:
             mine = 0
             task = next_task(ranges[base + ATTN], w)
             while task >= 0:
-                g = task
-                rope_store_f16(q[:, 4 * g:4 * g + 4], k[:, g:g + 1], v[:, g:g + 1], positions, cos, sin, neox, n_dims,
-                               slots, k_caches[l, g:g + 1], v_caches[l, g:g + 1])
-                if not split:
-                    _tile_g4(q, k_caches[l], v_caches[l], positions, g, 0, 1, key_slots, scale, rp, attn)
+                t, g = task // KVH, task % KVH
+                rope_store_f16(q[t:t + 1, 4 * g:4 * g + 4], k[t:t + 1, g:g + 1], v[t:t + 1, g:g + 1],
+                               positions[t:t + 1], cos, sin, neox, n_dims, slots[t:t + 1], k_caches[l, g:g + 1],
+                               v_caches[l, g:g + 1])
+                if not (split or tiles):
+                    _tile_g4(q, k_caches[l], v_caches[l], positions, g, 0, 1, key_slots[0], scale, rp[0], attn)
                 mine += 1
                 task = next_task(ranges[base + ATTN], w)
-            _finish(done, base + ATTN, mine, KVH)
+            _finish(done, base + ATTN, mine, T * KVH)
+            if tiles:
+                mine = 0
+                task = next_task(ranges[base + TILE], w)
+                while task >= 0:
+                    t, g = task // KVH, task % KVH
+                    _tile_g4(q, k_caches[l], v_caches[l], positions, g, t, t + 1, key_slots[t, :positions[t] + 1],
+                             scale, rp[t], attn)
+                    mine += 1
+                    task = next_task(ranges[base + TILE], w)
+                _finish(done, base + TILE, mine, T * KVH)
             if split:
-                _split_attention(w, ranges, done, base, q, k_caches[l], v_caches[l], key_slots, scale, rp, scores,
-                                 parts, per_run, attn)
+                _split_attention(w, ranges, done, base, q, k_caches[l], v_caches[l], key_slots[0], scale, rp[0],
+                                 scores, parts, per_run, attn)
             # WO
-            a[:] = attn.reshape(1, HD)
+            a[:] = attn.reshape(T, HD)
             if attn_sub_norms.shape[1]:
                 rms_norm(a, attn_sub_norms[l], eps, a)
             qp = _quantize(a, floor, qa, sc, su)
             mine = 0
             task = next_task(ranges[base + WO], w)
             while task >= 0:
-                _rows_b3(wo, qp, 1, sc, su, scales[l, WO_], y, task, task + 1, sums)
+                _rows_b3(wo, qp, T, sc, su, scales[l, WO_], y, task, task + 1, sums)
                 mine += 1
                 task = next_task(ranges[base + WO], w)
             _finish(done, base + WO, mine, n_e)
             # FFN
             wg, wu = _weight(addrs, sizes, l, WGATE), _weight(addrs, sizes, l, WUP)
             _prefetch_front(w, workers, pf, wg, n_f, wu, n_f, wu, 0)
-            for i in range(E):
-                xm[0, i] = xc[0, i] + y[0, i]
+            for t in range(T):
+                for i in range(E):
+                    xm[t, i] = xc[t, i] + y[t, i]
             rms_norm(xm, ffn_norms[l], eps, h)
             qp = _quantize(h, floor, qe, sc, su)
             mine = 0
@@ -234,9 +252,9 @@ if HAVE_LAYER_REGION:
             while task >= 0:
                 j, lo, hi = task3(task, 1, n_f, n_f, 0)
                 if j == 0:
-                    _rows_b3(wg, qp, 1, sc, su, scales[l, WGATE], gate, lo, hi, sums)
+                    _rows_b3(wg, qp, T, sc, su, scales[l, WGATE], gate, lo, hi, sums)
                 else:
-                    _rows_b3(wu, qp, 1, sc, su, scales[l, WUP], up, lo, hi, sums)
+                    _rows_b3(wu, qp, T, sc, su, scales[l, WUP], up, lo, hi, sums)
                 mine += 1
                 task = next_task(ranges[base + FFN], w)
             _finish(done, base + FFN, mine, 2 * n_f)
@@ -253,40 +271,47 @@ if HAVE_LAYER_REGION:
             mine = 0
             task = next_task(ranges[base + DOWN], w)
             while task >= 0:
-                _rows_b3(wd, qp, 1, sc, su, scales[l, WDOWN], yd, task, task + 1, sums)
-                for i in range(task * TILE_ROWS, task * TILE_ROWS + TILE_ROWS):
-                    xn[0, i] = xm[0, i] + yd[0, i]
+                _rows_b3(wd, qp, T, sc, su, scales[l, WDOWN], yd, task, task + 1, sums)
+                for t in range(T):
+                    for i in range(task * TILE_ROWS, task * TILE_ROWS + TILE_ROWS):
+                        xn[t, i] = xm[t, i] + yd[t, i]
                 mine += 1
                 task = next_task(ranges[base + DOWN], w)
             _finish(done, base + DOWN, mine, n_e)
 
     @njit(**JIT_PARALLEL)
-    def decode_token_layers(x, addrs, sizes, scales, attn_norms, attn_sub_norms, ffn_norms, ffn_sub_norms, floors,
+    def decode_step_layers(x, addrs, sizes, scales, attn_norms, attn_sub_norms, ffn_norms, ffn_sub_norms, floors,
                             eps, relu2, positions, cos, sin, neox, n_dims, slots, k_caches, v_caches, seq_index,
                             block_tables, block_size, round_probs, scale, split, n_head, n_threads):
-        """One token (x: f32[1, E], updated in place) through every layer. addrs, sizes: i64[L, 7] the base-3
-        weights' addresses and byte sizes (columns WQ .. WDOWN; the caller keeps the arrays alive); scales:
-        f32[L, 7]; attn_norms, ffn_norms: f32[L, E]; attn_sub_norms: f32[L, H*D] and ffn_sub_norms: f32[L, F],
-        or [L, 0] where the arch has none; floors: f64[L] activation floors; relu2: squared-ReLU gate, else
-        SiLU; k_caches, v_caches: u16[L, KVH, n_slots, D] with n_head == 4 KVH; the rest as
-        layer_steps.decode_layers (split: the split attention's passes). n_threads: numba's thread count (the
-        workers)."""
-        L, E = addrs.shape[0], x.shape[1]
+        """A decode step of T <= MAX_TOKENS tokens (x: f32[T, E], updated in place) through every layer; split (the
+        split attention's passes) only where T == 1. addrs, sizes: i64[L, 7] the base-3 weights' addresses and
+        byte sizes (columns WQ .. WDOWN; the caller keeps the arrays alive); scales: f32[L, 7]; attn_norms,
+        ffn_norms: f32[L, E]; attn_sub_norms: f32[L, H*D] and ffn_sub_norms: f32[L, F], or [L, 0] where the arch
+        has none; floors: f64[L] activation floors; relu2: squared-ReLU gate, else SiLU; k_caches, v_caches:
+        u16[L, KVH, n_slots, D] with n_head == 4 KVH; the rest as layer_steps.decode_layers. n_threads: numba's
+        thread count (the workers)."""
+        L, T, E = addrs.shape[0], x.shape[0], x.shape[1]
         KVH, D = k_caches.shape[1], k_caches.shape[3]
         F = sizes[0, WGATE] * 5 // padded_k(E) if L else 0
-        xs = np.empty((2, 1, E), np.float32)
+        xs = np.empty((2, T, E), np.float32)
         xs[0] = x
-        q = np.empty((1, n_head, D), np.float32)
-        k = np.empty((1, KVH, D), np.float32)
-        v = np.empty((1, KVH, D), np.float32)
-        attn = np.empty((1, n_head, D), np.float32)
-        y = np.empty((1, E), np.float32)
-        gate = np.empty((1, F), np.float32)
-        up = np.empty((1, F), np.float32)
-        s, n = seq_index[0], positions[0] + 1
-        key_slots = np.empty(n, np.int64)  # the token's keys, the same in every layer
-        for j in range(n):
-            key_slots[j] = np.int64(block_tables[s, j // block_size]) * block_size + j % block_size
+        q = np.empty((T, n_head, D), np.float32)
+        k = np.empty((T, KVH, D), np.float32)
+        v = np.empty((T, KVH, D), np.float32)
+        attn = np.empty((T, n_head, D), np.float32)
+        y = np.empty((T, E), np.float32)
+        gate = np.empty((T, F), np.float32)
+        up = np.empty((T, F), np.float32)
+        n = 0
+        for t in range(T):
+            n = max(n, positions[t] + 1)
+        key_slots = np.zeros((T, n), np.int64)  # each token's keys, the same in every layer
+        rp = np.empty(T, np.bool_)
+        for t in range(T):
+            s = seq_index[t]
+            rp[t] = round_probs[s]
+            for j in range(positions[t] + 1):
+                key_slots[t, j] = np.int64(block_tables[s, j // block_size]) * block_size + j % block_size
         workers = max(1, n_threads)
         n_e, n_f, n_kv = E // TILE_ROWS, F // TILE_ROWS, KVH * D // TILE_ROWS
         n_chunks = (n + PV_CHUNK_KEYS - 1) // PV_CHUNK_KEYS if split else 0
@@ -295,14 +320,13 @@ if HAVE_LAYER_REGION:
         scores = np.empty((n_head if split else 0, n), np.float32)
         parts = np.empty((KVH, n_chunks, 4, D), np.float32)  # each chunk's p.v sums
         n_qk = (n + KEY_CHUNK - 1) // KEY_CHUNK * KVH if split else 0
-        counts = (n_tasks3(1, n_head * D // TILE_ROWS, n_kv, n_kv), KVH, n_qk, n_head if split else 0, KVH * n_runs,
-                  KVH if split else 0, n_e, 2 * n_f, n_e)
+        counts = (n_tasks3(1, n_head * D // TILE_ROWS, n_kv, n_kv), T * KVH, T * KVH if T > 1 and not split else 0,
+                  n_qk, n_head if split else 0, KVH * n_runs, KVH if split else 0, n_e, 2 * n_f, n_e)
         ranges = np.empty((L * PHASES, workers * RANGE_STRIDE), np.int64)
         for l in range(L):
             for p in range(PHASES):
                 ranges[l * PHASES + p] = task_ranges(counts[p], workers)
         done = np.zeros(L * PHASES * COUNTER_STRIDE, np.int64)
-        rp = round_probs[s]
         for w in prange(workers):
             _worker(w, ranges, done, xs, q, k, v, attn, y, gate, up, addrs, sizes, scales, attn_norms,
                     attn_sub_norms, ffn_norms, ffn_sub_norms, floors, eps, relu2, positions, cos, sin, neox, n_dims,
@@ -313,7 +337,7 @@ if HAVE_LAYER_REGION:
 
 def region_tables(steps: list) -> tuple:
     """The model's per-layer arguments of layer_steps (bitnet_py.model.Model._plan_layer_steps: (pre, post) per
-    layer) -> decode_token_layers' (addrs, sizes, scales, attn_norms, attn_sub_norms, ffn_norms, ffn_sub_norms,
+    layer) -> decode_step_layers' (addrs, sizes, scales, attn_norms, attn_sub_norms, ffn_norms, ffn_sub_norms,
     floors, eps, relu2). The weight arrays must outlive the tables (the model holds them)."""
     weights = [(p[2], p[3], p[4], o[1], o[4], o[5], o[6]) for p, o in steps]
     addrs = np.array([[w.ctypes.data for w in ws] for ws in weights], np.int64).reshape(len(steps), 7)

@@ -1,4 +1,4 @@
-"""kernels.layer_region (a one-token decode step's layers in one parallel region) against kernels.layer_steps'
+"""kernels.layer_region (a decode step's layers in one parallel region) against kernels.layer_steps'
 decode_layers, which runs the same kernels as ~150 parallel regions and is itself checked bit-identical to the
 model's general path (test_layer_steps.py): logits must be bit-identical, for both FFN graphs, at several depths,
 and whatever the worker count (more workers than threads: some start only after others finished everything).
@@ -49,8 +49,8 @@ def _without_region(model):
 
 def _count_region_calls(mp):
     calls = []
-    real = layer_region.decode_token_layers
-    mp.setattr(layer_region, "decode_token_layers", lambda *a: (calls.append(1), real(*a))[1])
+    real = layer_region.decode_step_layers
+    mp.setattr(layer_region, "decode_step_layers", lambda *a: (calls.append(1), real(*a))[1])
     return calls
 
 
@@ -128,29 +128,67 @@ def test_region_on_one_thread(tiny_path):
         np.testing.assert_array_equal(a, b)
 
 
+def _batched(model, n_prompt, seqs=4):
+    """A prefill per sequence, then two steps decoding all `seqs` together, then a 3-token chunk of sequence 0 (its
+    tokens attend to each other) -> every logits row."""
+    blocks = (n_prompt + 8 + 15) // 16
+    tables = np.arange(blocks * seqs, dtype=np.int32).reshape(seqs, blocks)
+    kv = model.new_kv_cache(blocks * seqs, 16)
+    pos = np.arange(n_prompt, dtype=np.int32)
+    out = [model.forward(Batch(pos % 83 + 2 + s, pos, np.full(n_prompt, s, np.int32), tables,
+                               np.array([n_prompt - 1], np.int32)), kv) for s in range(seqs)]
+    all_seqs = np.arange(seqs, dtype=np.int32)
+    for i in range(2):
+        out.append(model.forward(Batch(all_seqs * 5 + 9 + i, np.full(seqs, n_prompt + i, np.int32), all_seqs, tables,
+                                       all_seqs), kv))
+    p = np.arange(n_prompt + 2, n_prompt + 5, dtype=np.int32)
+    out.append(model.forward(Batch(np.array([4, 8, 15], np.int32), p, np.zeros(3, np.int32), tables,
+                                   np.arange(3, dtype=np.int32)), kv))
+    return out
+
+
+@needs_region
+@pytest.mark.parametrize("n_prompt", [5, 40])
+def test_region_identical_for_several_tokens(tiny_path, n_prompt):
+    model = Model.load(tiny_path)
+    with pytest.MonkeyPatch.context() as mp:
+        calls = _count_region_calls(mp)
+        fast = _batched(model, n_prompt)
+    assert len(calls) == 3 + (4 if n_prompt <= layer_region.MAX_TOKENS else 0)
+    for a, b in zip(fast, _batched(_without_region(Model.load(tiny_path)), n_prompt)):
+        np.testing.assert_array_equal(a, b)
+
+
 @needs_region
 def test_switch_and_other_steps_keep_the_layer_stack(tiny_path, monkeypatch):
-    """BITNET_PY_LAYER_REGION=0 and steps of two tokens keep decode_layers; the split attention is the region's."""
+    """BITNET_PY_LAYER_REGION=0, steps of more than MAX_TOKENS tokens and split attention for several tokens keep
+    decode_layers; the split attention of one token is the region's."""
     monkeypatch.setattr(model_module.kernel_config, "LAYER_REGION", False)
     assert Model.load(tiny_path)._region is None
     monkeypatch.undo()
     model = Model.load(tiny_path)
-    monkeypatch.setattr(layer_region, "decode_token_layers", lambda *a: pytest.fail("took the region"))
+    monkeypatch.setattr(layer_region, "decode_step_layers", lambda *a: pytest.fail("took the region"))
     stack = []
     real = layer_steps.decode_layers
     monkeypatch.setattr(layer_steps, "decode_layers", lambda *a: (stack.append(1), real(*a))[1])
     tables = np.array([[0, 1], [2, 3]], np.int32)
     kv = model.new_kv_cache(4, 16)
-    logits = model.forward(Batch(np.array([5, 9], np.int32), np.array([0, 0], np.int32), np.array([0, 1], np.int32),
-                                 tables, np.arange(2, dtype=np.int32)), kv)
+    n = layer_region.MAX_TOKENS + 1
+    logits = model.forward(Batch(np.arange(n, dtype=np.int32) + 5, np.arange(n, dtype=np.int32),
+                                 np.zeros(n, np.int32), tables, np.array([n - 1], np.int32)), kv)
     assert np.isfinite(logits).all() and len(stack) == 1
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(model_module, "choose_attention", lambda *a: model_module.attention_split.paged_attention_split_g4)
+        logits = model.forward(Batch(np.array([5, 9], np.int32), np.array([n, 0], np.int32),
+                                     np.array([0, 1], np.int32), tables, np.arange(2, dtype=np.int32)), kv)
+    assert np.isfinite(logits).all() and len(stack) == 2
     region = []
-    monkeypatch.setattr(layer_region, "decode_token_layers", lambda *a: region.append(a[-3]))
+    monkeypatch.setattr(layer_region, "decode_step_layers", lambda *a: region.append(a[-3]))
     monkeypatch.setattr(model_module, "choose_attention",
                         lambda *a: model_module.attention_split.paged_attention_split_g4)
-    model.forward(Batch(np.array([7], np.int32), np.array([1], np.int32), np.zeros(1, np.int32), tables,
+    model.forward(Batch(np.array([7], np.int32), np.array([n + 1], np.int32), np.zeros(1, np.int32), tables,
                         np.zeros(1, np.int32)), kv)
-    assert len(stack) == 1 and region == [True]  # the region, told to split
+    assert len(stack) == 2 and region == [True]  # the region, told to split
 
 
 @njit(parallel=True)

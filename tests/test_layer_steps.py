@@ -112,7 +112,7 @@ def test_general_path_where_layer_steps_do_not_apply(tmp_path, monkeypatch):
             assert Model.load(i2s)._steps is None, name
     monkeypatch.setattr(layer_steps, "attention_inputs", lambda *a: pytest.fail("took the layer steps"))
     monkeypatch.setattr(layer_steps, "decode_layers", lambda *a: pytest.fail("took the layer steps"))
-    monkeypatch.setattr(layer_region, "decode_token_layers", lambda *a: pytest.fail("took the layer region"))
+    monkeypatch.setattr(layer_region, "decode_step_layers", lambda *a: pytest.fail("took the layer region"))
     model = Model.load(i2s, cache_type="f32")
     assert all(np.isfinite(x).all() for x in _steps(model, model.new_kv_cache(2, 16)))
     model = Model.load(i2s)
