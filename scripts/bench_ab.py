@@ -113,7 +113,7 @@ def run(model_path: str, rev: str, threads: int, rounds: int, n_decode: int, n_p
     blocks = (n_ctx + BLOCK - 1) // BLOCK
     tables = np.arange(batch * blocks, dtype=np.int32).reshape(batch, blocks)  # i32[batch, blocks]
     rng = np.random.default_rng(0)
-    context = rng.integers(0, engines["this tree"][1].config.n_vocab, depth + max(n_prefill, 1) + n_decode)
+    context = rng.integers(0, engines["this tree"][1].config.n_vocab, depth + max(n_prefill, 1) + n_decode + 1)
     caches, logits = {}, {}
 
     def heads(name, rows):  # forward's head requests, if any
