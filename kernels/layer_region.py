@@ -148,6 +148,23 @@ if HAVE_LAYER_REGION:
         _finish(done, base + SUM, mine, KVH)
 
     @njit(**JIT)
+    def _weight_phase(w, ranges, done, phase, packed, qp, sc, su, scale, out, sums, x_in, x_out):
+        """One weight's 16-row tiles as a phase: out = W q; where x_in has rows, each task also writes
+        x_out[:, its rows] = x_in + out (the residual)."""
+        T = out.shape[0]
+        mine = 0
+        task = next_task(ranges[phase], w)
+        while task >= 0:
+            _rows_b3(packed, qp, T, sc, su, scale, out, task, task + 1, sums)
+            if x_in.shape[0]:
+                for t in range(T):
+                    for i in range(task * TILE_ROWS, task * TILE_ROWS + TILE_ROWS):
+                        x_out[t, i] = x_in[t, i] + out[t, i]
+            mine += 1
+            task = next_task(ranges[phase], w)
+        _finish(done, phase, mine, out.shape[1] // TILE_ROWS)
+
+    @njit(**JIT)
     def _quantize(x, floor, q, scales, sums):
         """x: f32[T, K] -> q (i8[T, K]), scales, sums; -> the activations padded for the base-3 rows."""
         quantize_rows_i8(x, floor, q, scales, sums)
@@ -179,6 +196,7 @@ if HAVE_LAYER_REGION:
         qe, qa, qf = np.empty((T, E), np.int8), np.empty((T, HD), np.int8), np.empty((T, F), np.int8)
         sc, su = np.empty(T, np.float32), np.empty(T, np.int32)
         tiles = not split and T > 1  # attention in its own phase, after every token's k and v are stored
+        none = np.empty((0, E), np.float32)
         for l in range(L):
             base = l * PHASES
             xc, xn = xs[l % 2], xs[(l + 1) % 2]
@@ -234,13 +252,7 @@ if HAVE_LAYER_REGION:
             if attn_sub_norms.shape[1]:
                 rms_norm(a, attn_sub_norms[l], eps, a)
             qp = _quantize(a, floor, qa, sc, su)
-            mine = 0
-            task = next_task(ranges[base + WO], w)
-            while task >= 0:
-                _rows_b3(wo, qp, T, sc, su, scales[l, WO_], y, task, task + 1, sums)
-                mine += 1
-                task = next_task(ranges[base + WO], w)
-            _finish(done, base + WO, mine, n_e)
+            _weight_phase(w, ranges, done, base + WO, wo, qp, sc, su, scales[l, WO_], y, sums, none, none)
             # FFN
             wg, wu = _weight(addrs, sizes, l, WGATE), _weight(addrs, sizes, l, WUP)
             _prefetch_front(w, workers, pf, wg, n_f, wu, n_f, wu, 0)
@@ -270,16 +282,7 @@ if HAVE_LAYER_REGION:
             if ffn_sub_norms.shape[1]:
                 rms_norm(f, ffn_sub_norms[l], eps, f)
             qp = _quantize(f, floor, qf, sc, su)
-            mine = 0
-            task = next_task(ranges[base + DOWN], w)
-            while task >= 0:
-                _rows_b3(wd, qp, T, sc, su, scales[l, WDOWN], yd, task, task + 1, sums)
-                for t in range(T):
-                    for i in range(task * TILE_ROWS, task * TILE_ROWS + TILE_ROWS):
-                        xn[t, i] = xm[t, i] + yd[t, i]
-                mine += 1
-                task = next_task(ranges[base + DOWN], w)
-            _finish(done, base + DOWN, mine, n_e)
+            _weight_phase(w, ranges, done, base + DOWN, wd, qp, sc, su, scales[l, WDOWN], yd, sums, xm, xn)
 
     @njit(**JIT_PARALLEL)
     def decode_step_layers(x, addrs, sizes, scales, attn_norms, attn_sub_norms, ffn_norms, ffn_sub_norms, floors,
