@@ -88,9 +88,17 @@ def task_ranges(n_tasks, n_threads):
     """-> i64[n_threads * RANGE_STRIDE]: thread t's tasks [t n / T, (t + 1) n / T) as front | end << 32 (the
     static split of a parallel loop), for `next_task`."""
     ranges = np.zeros(n_threads * RANGE_STRIDE, np.int64)
+    set_task_ranges(ranges, n_tasks)
+    return ranges
+
+
+@njit(**JIT)
+def set_task_ranges(ranges, n_tasks):
+    """task_ranges into ranges: i64[n_threads * RANGE_STRIDE], in place. Only each thread's first word is read;
+    the padding words are left as they are (a caller filling hundreds of ranges per step skips zeroing them)."""
+    n_threads = ranges.shape[0] // RANGE_STRIDE
     for t in range(n_threads):
         ranges[t * RANGE_STRIDE] = (t * n_tasks // n_threads) | ((t + 1) * n_tasks // n_threads) << 32
-    return ranges
 
 
 @njit(**JIT)

@@ -6,8 +6,8 @@ import pytest
 
 from numba import njit, prange
 
-from kernels.tasks import (MIN_ROWS_PER_TASK, balanced_rows_per_task, busiest_thread_rows, n_tasks3,
-                          next_task, task3, task_ranges, worker_count)
+from kernels.tasks import (MIN_ROWS_PER_TASK, RANGE_STRIDE, balanced_rows_per_task, busiest_thread_rows, n_tasks3,
+                          next_task, set_task_ranges, task3, task_ranges, worker_count)
 
 # 2B-4T: q/k/v, wo, gate/up, down; Llama3-8B: q/k/v, gate/up; small and ragged shapes
 SHAPES = [(2560, 640, 640), (2560, 0, 0), (6912, 6912, 0), (6912, 0, 0), (4096, 1024, 1024), (14336, 14336, 0),
@@ -119,6 +119,22 @@ def test_next_task_from_threads_at_once_hands_out_every_task_once(spin):
         claims = _claims_in_parallel(n_tasks, n_threads, spin)
         got = claims[claims >= 0]
         assert sorted(got.tolist()) == list(range(n_tasks))
+
+
+@pytest.mark.parametrize("n_tasks,n_threads", [(0, 3), (5, 2), (240, 180), (7, 7)])
+def test_set_task_ranges_writes_each_threads_word_in_place(n_tasks, n_threads):
+    """The in-place form (kernels.layer_region fills hundreds of ranges per step): the words next_task reads equal
+    task_ranges', the padding keeps whatever was there, and the tasks handed out are each task once."""
+    ranges = np.full(n_threads * RANGE_STRIDE, -7, np.int64)
+    set_task_ranges(ranges, n_tasks)
+    expected = task_ranges(n_tasks, n_threads)
+    words = np.arange(n_threads) * RANGE_STRIDE
+    np.testing.assert_array_equal(ranges[words], expected[words])
+    padding = np.ones(ranges.size, bool)
+    padding[words] = False
+    assert (ranges[padding] == -7).all()
+    handed = [task for t in range(n_threads) for task in iter(lambda t=t: next_task(ranges, t), -1)]
+    assert sorted(handed) == list(range(n_tasks))
 
 
 def test_worker_count_follows_the_threads_and_the_tasks():
