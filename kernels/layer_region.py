@@ -148,6 +148,26 @@ if HAVE_LAYER_REGION:
         _finish(done, base + SUM, mine, KVH)
 
     @njit(**JIT)
+    def _fused_phase(w, ranges, done, phase, p0, p1, p2, qp, sc, su, s0, s1, s2, o0, o1, o2, sums):
+        """Two or three weights on the same activations as a phase (q/k/v, gate/up; p2 may be u8[0] with o2 f32[T,
+        0]): o_j = W_j q, their 16-row tiles in weight order (kernels.tasks.task3)."""
+        T = o0.shape[0]
+        n0, n1, n2 = o0.shape[1] // TILE_ROWS, o1.shape[1] // TILE_ROWS, o2.shape[1] // TILE_ROWS
+        mine = 0
+        task = next_task(ranges[phase], w)
+        while task >= 0:
+            j, lo, hi = task3(task, 1, n0, n1, n2)
+            if j == 0:
+                _rows_b3(p0, qp, T, sc, su, s0, o0, lo, hi, sums)
+            elif j == 1:
+                _rows_b3(p1, qp, T, sc, su, s1, o1, lo, hi, sums)
+            else:
+                _rows_b3(p2, qp, T, sc, su, s2, o2, lo, hi, sums)
+            mine += 1
+            task = next_task(ranges[phase], w)
+        _finish(done, phase, mine, n_tasks3(1, n0, n1, n2))
+
+    @njit(**JIT)
     def _weight_phase(w, ranges, done, phase, packed, qp, sc, su, scale, out, sums, x_in, x_out):
         """One weight's 16-row tiles as a phase: out = W q; where x_in has rows, each task also writes
         x_out[:, its rows] = x_in + out (the residual)."""
@@ -197,6 +217,7 @@ if HAVE_LAYER_REGION:
         sc, su = np.empty(T, np.float32), np.empty(T, np.int32)
         tiles = not split and T > 1  # attention in its own phase, after every token's k and v are stored
         none = np.empty((0, E), np.float32)
+        no_weight, no_rows = np.empty(0, np.uint8), np.empty((T, 0), np.float32)
         for l in range(L):
             base = l * PHASES
             xc, xn = xs[l % 2], xs[(l + 1) % 2]
@@ -206,19 +227,8 @@ if HAVE_LAYER_REGION:
             _prefetch_front(w, workers, pf, wq, n_q, wk, n_kv, wv, n_kv)
             rms_norm(xc, attn_norms[l], eps, h)
             qp = _quantize(h, floor, qe, sc, su)
-            mine = 0
-            task = next_task(ranges[base + QKV], w)
-            while task >= 0:
-                j, lo, hi = task3(task, 1, n_q, n_kv, n_kv)
-                if j == 0:
-                    _rows_b3(wq, qp, T, sc, su, scales[l, WQ], q2, lo, hi, sums)
-                elif j == 1:
-                    _rows_b3(wk, qp, T, sc, su, scales[l, WK], k2, lo, hi, sums)
-                else:
-                    _rows_b3(wv, qp, T, sc, su, scales[l, WV], v2, lo, hi, sums)
-                mine += 1
-                task = next_task(ranges[base + QKV], w)
-            _finish(done, base + QKV, mine, n_tasks3(1, n_q, n_kv, n_kv))
+            _fused_phase(w, ranges, done, base + QKV, wq, wk, wv, qp, sc, su, scales[l, WQ], scales[l, WK],
+                         scales[l, WV], q2, k2, v2, sums)
             # ATTN
             wo = _weight(addrs, sizes, l, WO_)
             _prefetch_front(w, workers, pf, wo, n_e, wo, 0, wo, 0)
@@ -261,17 +271,8 @@ if HAVE_LAYER_REGION:
                     xm[t, i] = xc[t, i] + y[t, i]
             rms_norm(xm, ffn_norms[l], eps, h)
             qp = _quantize(h, floor, qe, sc, su)
-            mine = 0
-            task = next_task(ranges[base + FFN], w)
-            while task >= 0:
-                j, lo, hi = task3(task, 1, n_f, n_f, 0)
-                if j == 0:
-                    _rows_b3(wg, qp, T, sc, su, scales[l, WGATE], gate, lo, hi, sums)
-                else:
-                    _rows_b3(wu, qp, T, sc, su, scales[l, WUP], up, lo, hi, sums)
-                mine += 1
-                task = next_task(ranges[base + FFN], w)
-            _finish(done, base + FFN, mine, 2 * n_f)
+            _fused_phase(w, ranges, done, base + FFN, wg, wu, no_weight, qp, sc, su, scales[l, WGATE], scales[l, WUP],
+                         scales[l, WUP], gate, up, no_rows, sums)
             # DOWN
             wd = _weight(addrs, sizes, l, WDOWN)
             _prefetch_front(w, workers, pf, wd, n_e, wd, 0, wd, 0)
