@@ -138,25 +138,6 @@ def _inputs(q):
 
 
 @njit(**JIT_PARALLEL)
-def b3_matmul(packed, q, act_scales, act_sums, scale, out, n_threads):
-    """packed: u8[M Kp / 5] B3 (M % 16 == 0); q: i8[T, K] (C order); act_scales: f32[T]; act_sums: i32[T];
-    scale: f32 -> out: f32[T, M]. n_threads: numba's thread count (the task ranges)."""
-    T = q.shape[0]
-    qp, per, cfg = _inputs(q)
-    n = out.shape[1] // TILE_ROWS
-    n_tasks = n_tasks3(per, n, 0, 0)
-    workers = worker_count(n_tasks, n_threads)
-    ranges = task_ranges(n_tasks, workers)
-    for t in prange(workers):
-        sums, codes = _scratch(qp, per)
-        task = next_task(ranges, t)
-        while task >= 0:
-            _rows_any(packed, qp, T, act_scales, act_sums, scale, out, task * per, min(n, task * per + per), cfg, sums,
-                      codes)
-            task = next_task(ranges, t)
-
-
-@njit(**JIT_PARALLEL)
 def b3_matmul_multi(p0, p1, p2, q, act_scales, act_sums, s0, s1, s2, o0, o1, o2, n_threads):
     """Up to three B3 weights on the same activations in one parallel region (p2/o2 may be empty: u8[0],
     f32[T, 0]), as kernels.ternary_matmul.i2s_matmul_multi."""
@@ -178,3 +159,12 @@ def b3_matmul_multi(p0, p1, p2, q, act_scales, act_sums, s0, s1, s2, o0, o1, o2,
             else:
                 _rows_any(p2, qp, T, act_scales, act_sums, s2, o2, lo, hi, cfg, sums, codes)
             task = next_task(ranges, t)
+
+
+@njit(**JIT)
+def b3_matmul(packed, q, act_scales, act_sums, scale, out, n_threads):
+    """packed: u8[M Kp / 5] B3 (M % 16 == 0); q: i8[T, K] (C order); act_scales: f32[T]; act_sums: i32[T];
+    scale: f32 -> out: f32[T, M]. n_threads: numba's thread count (the task ranges). b3_matmul_multi with one
+    weight (the other two of zero rows: the same tasks, in the same order)."""
+    none = np.empty((out.shape[0], 0), np.float32)
+    b3_matmul_multi(packed, packed, packed, q, act_scales, act_sums, scale, scale, scale, out, none, none, n_threads)
