@@ -267,10 +267,6 @@ class Model:
                  model.load_ms)
         return model
 
-    def _head_rows(self, ids: np.ndarray) -> np.ndarray:
-        """u16[len(ids), K]: f16 rows of the screened head, read from the file (GGUFFile.read_rows)."""
-        return self.gguf.read_rows(self._screened_head, ids).view(np.uint16)
-
     @cached_property
     def tokenizer(self):
         from .tokenizer import Tokenizer
@@ -386,5 +382,5 @@ class Model:
                 raise ValueError(f"{len(heads)} head requests for {rows.shape[0]} logit rows")
             if not f32:
                 round_rows_f16(rows.reshape(-1), rows.reshape(-1))  # as linear() does for f16 weights
-            return screened_logits(W.output.f16_bits, W.screen, rows, heads, self._head_rows)
+            return screened_logits(W.output.f16_bits, W.screen, rows, heads, self.gguf.row_file(self._screened_head))
         return linear(W.output, rows, round_f16=not f32, n_threads=n_threads)

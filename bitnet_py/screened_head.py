@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from kernels import head_select
 from kernels.dense import f16_matmul, quantize_f16_rows_i8
 from kernels.head_screen import (ROW_E_NORM, ROW_Q_NORM, ROW_SCALE, ROW_W_TERM, activation_max,
                                  quantize_activation_i16, screen_bounds)
@@ -28,6 +29,7 @@ from .huge_pages import zeros
 from .sampling import TopRequest
 
 SCREEN_MAX_K = 256  # larger top_k values read the full head: the candidate rows would cost more than they save
+MAX_EXACT_ROWS = 4096  # a row with more candidates is computed whole (an f16 row is one read, ~1-5 us)
 CHUNK_ROWS = 8192  # rows of the f16 head quantized (then released from RSS) at a time
 CACHE_SUFFIXES = ("#screen_q", "#screen_rows")  # repack cache entries: q, rows
 
@@ -80,26 +82,13 @@ def can_screen(request: TopRequest | None, n_rows: int) -> bool:
     return request is not None and 1 <= request.k <= min(SCREEN_MAX_K, n_rows - request.keep.size - 1)
 
 
-def candidates(lower: np.ndarray, upper: np.ndarray, request: TopRequest) -> np.ndarray:
-    """lower, upper: f32[M] bounds of one row -> i64[C] ids that hold the top k and `keep` (can_screen requests)."""
-    M = lower.shape[0]
-    keep = np.unique(request.keep)
-    lo = lower
-    if keep.size:
-        lo = lower.copy()
-        lo[keep] = -np.inf  # the sampler may move these: they are ranked from their exact values
-    cut = lo.max() if request.k == 1 else np.partition(lo, M - request.k)[M - request.k]
-    # every row outside the candidates sits strictly below k rows (their lower bounds reach `cut`)
-    ids = np.flatnonzero(upper >= cut)
-    return np.union1d(ids, keep) if keep.size else ids
-
-
 def screened_logits(w_bits: np.ndarray, head: ScreenedHead, y: np.ndarray,
-                    requests: list[TopRequest | None], rows_of=None) -> np.ndarray:
+                    requests: list[TopRequest | None], row_file: tuple[int, int] | None = None) -> np.ndarray:
     """w_bits: u16[M, K] the f16 head; y: f32[R, K] the activations exactly as the f16 kernel takes them
     (rounded to f16 where ggml rounds); requests[r] None for a full row -> logits f32[R, M], exact where a
-    sampler reads them, -inf at the rows the screen proves below the top k. rows_of(ids) -> u16[len(ids), K]:
-    how the exact rows are fetched (the model reads them from the file; default: w_bits[ids])."""
+    sampler reads them, -inf at the rows the screen proves below the top k. row_file: (file descriptor, byte
+    offset of the head) to read the exact rows from (the model's: they stay out of the resident set), or None
+    to read them from w_bits."""
     R, K = y.shape
     M = w_bits.shape[0]
     out = np.empty((R, M), np.float32)
@@ -113,14 +102,19 @@ def screened_logits(w_bits: np.ndarray, head: ScreenedHead, y: np.ndarray,
         quantize_activation_i16(ys, activation_max(K), p, act)
         lower, upper = np.empty((S, M), np.float32), np.empty((S, M), np.float32)
         screen_bounds(head.q, head.rows, p, act, lower, upper)
+        fd, offset = row_file if row_file is not None else (-1, 0)
+        ids = np.empty(M, np.int64)
         for j, r in enumerate(screened):
-            ids = candidates(lower[j], upper[j], requests[r])
-            rows = w_bits[ids] if rows_of is None else rows_of(ids)
-            rows.flags.writeable = False  # the same compiled f16_matmul as the mapped head (one JIT per type)
-            vals = np.empty((1, ids.size), np.float32)
-            f16_matmul(rows, ys[j:j + 1], vals, numba.get_num_threads())
-            out[r].fill(-np.inf)
-            out[r, ids] = vals[0]
+            keep = np.unique(np.asarray(requests[r].keep, dtype=np.int64))
+            if keep.size and (keep[0] < 0 or keep[-1] >= M):
+                raise IndexError(f"kept logit ids outside [0, {M})")
+            n = head_select.select_rows(lower[j], upper[j], requests[r].k, keep, ids)
+            if n > MAX_EXACT_ROWS:  # a flat row: the whole head costs less than this many reads
+                full.append(r)
+                continue
+            bad = head_select.exact_rows(w_bits, fd, offset, ids[:n], ys, j, np.empty((n, K), np.uint16), out[r])
+            if bad >= 0:
+                raise OSError(f"short read of the head's row {bad} (file truncated or closed?)")
     if full:
         vals = np.empty((len(full), M), np.float32)
         f16_matmul(w_bits, np.ascontiguousarray(y[full]), vals, numba.get_num_threads())

@@ -55,6 +55,17 @@ if HAVE_F16C:
             acc += f16_to_f32(w_bits[m, k]) * x[t, k]
         return acc
 
+    @njit(**JIT)
+    def f16_row_dot(w_bits, m, x, t):
+        """f16_matmul's logit of row m for token t where it takes one token at a time (T odd: its last token), which
+        is every token's value: a token's result does not depend on T (kernels.head_select computes rows alone)."""
+        K = w_bits.shape[1]
+        n_lines = K // 32
+        d0 = f16_dot1(w_bits.reshape(-1), m * K, x.reshape(-1), t * K, K, n_lines) if n_lines else np.float32(0.0)
+        if n_lines * 32 < K:
+            d0 += _f16_tail(w_bits, m, x, t, n_lines * 32)
+        return d0
+
     @njit(**JIT_PARALLEL)
     def f16_matmul(w_bits, x, out, n_threads=0):
         """w_bits: u16[M, K] (float16 bits, C order); x: f32[T, K] (f16-representable values, C order)
@@ -91,10 +102,7 @@ if HAVE_F16C:
                     t += 2
                 if t < T:
                     for m in range(m_lo, m_hi):
-                        d0 = f16_dot1(wf, m * K, xf, t * K, K, n_lines) if n_lines else np.float32(0.0)
-                        if n_lines * 32 < K:
-                            d0 += _f16_tail(w_bits, m, x, t, n_lines * 32)
-                        out[t, m] = d0
+                        out[t, m] = f16_row_dot(w_bits, m, x, t)
                 task = next_task(ranges, worker)
 else:
     f16_matmul = f16_matmul_bits

@@ -6,7 +6,9 @@ arguments must be arrays or scalars), and a model's 210 weight arrays are separa
 cache, an arena, the file). The caller passes their addresses and sizes as an int64 table instead, and keeps
 the arrays alive for the call; `u8_at(address, n)` views one as u8[n].
 
-`sched_yield` is the C library's (resolved by name, so kernels that call it stay in the on-disk cache).
+`sched_yield` and `pread` are the C library's (resolved by name, so kernels that call them stay in the on-disk
+cache). `pread(fd, address, n, offset)` takes the buffer as an integer address (`array.ctypes.data`): the same
+register as a pointer in the x86-64 and AArch64 calling conventions.
 """
 import numba
 from llvmlite import ir
@@ -16,6 +18,7 @@ from numba.extending import intrinsic
 from .config import JIT
 
 sched_yield = types.ExternalFunction("sched_yield", types.int32())
+pread = types.ExternalFunction("pread", types.int64(types.int32, types.uint64, types.uint64, types.int64))
 
 
 @intrinsic

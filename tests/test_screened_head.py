@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from bitnet_py.sampling import SamplingParams, TopRequest, head_request, make_rng, sample_token
-from bitnet_py.screened_head import candidates, quantize_head, screened_logits
+from bitnet_py.screened_head import quantize_head, screened_logits
 from kernels.dense import f16_matmul
+from kernels.head_select import select_rows
 from kernels.head_screen import (ACT_MAX, E_MAX, OUTLIER, ROW_E_NORM, ROW_Q_NORM, ROW_SCALE, ROW_W_TERM,
                                  activation_max, quantize_activation_i16, screen_bounds, screen_bounds_plain)
 
@@ -127,7 +128,8 @@ def test_inf_rows_are_always_candidates():
     head = quantize_head(w.view(np.uint16))
     lower, upper = _bounds(head, _f16_values((1, K)))
     assert lower[0, 9] == -np.inf and upper[0, 9] == np.inf
-    assert 9 in candidates(lower[0], upper[0], TopRequest(1))
+    ids = np.empty(M, np.int64)
+    assert 9 in ids[:select_rows(lower[0], upper[0], 1, np.zeros(0, np.int64), ids)]
 
 
 def _random_head(M=4000, K=256):

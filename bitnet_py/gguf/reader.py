@@ -366,6 +366,13 @@ class GGUFFile:
                 raise GGUFError(f"{self.path}: short read of {name} row {row} (file truncated?)")
         return out
 
+    def row_file(self, name: str) -> tuple[int, int] | None:
+        """(file descriptor, byte offset) of a tensor, for compiled code that reads its rows with pread as read_rows
+        does (kernels.head_select); None where the platform has no pread."""
+        if not self._close_fd.alive:
+            raise GGUFError(f"{self.path}: read after close")
+        return (self._fd, self.info(name).offset) if hasattr(os, "pread") else None
+
     def close(self) -> None:
         self._close_fd()
         for job in [self.promotion, *self._tensor_promotions.values()]:
