@@ -90,6 +90,53 @@ def test_rms_norm_grouped_rows_keep_sequential_sums(T):
     assert np.array_equal(x, ref)
 
 
+def _eight_lane_sum(row):
+    """The kernel's float64 partial sums (kernels.norms._mean_square) replayed in numpy."""
+    sq = (row * row).astype(np.float64)
+    n8 = len(row) // 8 * 8
+    lanes = [0.0] * 8
+    for i in range(0, n8, 8):
+        for j in range(8):
+            lanes[j] += sq[i + j]
+    for v in sq[n8:]:
+        lanes[0] += v
+    return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
+
+
+@pytest.mark.parametrize("tail", [0, 3])
+def test_rms_norm_takes_the_sequential_sum_where_the_partial_sums_round_the_mean_differently(tail):
+    """Squares 16, 2^-20 and 2^-50s: added one after the other the 2^-50s are lost (below half of 16's float64
+    ulp) and the mean is exactly the float32 midpoint 1 + 2^-24 (rounds to even: 1.0); in eight partial sums
+    they add up first and push the mean past it (1 + 2^-23). The kernel must give the sequential result."""
+    x = np.full((1, 16 + tail), 2.0 ** -25, np.float32)
+    x[0, 0], x[0, 1] = 4.0, 2.0 ** -10
+    N = x.shape[1]
+    seq_mean = np.float32(sum(float(np.float32(v * v)) for v in x[0]) / N)
+    if tail == 0:
+        assert seq_mean == np.float32(1.0) and np.float32(_eight_lane_sum(x[0]) / N) != seq_mean  # the case bites
+    w = np.ones(N, np.float32)
+    ref = _rms_sequential(x, w, 0.0)
+    for kernel in (rms_norm, rms_norm_parallel):
+        out = np.empty_like(x)
+        kernel(x, w, 0.0, out)
+        assert np.array_equal(out, ref)
+
+
+@pytest.mark.parametrize("N", [1, 7, 8, 2560, 6912, 6913])
+def test_rms_norm_of_zeros_infinities_and_nans_is_the_sequential_result(N):
+    x = RNG.standard_normal((4, N)).astype(np.float32)
+    x[0] = 0.0
+    x[1, -1] = np.inf
+    x[2, 0] = np.nan
+    x[3, :] = 3e38  # squares overflow to inf
+    w = np.ones(N, np.float32)
+    out = np.empty_like(x)
+    rms_norm(x, w, 1e-6, out)
+    with np.errstate(over="ignore", invalid="ignore"):
+        ref = _rms_sequential(x, w, 1e-6)
+    np.testing.assert_array_equal(out, ref)
+
+
 @pytest.mark.parametrize("T", [1, 6, 9])
 def test_quantize_rows_negative_maxima_and_zeros(T):
     K = 640
