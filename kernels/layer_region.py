@@ -186,7 +186,8 @@ if HAVE_LAYER_REGION:
 
     @njit(**JIT)
     def _quantize(x, floor, q, scales, sums):
-        """x: f32[T, K] -> q (i8[T, K]), scales, sums; -> the activations padded for the base-3 rows."""
+        """x: f32[T, K] -> q (i8[T, >= K]: its first K columns), scales, sums; -> the activations padded for the
+        base-3 rows (q itself where it has their padded width and zeros past K)."""
         quantize_rows_i8(x, floor, q, scales, sums)
         return padded_activations(q, q.shape[0])
 
@@ -213,7 +214,10 @@ if HAVE_LAYER_REGION:
         xm = np.empty((T, E), np.float32)
         f = np.empty((T, F), np.float32)
         yd = np.empty((T, E), np.float32)
-        qe, qa, qf = np.empty((T, E), np.int8), np.empty((T, HD), np.int8), np.empty((T, F), np.int8)
+        # activation codes with the base-3 rows' zero padding (K to whole super-blocks: 6912 -> 7040) in place:
+        # quantized into their first columns, used as they are (no padded copy per layer)
+        qe, qa = np.zeros((T, padded_k(E)), np.int8), np.zeros((T, padded_k(HD)), np.int8)
+        qf = np.zeros((T, padded_k(F)), np.int8)
         sc, su = np.empty(T, np.float32), np.empty(T, np.int32)
         tiles = not split and T > 1  # attention in its own phase, after every token's k and v are stored
         none = np.empty((0, E), np.float32)
