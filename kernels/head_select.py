@@ -9,9 +9,11 @@ elsewhere.
 
 Why compiled: the same steps in numpy (max, compare, flatnonzero, a preadv per row, a fill) took 1.9 ms of a
 2B-4T greedy step (46 ms) on the 2-vCPU Intel Xeon, several times their time in isolation (they run right after
-the screen has streamed 0.33 GB through the caches); compiled, 0.7-1.0 ms, most of it the ~34 reads: the first
-read of a page-cache page costs this VM 11-22 us, a repeated one 1.2 us. Greedy decode 1.019x (6 of 8 rounds,
-`scripts/bench_ab.py -m out/2b4t-i2s.gguf --against 587eef7 -t 2 --rounds 8 -n 32 -p 0 --top-k 1 --same-top-k`).
+the screen has streamed 0.33 GB through the caches); compiled, 0.7-1.0 ms, nearly all of it the ~34 reads.
+Greedy decode 1.019x (6 of 8 rounds, `scripts/bench_ab.py -m out/2b4t-i2s.gguf --against 587eef7 -t 2 --rounds 8
+-n 32 -p 0 --top-k 1 --same-top-k`). On that VM a row of the page cache not read for a while costs 11-40 us
+(fresh prompts: 1.4-1.5 ms a step), one read again soon after 1.2 us; the reads split over two threads
+(a parallel loop) took no less.
 """
 import numpy as np
 from numba import njit
