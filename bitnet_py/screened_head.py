@@ -5,7 +5,7 @@ of the head's 128256, top-k sampling (the server's default, k = 40) k of them pl
 logit_bias touch. The screened head keeps an int8 copy of the head with per-row error terms
 (`kernels.dense.quantize_f16_rows_i8`), bounds every logit from it (`kernels.head_screen`: 0.33 GB read), and
 computes exact f16 logits only for the rows whose bound interval reaches the k-th best lower bound (tens to
-hundreds of rows). Every other row is provably below the top k, and those rows come back as -inf. The sampler
+hundreds of rows; chosen, read and computed by `kernels.head_select`). Every other row is provably below the top k, and those rows come back as -inf. The sampler
 then picks exactly the token it would have picked from the full row; `TopRequest` says per row what it reads.
 Requests that need the whole distribution (logprobs, top_k disabled) get the full f16 head.
 
