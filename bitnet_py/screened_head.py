@@ -5,8 +5,9 @@ of the head's 128256, top-k sampling (the server's default, k = 40) k of them pl
 logit_bias touch. The screened head keeps an int8 copy of the head with per-row error terms
 (`kernels.dense.quantize_f16_rows_i8`), bounds every logit from it (`kernels.head_screen`: 0.33 GB read), and
 computes exact f16 logits only for the rows whose bound interval reaches the k-th best lower bound (tens to
-hundreds of rows; chosen, read and computed by `kernels.head_select`). Every other row is provably below the top k, and those rows come back as -inf. The sampler
-then picks exactly the token it would have picked from the full row; `TopRequest` says per row what it reads.
+hundreds of rows; chosen, read and computed by `kernels.head_select`). Every other row is provably below the top
+k, and those rows come back as -inf. The sampler then picks exactly the token it would have picked from the full
+row; `TopRequest` says per row what it reads.
 Requests that need the whole distribution (logprobs, top_k disabled) get the full f16 head.
 
 The int8 copy is built at the first load (0.3-1.5 s at 2B-4T on 2 vCPUs) and kept in the repack cache
@@ -29,7 +30,7 @@ from .huge_pages import zeros
 from .sampling import TopRequest
 
 SCREEN_MAX_K = 256  # larger top_k values read the full head: the candidate rows would cost more than they save
-MAX_EXACT_ROWS = 4096  # a row with more candidates is computed whole (an f16 row is one read, ~1-5 us)
+MAX_EXACT_ROWS = 4096  # a row with more candidates is computed whole (a read per row: 1-40 us on a VM)
 CHUNK_ROWS = 8192  # rows of the f16 head quantized (then released from RSS) at a time
 CACHE_SUFFIXES = ("#screen_q", "#screen_rows")  # repack cache entries: q, rows
 
