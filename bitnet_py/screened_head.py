@@ -31,6 +31,7 @@ from .sampling import TopRequest
 
 SCREEN_MAX_K = 256  # larger top_k values read the full head: the candidate rows would cost more than they save
 MAX_EXACT_ROWS = 4096  # a row with more candidates is computed whole (a read per row: 1-40 us on a VM)
+NO_IDS = np.zeros(0, np.int64)
 CHUNK_ROWS = 8192  # rows of the f16 head quantized (then released from RSS) at a time
 CACHE_SUFFIXES = ("#screen_q", "#screen_rows")  # repack cache entries: q, rows
 
@@ -93,7 +94,8 @@ def screened_logits(w_bits: np.ndarray, head: ScreenedHead, y: np.ndarray,
     R, K = y.shape
     M = w_bits.shape[0]
     out = np.empty((R, M), np.float32)
-    finite = np.isfinite(y).all(axis=1) & (np.abs(y).max(axis=1, initial=0.0) > 0)
+    amax = np.abs(y).max(axis=1, initial=0.0)  # NaN where a row holds one, inf where it holds an inf
+    finite = np.isfinite(amax) & (amax > 0)
     screened = [r for r in range(R) if finite[r] and can_screen(requests[r], M)]
     full = [r for r in range(R) if r not in screened]
     if screened:
@@ -106,7 +108,8 @@ def screened_logits(w_bits: np.ndarray, head: ScreenedHead, y: np.ndarray,
         fd, offset = row_file if row_file is not None else (-1, 0)
         ids = np.empty(M, np.int64)
         for j, r in enumerate(screened):
-            keep = np.unique(np.asarray(requests[r].keep, dtype=np.int64))
+            keep = requests[r].keep
+            keep = np.unique(np.asarray(keep, dtype=np.int64)) if keep.size else NO_IDS
             if keep.size and (keep[0] < 0 or keep[-1] >= M):
                 raise IndexError(f"kept logit ids outside [0, {M})")
             n = head_select.select_rows(lower[j], upper[j], requests[r].k, keep, ids)
